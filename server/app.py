@@ -1,0 +1,109 @@
+"""Assemble and run the gRPC server: servicer, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from steer.models import LoadedModel
+from steer.objectives import DEFAULT_OBJECTIVES
+from steer.sampling import SamplingParams
+from steer.v1 import steer_pb2, steer_pb2_grpc
+
+from steer.server.engine import Engine, EngineConfig
+from steer.server.servicer import ServiceInfo, SteerServicer
+from steer.server.strategies import build_strategies
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = steer_pb2.DESCRIPTOR.services_by_name["Steer"].full_name  # "steer.v1.Steer"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default: exposing the server is an explicit choice
+    port: int = 50051  # 0 picks a free port (tests)
+    grace_seconds: float = 5.0  # in-flight calls get this long to finish on SIGTERM/SIGINT
+    max_message_bytes: int = 4 * 1024 * 1024
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"ServerConfig.grace_seconds must be >= 0, got {self.grace_seconds!r}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes!r}")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.engine.close()
+
+
+async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES) -> RunningServer:
+    """Build and start the server; returns once it listens (``port`` is the bound port)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        steer_version = version("steer")
+    except PackageNotFoundError:
+        steer_version = "unknown"
+    engine = Engine(loaded, config.engine)
+    info = ServiceInfo(
+        model_id=loaded.model_id,
+        adapter=loaded.adapter,
+        objectives=tuple(objectives),
+        sampling_defaults=config.sampling_defaults,
+        max_message_bytes=config.max_message_bytes,
+        version=steer_version,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine), info), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address} (in use, or not an address of this machine)")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d", loaded.model_id, config.host, port)
+    return RunningServer(server, port, engine, health_servicer)
+
+
+async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully (health goes NOT_SERVING first)."""
+    running = await start_server(loaded, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"steer: serving {loaded.model_id} on {config.host}:{running.port} (Ctrl-C to stop)", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", config.grace_seconds)
+    await running.stop(config.grace_seconds)

@@ -1,0 +1,226 @@
+"""gRPC servicer: translates ``steer.v1`` messages to domain calls and back, nothing more.
+
+Validation lives in the domain types (``Direction.from_weights``, ``build_conversation``,
+``SamplingParams``), which raise :class:`~steer.errors.InvalidInput` naming the request field;
+this module maps domain errors to status codes:
+
+====================  =====================
+InvalidInput          INVALID_ARGUMENT
+Overloaded            RESOURCE_EXHAUSTED
+StrategyUnavailable   UNIMPLEMENTED
+====================  =====================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from steer.conditioning import FORMAT as CONDITIONING_FORMAT
+from steer.conversation import build_conversation
+from steer.errors import InvalidInput
+from steer.objectives import Direction
+from steer.sampling import SamplingParams
+from steer.v1 import steer_pb2, steer_pb2_grpc
+
+from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
+from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
+
+log = logging.getLogger(__name__)
+
+_STRATEGY_NAMES = {
+    steer_pb2.STRATEGY_UNSPECIFIED: CONDITIONED,
+    steer_pb2.STRATEGY_CONDITIONED: CONDITIONED,
+    steer_pb2.STRATEGY_RERANK: RERANK,
+    steer_pb2.STRATEGY_MIXTURE: MIXTURE,
+}
+_STRATEGY_ENUMS = {CONDITIONED: steer_pb2.STRATEGY_CONDITIONED, RERANK: steer_pb2.STRATEGY_RERANK, MIXTURE: steer_pb2.STRATEGY_MIXTURE}
+_FINISH = {
+    FinishReason.STOP: steer_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: steer_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: steer_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: steer_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.TIME_LIMIT: steer_pb2.FINISH_REASON_TIME_LIMIT,
+}
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What Describe reports beyond the engine's own limits."""
+
+    model_id: str
+    adapter: str | None
+    objectives: tuple[str, ...]
+    sampling_defaults: SamplingParams
+    max_message_bytes: int
+    max_candidates: int = 16
+    scorer: str = ""
+    version: str = ""
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _domain_errors():
+    """Map domain exceptions to gRPC status codes (raised as _Abort, aborted by the caller)."""
+    try:
+        yield
+    except InvalidInput as e:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+    except Overloaded as e:
+        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+    except StrategyUnavailable as e:
+        raise _Abort(grpc.StatusCode.UNIMPLEMENTED, str(e)) from e
+
+
+class SteerServicer(steer_pb2_grpc.SteerServicer):
+    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo):
+        self.engine = engine
+        self.strategies = strategies
+        self.info = info
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def Generate(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> steer_pb2.GenerateResponse:
+        try:
+            with _domain_errors():
+                steer_request = self._steer_request(request, context)
+                result: SteerResult = await self._strategy(steer_request.strategy).run(steer_request)
+        except _Abort as e:
+            await context.abort(e.code, str(e))
+        fin = result.finished
+        response = steer_pb2.GenerateResponse(
+            text=result.text,
+            finish_reason=_FINISH[fin.finish_reason],
+            usage=_usage(fin),
+            timing=_timing(fin),
+            strategy=_STRATEGY_ENUMS[steer_request.strategy],
+        )
+        response.direction.update(result.direction.as_dict())
+        if result.rewards:
+            response.rewards.update(result.rewards)
+        return response
+
+    async def GenerateStream(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        first = True
+        try:
+            with _domain_errors():
+                steer_request = self._steer_request(request, context)
+                strategy = self._strategy(steer_request.strategy)
+                if not hasattr(strategy, "stream"):
+                    raise StrategyUnavailable(f"strategy {steer_request.strategy.upper()} does not stream; use Generate")
+                async for event in strategy.stream(steer_request):
+                    if isinstance(event, TextDelta):
+                        chunk = steer_pb2.GenerateChunk(delta=event.text)
+                    elif isinstance(event, Finished):
+                        chunk = steer_pb2.GenerateChunk(
+                            finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
+                        )
+                    else:
+                        continue
+                    if first:
+                        chunk.direction.update(steer_request.direction.as_dict())
+                        first = False
+                    yield chunk
+        except _Abort as e:
+            await context.abort(e.code, str(e))
+
+    async def Score(self, request: steer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> steer_pb2.ScoreResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Score is not available: this server runs no reward scorer (Describe.scorer is empty)",
+        )
+
+    async def Describe(self, request: steer_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> steer_pb2.DescribeResponse:
+        cfg = self.engine.config
+        defaults = self.info.sampling_defaults
+        return steer_pb2.DescribeResponse(
+            model_id=self.info.model_id,
+            adapter=self.info.adapter or "",
+            objectives=list(self.info.objectives),
+            strategies=[_STRATEGY_ENUMS[name] for name in self.strategies],
+            scorer=self.info.scorer,
+            limits=steer_pb2.Limits(
+                max_new_tokens=cfg.max_new_tokens,
+                context_length=self.engine.context_length,
+                max_candidates=self.info.max_candidates,
+                max_stop_sequences=8,
+                max_queue=cfg.max_queue,
+                max_concurrent=cfg.max_concurrent,
+                max_message_bytes=self.info.max_message_bytes,
+            ),
+            sampling_defaults=steer_pb2.SamplingParams(
+                max_new_tokens=defaults.max_new_tokens,
+                temperature=defaults.temperature,
+                top_p=defaults.top_p,
+                top_k=defaults.top_k,
+            ),
+            conditioning_format=CONDITIONING_FORMAT,
+            version=self.info.version,
+        )
+
+    # -- translation ------------------------------------------------------------------------
+
+    def _strategy(self, name: str):
+        strategy = self.strategies.get(name)
+        if strategy is None:
+            offered = ", ".join(s.upper() for s in self.strategies)
+            raise StrategyUnavailable(f"strategy: {name.upper()} is not offered by this server (offered: {offered})")
+        return strategy
+
+    def _steer_request(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> SteerRequest:
+        conversation = build_conversation(
+            request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
+        )
+        direction = Direction.from_weights(dict(request.weights), self.info.objectives)
+        if request.strategy not in _STRATEGY_NAMES:
+            raise InvalidInput("strategy", f"unknown value {request.strategy}")
+        strategy = _STRATEGY_NAMES[request.strategy]
+        if request.candidates > self.info.max_candidates:
+            raise InvalidInput("candidates", f"must be <= {self.info.max_candidates}, got {request.candidates}")
+        params = self._sampling(request)
+        remaining = context.time_remaining()
+        return SteerRequest(
+            conversation=conversation,
+            direction=direction,
+            params=params,
+            strategy=strategy,
+            candidates=request.candidates,
+            return_candidates=request.return_candidates,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            input_field="messages" if request.messages else "prompt",
+        )
+
+    def _sampling(self, request: steer_pb2.GenerateRequest) -> SamplingParams:
+        s = request.sampling
+        given = {
+            name: getattr(s, name) if s.HasField(name) else None
+            for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+        }
+        if s.stop:
+            given["stop"] = tuple(s.stop)
+        params = self.info.sampling_defaults.with_overrides(**given)
+        limit = self.engine.config.max_new_tokens
+        if params.max_new_tokens > limit:
+            raise InvalidInput("sampling.max_new_tokens", f"must be <= {limit} (this server's limit), got {params.max_new_tokens}")
+        return params
+
+
+def _usage(fin: Finished) -> steer_pb2.Usage:
+    return steer_pb2.Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens)
+
+
+def _timing(fin: Finished) -> steer_pb2.Timing:
+    return steer_pb2.Timing(
+        queue_seconds=fin.queue_seconds,
+        time_to_first_token_seconds=fin.time_to_first_token_seconds,
+        total_seconds=fin.total_seconds,
+    )

