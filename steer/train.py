@@ -1,0 +1,47 @@
+"""Offline training: reward models and direction-conditioned policies.
+
+Commands:
+  reward   train a multi-objective reward model (k-output head on a base LM, + LoRA)
+  dpo      preference-optimise a policy on pairs (sigmoid | ipo | hinge | simpo | orpo | kto)
+  dpa      Directional Preference Alignment: sample directions and responses, score, pair, train
+
+Examples:
+  python -m steer.train reward --data ratings.jsonl --output runs/rm
+  python -m steer.train dpo --data pairs.jsonl --loss sigmoid --output runs/dpo
+  python -m steer.train dpa --scorer flr --iterations 2 --output runs/dpa
+  python -m steer.train dpa --help
+
+Each command also reads --config file.yaml (flags override it). Under
+`torchrun --nproc_per_node N` the same commands train with DDP.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module (under steer.training) whose main(argv) runs it; imported only when chosen so
+# `--help` stays instant.
+COMMANDS = {
+    "reward": ("steer.training.reward_cli", "train a multi-objective reward model"),
+    "dpo": ("steer.training.dpo_cli", "preference-optimise a policy on pairs"),
+    "dpa": ("steer.training.dpa_cli", "Directional Preference Alignment loop"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m steer.train {" + ",".join(COMMANDS) + "} [options]\n")
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"steer.train: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

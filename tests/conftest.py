@@ -1,0 +1,106 @@
+"""Shared fixtures: the default tokenizer, a tiny random Llama that shares it, and a real gRPC
+server running that tiny model on an ephemeral port (in a background event loop, so tests can use
+plain synchronous stubs exactly like a client would)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CONTEXT = 512
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer (the first run converts the GGUF once into the cache)."""
+    from steer.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny random Llama (hidden 64, 2 layers, context 512) with the default tokenizer."""
+    from steer.models import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, context_length=TINY_CONTEXT, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    from steer.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+class ServerThread:
+    """A steer gRPC server on its own event loop thread."""
+
+    def __init__(self, loaded, config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        from steer.server.app import start_server
+
+        self.running = self.call(start_server(loaded, config))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.call(self.running.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def start_tiny_server(tiny_loaded):
+    """Factory: start a server over the tiny model with a given ServerConfig; stopped at session end."""
+    started = []
+
+    def start(config=None):
+        from steer.server.app import ServerConfig
+
+        server = ServerThread(tiny_loaded, config or ServerConfig(port=0))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_tiny_server):
+    """A server over the tiny model with default limits but short default generations."""
+    from steer.sampling import SamplingParams
+    from steer.server.app import ServerConfig
+    from steer.server.engine import EngineConfig
+
+    return start_tiny_server(
+        ServerConfig(port=0, engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
+    )
+
+
+@pytest.fixture()
+def stub(tiny_server):
+    import grpc
+
+    from steer.v1 import steer_pb2_grpc
+
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        yield steer_pb2_grpc.SteerStub(channel)
