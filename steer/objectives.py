@@ -83,12 +83,13 @@ class Direction:
             if not math.isfinite(value) or value < 0:
                 raise InvalidInput(f"{field}[{name}]", f"must be finite and >= 0, got {value!r}")
             raw.append(value)
-        total = math.fsum(raw)
-        if total <= 0:
+        largest = max(raw)
+        if largest <= 0:
             raise InvalidInput(field, f"at least one weight must be > 0 (objectives: {', '.join(objectives)})")
-        if not math.isfinite(total):
-            raise InvalidInput(field, "weights are too large to normalise (their sum overflows)")
-        return cls(objectives, tuple(w / total for w in raw))
+        # Scale by the largest weight first so huge (finite) weights cannot overflow the sum.
+        scaled = [w / largest for w in raw]
+        total = math.fsum(scaled)
+        return cls(objectives, tuple(w / total for w in scaled))
 
     @classmethod
     def uniform(cls, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> Direction:
