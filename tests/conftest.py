@@ -69,13 +69,13 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def start_tiny_server(tiny_loaded):
-    """Factory: start a server over the tiny model with a given ServerConfig; stopped at session end."""
+    """Factory: start a server (tiny model unless ``loaded`` is given) with a ServerConfig; stopped at session end."""
     started = []
 
-    def start(config=None):
+    def start(config=None, loaded=None):
         from steer.server.app import ServerConfig
 
-        server = ServerThread(tiny_loaded, config or ServerConfig(port=0))
+        server = ServerThread(loaded or tiny_loaded, config or ServerConfig(port=0))
         started.append(server)
         return server
 
