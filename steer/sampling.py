@@ -69,7 +69,10 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf."""
+    """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf.
+
+    The plain full-sort reference; :func:`sample_tokens` computes the same kept set faster.
+    """
     logits = logits.float() / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
@@ -77,20 +80,78 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass *before* it already reaches top_p: the most likely token stays.
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
+# Candidates examined per row before falling back to a full sort: the nucleus of a chat model's
+# next-token distribution is almost always far smaller, and topk(256) is much cheaper than sort(V).
+_CANDIDATES = 256
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """Sample one token per row of ``logits`` ``(n, V)``, each row with its own params and generator.
+
+    Every sampled row draws exactly one uniform number from its generator per call and inverts the
+    CDF of its filtered distribution (tokens in descending probability order), so a sequence gets
+    the same tokens whether it is sampled alone or in a batch (up to float noise in the logits).
+    """
+    n, vocab = logits.shape
+    out = [0] * n
+    rows = [i for i in range(n) if not params[i].greedy]
+    for i in range(n):
+        if params[i].greedy:
+            out[i] = int(torch.argmax(logits[i]))
+    if not rows:
+        return out
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)
+    scaled = logits[rows].float() / temps[:, None]  # (m, V)
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (m, 1): the full normaliser
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
+    k = min(vocab, max(_CANDIDATES, int(top_k[top_k < vocab].max()) if (top_k < vocab).any() else 0))
+    vals, order = torch.topk(scaled, k, dim=-1)  # (m, k), descending
+    probs, cum = _nucleus_probs(vals, lse, top_k, vocab)
+    # Rows whose kept set may extend past the k candidates need the whole sorted vocabulary.
+    covered = (cum[:, -1] >= top_p) | (top_k <= k)
+    if k < vocab and not bool(covered.all()):
+        vals, order = torch.sort(scaled, dim=-1, descending=True)
+        k = vocab
+        probs, cum = _nucleus_probs(vals, lse, top_k, vocab)
+    position = torch.arange(k)[None, :]
+    keep = (position < top_k[:, None]) & ((cum - probs) < top_p[:, None])  # (m, k)
+    kept = torch.where(keep, probs, torch.zeros_like(probs)).cumsum(dim=-1)  # (m, k)
+    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (m,)
+    target = u * kept[:, -1]
+    idx = torch.searchsorted(kept, target[:, None], right=True).clamp_(max=k - 1)  # (m, 1)
+    # Never land on a dropped tail position because of rounding at the boundary.
+    idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
+    chosen = order.gather(1, idx)[:, 0]
+    for j, i in enumerate(rows):
+        out[i] = int(chosen[j])
+    return out
+
+
+def _nucleus_probs(vals: torch.Tensor, lse_full: torch.Tensor, top_k: torch.Tensor, vocab: int):
+    """Probabilities of the sorted candidates ``vals`` (m, k) as top-p sees them, and their cumsum.
+
+    As in transformers' and vLLM's samplers, top-p applies to the distribution renormalised over
+    the top-k survivors, so rows with a top-k use the log-sum-exp of their first top_k candidates.
+    """
+    position = torch.arange(vals.shape[1])[None, :]
+    lse_k = torch.logsumexp(vals.masked_fill(position >= top_k[:, None], float("-inf")), dim=-1, keepdim=True)
+    lse = torch.where((top_k < vocab)[:, None], lse_k, lse_full)  # top_k == vocab means "no top-k"
+    probs = torch.exp(vals - lse)  # (m, k)
+    return probs, probs.cumsum(dim=-1)
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token id from one row of logits ``(V,)``."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    """Pick the next token id from one row of logits ``(V,)`` (see :func:`sample_tokens`)."""
+    return sample_tokens(logits[None, :], [params], [generator])[0]
 
 
 class StopStringDetokenizer:
