@@ -191,7 +191,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         if remaining is not None:
             # Stop a little before the call's deadline so the last chunk (TIME_LIMIT) still reaches
             # the client instead of the call ending as DEADLINE_EXCEEDED with nothing.
-            remaining -= min(0.25, 0.1 * remaining)
+            remaining -= min(0.5, 0.2 * remaining)
         return SteerRequest(
             conversation=conversation,
             direction=direction,

@@ -97,6 +97,13 @@ def slow_server(start_tiny_server, tiny_loaded):
     return start_tiny_server(ServerConfig(port=0, engine=EngineConfig(max_concurrent=2, max_queue=1)), loaded=loaded)
 
 
+def wait_for(condition, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
 def gen(max_new_tokens):
     return pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, seed=1))
 
@@ -105,7 +112,7 @@ def test_overflow_is_resource_exhausted_while_admitted_requests_complete(slow_se
     with grpc.insecure_channel(slow_server.target) as channel:
         stub = steer_pb2_grpc.SteerStub(channel)
         admitted = [stub.Generate.future(gen(20), timeout=60) for _ in range(3)]  # 2 running + 1 waiting
-        time.sleep(0.3)
+        wait_for(lambda: sum(slow_server.running.engine.stats().values()) == 3)
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(gen(2), timeout=60)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -121,6 +128,7 @@ def test_cancelled_stream_frees_its_slot(slow_server):
             next(s)
         for s in streams:
             s.cancel()
-        time.sleep(0.3)  # a step or two: the cancelled sequences leave the batch
+        # The cancelled sequences leave the batch at their next step.
+        wait_for(lambda: slow_server.running.engine.stats() == {"waiting": 0, "running": 0})
         reply = stub.Generate(gen(3), timeout=30)
         assert reply.usage.completion_tokens == 3
