@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,10 +14,13 @@ from grpc_reflection.v1alpha import reflection
 
 from steer.models import LoadedModel
 from steer.objectives import DEFAULT_OBJECTIVES
+from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
 from steer.server.engine import Engine, EngineConfig
+from steer.server.observability import Metrics, ObservabilityInterceptor
+from steer.server.security import BearerTokenInterceptor
 from steer.server.servicer import ServiceInfo, SteerServicer
 from steer.server.strategies import build_strategies
 
@@ -33,6 +37,12 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
+    scorer: str = "none"  # reward scorer spec (steer.rewards.build): none | default | flr | <rm dir> | flr:a,b+length:c
+    scorer_model: str | None = None  # FLR on this model instead of the served one
+    auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>" (health stays open)
+    tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
+    tls_key: str | None = None  # PEM private key file
+    metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (same host); None = off
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -41,6 +51,12 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
 
 
 @dataclass
@@ -49,6 +65,7 @@ class RunningServer:
     port: int
     engine: Engine
     health: health.aio.HealthServicer
+    metrics: Metrics
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -56,14 +73,23 @@ class RunningServer:
         self.engine.close()
 
 
-async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES) -> RunningServer:
-    """Build and start the server; returns once it listens (``port`` is the bound port)."""
+async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES, scorer=None) -> RunningServer:
+    """Build and start the server; returns once it listens (``port`` is the bound port).
+
+    ``scorer`` (a :class:`steer.rewards.Scorer` over ``objectives``) overrides ``config.scorer``.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         steer_version = version("steer")
     except PackageNotFoundError:
         steer_version = "unknown"
+    if scorer is None and config.scorer != "none":
+        from steer.rewards.build import build_scorer
+
+        # Off the loop: FLR may calibrate itself on first use of a model (a few model forwards).
+        scorer = await asyncio.to_thread(build_scorer, config.scorer, loaded, objectives, scorer_model=config.scorer_model)
+    scoring = ScoringService(scorer) if scorer is not None else None
     engine = Engine(loaded, config.engine)
     info = ServiceInfo(
         model_id=loaded.model_id,
@@ -71,29 +97,42 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
         objectives=tuple(objectives),
         sampling_defaults=config.sampling_defaults,
         max_message_bytes=config.max_message_bytes,
+        scorer=scoring.describe() if scoring is not None else "",
         version=steer_version,
     )
+    metrics = Metrics()
+    metrics.watch_engine(engine)
+    interceptors = [ObservabilityInterceptor(metrics)]
+    if config.auth_token:
+        interceptors.append(BearerTokenInterceptor(config.auth_token))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+        ],
     )
-    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine), info), server)
+    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine, scoring), info, scoring), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address} (in use, or not an address of this machine)")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d", loaded.model_id, config.host, port)
-    return RunningServer(server, port, engine, health_servicer)
+    if config.metrics_port is not None:
+        metrics.serve_http(config.metrics_port, config.host)
+    log.info("serving %s on %s:%d (tls=%s, auth=%s)", loaded.model_id, config.host, port, bool(config.tls_cert), bool(config.auth_token))
+    return RunningServer(server, port, engine, health_servicer, metrics)
 
 
 async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> None:

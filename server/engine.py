@@ -137,6 +137,7 @@ class Engine:
         # Counters for metrics and benchmarks (read without the lock: monotonic ints).
         self.generated_tokens = 0
         self.steps = 0
+        self.on_finish = None  # optional callable(Finished), called on the worker thread (metrics)
         self._worker = threading.Thread(target=self._run, name="steer-engine", daemon=True)
         self._worker.start()
 
@@ -351,7 +352,7 @@ class Engine:
                 seq.job.emit(TextDelta(tail))
         done = time.monotonic()
         job = seq.job
-        job.emit(Finished(
+        self._emit_finished(job, Finished(
             text=seq.detok.text, finish_reason=reason, prompt_tokens=len(job.prompt_ids),
             completion_tokens=len(seq.detok.ids) + (1 if reason is FinishReason.STOP else 0),
             queue_seconds=seq.started - job.arrived,
@@ -359,9 +360,17 @@ class Engine:
             total_seconds=done - job.arrived, token_ids=tuple(seq.detok.ids),
         ))
 
+    def _emit_finished(self, job: _Job, finished: Finished) -> None:
+        job.emit(finished)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(finished)
+            except Exception:  # observers must never break generation
+                log.exception("on_finish observer failed")
+
     def _finish_unstarted(self, job: _Job, reason: FinishReason) -> None:
         done = time.monotonic()
-        job.emit(Finished(
+        self._emit_finished(job, Finished(
             text="", finish_reason=reason, prompt_tokens=len(job.prompt_ids), completion_tokens=0,
             queue_seconds=done - job.arrived, time_to_first_token_seconds=done - job.arrived,
             total_seconds=done - job.arrived,

@@ -5,6 +5,7 @@ Examples:
   python -m steer.client "Explain DNS" --weights conciseness=1 --stream
   python -m steer.client "Explain DNS" --weights helpfulness=1 --seed 7 --max-new-tokens 64
   python -m steer.client --describe --target localhost:50051
+  python -m steer.client "Hi" --target host:50051 --tls-ca cert.pem --auth-token-file token.txt
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     p.add_argument("--describe", action="store_true", help="print the server's Describe answer and exit")
+    p.add_argument("--auth-token-file", default=None, help="send 'authorization: Bearer <token>' from this file")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect with TLS")
     return p
 
 
@@ -61,11 +64,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from steer.v1 import steer_pb2, steer_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = ()
+    if args.auth_token_file:
+        from pathlib import Path
+
+        metadata = (("authorization", "Bearer " + Path(args.auth_token_file).read_text().strip()),)
+    if args.tls_ca:
+        from pathlib import Path
+
+        channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes()))
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
         stub = steer_pb2_grpc.SteerStub(channel)
         try:
             if args.describe:
-                reply = stub.Describe(steer_pb2.DescribeRequest(), timeout=args.timeout)
+                reply = stub.Describe(steer_pb2.DescribeRequest(), timeout=args.timeout, metadata=metadata)
                 print(json_format.MessageToJson(reply))
                 return 0
             sampling = steer_pb2.SamplingParams(stop=args.stop)
@@ -78,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.stream:
                 direction, last = {}, None
-                for chunk in stub.GenerateStream(request, timeout=args.timeout):
+                for chunk in stub.GenerateStream(request, timeout=args.timeout, metadata=metadata):
                     direction = direction or dict(chunk.direction)
                     print(chunk.delta, end="", flush=True)
                     last = chunk
                 print()
                 _print_meta(direction, last.finish_reason, last.usage, dict(last.rewards))
             else:
-                reply = stub.Generate(request, timeout=args.timeout)
+                reply = stub.Generate(request, timeout=args.timeout, metadata=metadata)
                 print(reply.text)
                 _print_meta(dict(reply.direction), reply.finish_reason, reply.usage, dict(reply.rewards))
         except grpc.RpcError as e:

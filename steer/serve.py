@@ -4,7 +4,10 @@ Examples:
   python -m steer.serve                                  # default SmolLM2 on 127.0.0.1:50051
   python -m steer.serve --model ./my-model --port 6000   # any local transformers causal-LM dir
   python -m steer.serve --model model.gguf --adapter runs/dpa/adapter
-  python -m steer.serve --host 0.0.0.0                   # listen on all interfaces (explicit)
+  python -m steer.serve --scorer runs/rm                 # rewards from a trained reward model (steer.train reward)
+  python -m steer.serve --scorer none                    # no scorer: no Score, no RERANK, no rewards
+  python -m steer.serve --host 0.0.0.0 --auth-token-file token.txt --tls-cert cert.pem --tls-key key.pem
+  python -m steer.serve --metrics-port 9100               # Prometheus metrics at :9100/metrics
 
 Then: python -m steer.client "Tell me about owls" --weights helpfulness=0.7,creativity=0.3
 """
@@ -28,8 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest sampling.max_new_tokens a request may ask for")
     p.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves it unset")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-concurrent", type=int, default=1, help="sequences generated at once")
+    p.add_argument("--max-concurrent", type=int, default=32, help="sequences in the running batch")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="padded prompt tokens prefilled per engine step")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT")
+    p.add_argument(
+        "--scorer", default="default",
+        help="reward scorer for Score, RERANK and GenerateResponse.rewards: 'default' (FLR on the scorer model for "
+        "helpfulness and creativity + the length signal -ln(1+tokens) for conciseness, all standardised on the built-in "
+        "calibration set), 'flr' (FLR for every objective), 'none', a reward model directory, or parts joined by '+' "
+        "(flr:helpfulness+length:conciseness+rm:DIR)",
+    )
+    p.add_argument("--scorer-model", default=None, help="run FLR on this model ('default', a directory or .gguf) instead of the served one")
+    p.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token>' (token read from this file)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request/response message")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -46,13 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     from steer.server.engine import EngineConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from steer.server.security import read_token_file
+
     try:
         config = ServerConfig(
             host=args.host,
             port=args.port,
             grace_seconds=args.grace,
-            engine=EngineConfig(max_queue=args.max_queue, max_concurrent=args.max_concurrent, max_new_tokens=args.max_new_tokens_limit),
+            max_message_bytes=args.max_message_bytes,
+            auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            metrics_port=args.metrics_port,
+            engine=EngineConfig(
+                max_queue=args.max_queue, max_concurrent=args.max_concurrent,
+                max_new_tokens=args.max_new_tokens_limit, max_prefill_tokens=args.max_prefill_tokens,
+            ),
             sampling_defaults=SamplingParams(max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
+            scorer=args.scorer,
+            scorer_model=args.scorer_model,
         )
         loaded = load_model(args.model, adapter=args.adapter, dtype=args.dtype)
         asyncio.run(serve(loaded, config))
