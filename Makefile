@@ -9,7 +9,7 @@ PORT ?= 50051
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-slow proto bench-kernels clean help
+.PHONY: install serve test test-slow proto bench-kernels bench-serve loadtest clean help
 
 help:
 	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
@@ -17,6 +17,8 @@ help:
 	@echo "make test-slow    also run the slow tests that load the real default model"
 	@echo "make proto        regenerate steer/v1/*_pb2*.py from proto/steer/v1/steer.proto"
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
+	@echo "make bench-serve  serving throughput/latency vs one-generate-per-request (writes JSON)"
+	@echo "make loadtest     locust, headless, against a freshly started server (writes CSVs)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,12 @@ proto: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(PY) -m steer.kernels.bench
+
+loadtest: $(STAMP)
+	$(PY) loadtests/run.py --users $(or $(USERS),16) --time $(or $(TIME),60s)
+
+bench-serve: $(STAMP)
+	$(PY) -m steer.server.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
