@@ -13,38 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from steer.client import free_port, wait_until_serving
+
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(target: str, proc: subprocess.Popen, timeout: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before becoming healthy")
-        try:
-            with grpc.insecure_channel(target) as ch:
-                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server at {target} not healthy after {timeout:.0f} s")
 
 
 def main(argv=None) -> int:
@@ -66,7 +41,7 @@ def main(argv=None) -> int:
                                "--log-level", "WARNING", *args.serve_args.split()])
     try:
         print(f"loadtest: waiting for the server on {target} ...", flush=True)
-        wait_healthy(target, server, timeout=300)
+        wait_until_serving(target, server, timeout=300)
         env = dict(os.environ, STEER_MAX_NEW_TOKENS=str(args.max_new_tokens))
         cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(args.users),
                "-r", str(args.spawn_rate), "-t", args.time, "--host", target, "--csv", args.csv, "--only-summary"]

@@ -30,6 +30,37 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers started by tools and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(target: str, process=None, timeout: float = 300.0) -> None:
+    """Poll the standard health service at ``target`` until SERVING; fail early if ``process`` exits."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before serving")
+        try:
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server at {target} is not serving after {timeout:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m steer.client", description=__doc__.split("\n\n")[0],
