@@ -1,0 +1,219 @@
+"""Linear log-prob in pure torch: the naive reference and the chunked CPU path.
+
+Both compute, for hidden states X (N, H), an LM head W (V, H), optional bias b (V,) and targets t (N,),
+
+    z      = (X W^T + b) / T                      # (N, V) temperature-scaled logits
+    logp_i = z[i, t_i] - logsumexp(z[i, :])       # (N,)  0 where t_i == ignore_index
+
+`naive_linear_logprob` materialises z; `torch_linear_logprob` never holds more than one
+(chunk, V) slab of it and has the same signature as the Triton path (`logprob_triton.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Bytes of (chunk, V) workspace the chunked path may hold at once (fp32 logits slab, plus a
+# half-precision copy for half inputs). 32 MiB keeps the slab near the L3 of the dev machine and
+# the GEMM (chunk x H) @ (H x V) at >= 128 rows for V = 49152, where it runs at the speed of the
+# full-size GEMM; smaller chunks lose GEMM efficiency, larger ones only cost memory.
+WORKSPACE_BYTES = 32 * 2**20
+# Fewer rows than this per GEMM and the chunked loop stops being GEMM-bound, whatever V is.
+# At 16 rows even V = 256k needs only 16 MiB, so chunking over the vocabulary is never needed.
+MIN_CHUNK_ROWS = 16
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax maths and outputs run in fp32 for half inputs, in the input dtype otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def naive_linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_lse: bool = False,
+    return_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Reference: full logits, log_softmax, gather. Plain autograd; returns (logp, lse, entropy).
+
+    Memory traffic (fp32, 4 bytes/element; N = 4096, V = 49152 makes one N x V tensor 805 MB):
+      forward   write logits (NV), read logits + write log-probs (2NV, kept for backward)
+      backward  write grad of log-probs (NV, zeros + scatter), read it and the saved log-probs,
+                write grad of logits (3NV), then read grad of logits twice in the dX/dW GEMMs (2NV)
+    so about 8 NV-sized passes and three N x V tensors alive at the peak of backward (~2.4 GB),
+    against the O(NH + VH) the fused path needs beyond its chunk workspace.
+    """
+    valid = targets != ignore_index  # (N,)
+    safe_targets = targets.masked_fill(~valid, 0)  # (N,) gather needs an in-range index
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
+    logits = logits.to(accumulation_dtype(logits.dtype))  # (N, V) fp32 copy for half inputs only
+    if temperature != 1.0:
+        logits = logits / temperature  # (N, V) another N x V tensor; skipped at T = 1
+    logp_all = torch.log_softmax(logits, dim=-1)  # (N, V)
+    logp = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    logp = logp.masked_fill(~valid, 0.0)
+    lse = entropy = None
+    if return_lse:
+        lse = torch.logsumexp(logits, dim=-1).masked_fill(~valid, 0.0)  # (N,)
+    if return_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~valid, 0.0)  # (N,)
+    return logp, lse, entropy
+
+
+def chunk_rows_for(vocab_size: int, dtype: torch.dtype, budget_bytes: int = WORKSPACE_BYTES) -> int:
+    """Rows per chunk so that the (chunk, V) workspace fits `budget_bytes` (a multiple of 16)."""
+    # A slab in the accumulation dtype always; half inputs add one in their own dtype for the GEMM output.
+    itemsize = torch.finfo(dtype).bits // 8
+    acc_itemsize = torch.finfo(accumulation_dtype(dtype)).bits // 8
+    bytes_per_row = vocab_size * (acc_itemsize + (itemsize if dtype in LOW_PRECISION else 0))
+    rows = budget_bytes // max(bytes_per_row, 1)
+    return max(MIN_CHUNK_ROWS, rows // 16 * 16)
+
+
+class _Rows:
+    """The rows the op works on: all of them (views, no copies) or the non-ignored ones (gathers)."""
+
+    def __init__(self, valid: Tensor):
+        n = valid.numel()
+        # A boolean reduction is cheap on CPU; ignored rows (prompt, padding) are skipped entirely.
+        self.index = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # (N_valid,)
+        self.count = n if self.index is None else self.index.numel()
+
+    def take(self, src: Tensor, start: int, stop: int) -> Tensor:
+        if self.index is None:
+            return src[start:stop]
+        return src.index_select(0, self.index[start:stop])
+
+    def put(self, dst: Tensor, start: int, stop: int, values: Tensor) -> None:
+        if self.index is None:
+            dst[start:stop].copy_(values)
+        else:
+            dst.index_copy_(0, self.index[start:stop], values.to(dst.dtype))
+
+
+def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, inv_t: float) -> Tensor:
+    """out = (x W^T + b) / T with the 1/T folded into the GEMM's alpha/beta: no extra pass."""
+    if bias is None:
+        if inv_t == 1.0:
+            return torch.mm(x, weight.t(), out=out)
+        # beta = 0: the (uninitialised) `out` passed as addmm's input is ignored, NaNs included.
+        return torch.addmm(out, x, weight.t(), beta=0.0, alpha=inv_t, out=out)
+    return torch.addmm(bias, x, weight.t(), beta=inv_t, alpha=inv_t, out=out)
+
+
+class ChunkedLinearLogprob(torch.autograd.Function):
+    """Chunked over tokens; saves (hidden, weight, bias, targets, lse) and recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_rows):
+        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64
+        n, _ = hidden.shape
+        v = weight.shape[0]
+        inv_t = 1.0 / temperature
+        rows = _Rows(targets != ignore_index)
+        half = hidden.dtype in LOW_PRECISION
+        acc = accumulation_dtype(hidden.dtype)
+        logp = hidden.new_zeros(n, dtype=acc)  # (N,)
+        lse = hidden.new_zeros(n, dtype=acc)  # (N,)
+        entropy = hidden.new_zeros(n if return_entropy else 0, dtype=acc)  # (N,) | (0,)
+        c = min(chunk_rows, rows.count)
+        if c > 0:
+            slab = hidden.new_empty(c, v)  # (C, V) GEMM output, input dtype
+            slab32 = slab if not half else hidden.new_empty(c, v, dtype=acc)  # (C, V) fp32
+            for start in range(0, rows.count, c):
+                stop = min(start + c, rows.count)
+                x = rows.take(hidden, start, stop)  # (c, H)
+                t = rows.take(targets, start, stop).unsqueeze(1)  # (c, 1)
+                z = _logits_into(slab[: stop - start], x, weight, bias, inv_t)  # (c, V)
+                z32 = z if not half else slab32[: stop - start].copy_(z)  # (c, V) fp32
+                z_t = z32.gather(1, t).squeeze(1)  # (c,) target logit, read before the slab is overwritten
+                # In place: the CPU kernel reads each row (max, sum of exp) before writing it, so the
+                # slab turns into log-probs without a second (c, V) buffer.
+                torch.log_softmax(z32, 1, out=z32)  # (c, V) log-probs
+                logp_t = z32.gather(1, t).squeeze(1)  # (c,)
+                rows.put(logp, start, stop, logp_t)
+                rows.put(lse, start, stop, z_t - logp_t)
+                if return_entropy:
+                    # H = -sum p log p; entr(p) = -p log p, both in place on the slab (exp then entr).
+                    rows.put(entropy, start, stop, torch.special.entr(z32.exp_(), out=z32).sum(1))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.rows = rows
+        ctx.inv_t = inv_t
+        ctx.chunk = c
+        ctx.mark_non_differentiable(lse, entropy)
+        return logp, lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rows, inv_t, c = ctx.rows, ctx.inv_t, ctx.chunk
+        n, h = hidden.shape
+        v = weight.shape[0]
+        half = hidden.dtype in LOW_PRECISION
+        acc = accumulation_dtype(hidden.dtype)
+        grad_x = torch.zeros_like(hidden) if need_x else None  # (N, H); ignored rows stay 0
+        # dW accumulates over all chunks: fp32 so half inputs do not round at every chunk.
+        grad_w = weight.new_zeros(v, h, dtype=acc) if need_w else None  # (V, H)
+        grad_b = weight.new_zeros(v, dtype=acc) if need_b else None  # (V,)
+        if c > 0 and (need_x or need_w or need_b):
+            # d logp_i / d (x_i W^T + b) = (onehot(t_i) - p_i) / T. We form (p - onehot) in the slab
+            # and fold the per-row scale -g_i / T into the small operands of the GEMMs (dX rows,
+            # X rows, the bias GEMV): no elementwise pass over the (c, V) slab beyond the exp.
+            scale = grad_logp.to(acc).mul(-inv_t)  # (N,)
+            slab = hidden.new_empty(c, v)  # (C, V)
+            slab32 = slab if not half else hidden.new_empty(c, v, dtype=acc)  # (C, V) fp32
+            for start in range(0, rows.count, c):
+                stop = min(start + c, rows.count)
+                x = rows.take(hidden, start, stop)  # (c, H)
+                t = rows.take(targets, start, stop).unsqueeze(1)  # (c, 1)
+                s = rows.take(scale, start, stop).unsqueeze(1)  # (c, 1)
+                z = _logits_into(slab[: stop - start], x, weight, bias, inv_t)  # (c, V) recomputed
+                p = z if not half else slab32[: stop - start].copy_(z)  # (c, V) fp32
+                p.sub_(rows.take(lse, start, stop).unsqueeze(1)).exp_()  # (c, V) softmax
+                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # (c, V) p - onehot
+                if need_x:
+                    g = p if not half else z.copy_(p)  # (c, V) in the GEMM dtype
+                    dx = torch.mm(g, weight).to(acc).mul_(s)  # (c, H)
+                    rows.put(grad_x, start, stop, dx)
+                if need_w:
+                    grad_w.addmm_(p.t(), x.to(acc) * s)  # (V, c) @ (c, H)
+                if need_b:
+                    grad_b.addmv_(p.t(), s.squeeze(1))  # (V, c) @ (c,)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def torch_linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Chunked torch path; returns (logp, lse, entropy) with None for what was not asked for.
+
+    hidden (N, H) and targets (N,) are already flattened and validated by the dispatcher
+    (`logprob.linear_logprob`). `chunk_rows` overrides the workspace-derived chunk (tests use it
+    to cross chunk boundaries on small shapes).
+    """
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(weight.shape[0], hidden.dtype)
+    logp, lse, entropy = ChunkedLinearLogprob.apply(
+        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), int(rows)
+    )
+    return logp, (lse if return_lse else None), (entropy if return_entropy else None)
