@@ -1,0 +1,312 @@
+"""FLR: Follow-up Likelihood as Reward (Zhang et al., 2024), a training-free reward vector.
+
+For a conversation ``c`` and a response ``y``, and for each objective with positive follow-ups
+``F+`` and negative follow-ups ``F-`` (:mod:`steer.rewards.followups`)::
+
+    reward(c, y) = mean_{f in F+} ll(f | c, y) - mean_{f in F-} ll(f | c, y)
+    ll(f | c, y) = (1 / |f|) * sum_t log p(f_t | c, y, f_<t)
+
+where ``f`` is appended as the next user turn through the model's chat template and only the
+follow-up's own tokens are scored (not the template's role markers or end-of-turn token).
+A sequence is tokenised as ``tokens(prefix) + tokens(follow-up)``, where ``prefix`` is the rendered
+conversation, response and next-turn header up to the follow-up's first character.
+
+Log-likelihoods are real model log-probabilities: hidden states of the model's last layer (after
+its final norm) go through the fused linear log-prob op (:func:`steer.kernels.linear_logprob`)
+with the LM-head weight, so the ``N x V`` logits of a batch are never held at once.
+
+Two paths behind one switch (``FLRConfig.prefix_cache``), compared directly in the tests:
+
+* prefix cache (default): the shared prefix ``c + y + header`` runs once per response; its KV
+  cache is replicated across a batch of follow-ups, which then run as short right-padded
+  continuations. Cost per response ~ ``|prefix| + sum |f|`` tokens instead of ``|F| * |prefix|``.
+* padded batches: every ``prefix + follow-up`` sequence runs whole, right-padded with an
+  attention mask, ``batch_size`` sequences per forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from steer.errors import InvalidInput
+from steer.objectives import validate_objectives
+from steer.rewards.calibration import Calibration, cache_dir, config_key, find_calibration, model_fingerprint, read_calibration_file
+from steer.rewards.calibration_set import CALIBRATION_SET_ID, calibration_conversations
+from steer.rewards.followups import BUILTIN_FOLLOWUPS, FollowUps
+from steer.rewards.scorer import Conversation, Scorer
+
+log = logging.getLogger(__name__)
+
+FLR_VERSION = "flr-v1"  # bump when the scoring definition changes: it invalidates stored calibrations
+
+
+@dataclass(frozen=True)
+class FLRConfig:
+    objectives: tuple[str, ...] = ("helpfulness", "creativity")  # objectives FLR scores, in output order
+    followups: Mapping[str, FollowUps] | None = field(default=None, compare=False)  # objective -> follow-ups; None: built-in sets
+    batch_size: int = 32  # follow-up sequences per forward
+    prefix_cache: bool = True  # run conversation + response once, reuse its KV cache for every follow-up
+    calibration: str = "auto"  # "auto": shipped/cached stats or compute them on the built-in set; "none": raw; or a JSON path
+
+    def __post_init__(self):
+        object.__setattr__(self, "objectives", validate_objectives(self.objectives, "flr.objectives"))
+        followups = BUILTIN_FOLLOWUPS if self.followups is None else self.followups
+        missing = [o for o in self.objectives if o not in followups]
+        if missing:
+            raise InvalidInput("flr.objectives", f"no follow-ups for {missing}; built-in sets exist for {sorted(BUILTIN_FOLLOWUPS)}")
+        for o in self.objectives:
+            if not isinstance(followups[o], FollowUps):
+                raise InvalidInput(f"flr.followups[{o}]", f"must be a FollowUps, got {type(followups[o]).__name__}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidInput("flr.batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise InvalidInput("flr.calibration", "is 'auto', 'none' or a calibration JSON path")
+
+    def followups_for(self, objective: str) -> FollowUps:
+        return (BUILTIN_FOLLOWUPS if self.followups is None else self.followups)[objective]
+
+
+def followups_digest(sets: FollowUps) -> str:
+    return hashlib.sha256(json.dumps([list(sets.positive), list(sets.negative)]).encode()).hexdigest()[:16]
+
+
+def causal_lm_parts(model):
+    """``(decoder, lm_head)`` of a transformers causal LM (or a PEFT wrapper around one).
+
+    ``decoder(input_ids, ...)`` returns last-layer hidden states after the final norm, so that
+    ``lm_head(hidden)`` are the model's logits; models that post-process logits (soft-capping,
+    logit scales) are refused rather than scored wrongly.
+    """
+    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the wrapped model's modules
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"FLR needs logits == lm_head(hidden); this model sets {attr}={getattr(config, attr)}")
+    decoder = model.base_model  # transformers: the module named by base_model_prefix (LlamaModel, ...)
+    if decoder is model:
+        raise ValueError(f"{type(model).__name__} has no separate decoder module (base_model_prefix)")
+    return decoder, model.get_output_embeddings()
+
+
+def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L)`` ids right-padded with ``pad_id`` and ``(B,)`` lengths."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, lengths
+
+
+class FLRScorer(Scorer):
+    """FLR rewards from a causal chat LM; see the module docstring for the definition."""
+
+    def __init__(self, model, tokenizer, config: FLRConfig = FLRConfig(), *, model_id: str = "", context_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_id = model_id
+        self.objectives = config.objectives
+        self.decoder, self.lm_head = causal_lm_parts(model)
+        self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad)  # padded positions are masked out and never scored: any valid id works
+        # The follow-up list every pair is scored against, deduplicated, and each objective's columns in it.
+        self.followups: list[str] = []
+        self._columns: dict[str, tuple[list[int], list[int]]] = {}
+        for o in self.objectives:
+            sets = config.followups_for(o)
+            self._columns[o] = ([self._column(f) for f in sets.positive], [self._column(f) for f in sets.negative])
+        self._followup_ids = {f: tokenizer(f, add_special_tokens=False)["input_ids"] for f in self.followups}
+        self.calibration = self._load_calibration(config.calibration)
+
+    def _column(self, followup: str) -> int:
+        if followup not in self.followups:
+            self.followups.append(followup)
+        return self.followups.index(followup)
+
+    def describe(self) -> str:
+        note = "" if self.calibration is not None else "; uncalibrated"
+        model = f"; model={self.model_id}" if self.model_id else ""
+        return f"flr({','.join(self.objectives)}{model}{note})"
+
+    # -- rewards ------------------------------------------------------------------------------
+
+    def raw_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
+        ll = self.followup_loglik(conversations, responses)  # (n, F)
+        columns = []
+        for o in self.objectives:
+            pos, neg = self._columns[o]
+            columns.append(ll[:, pos].mean(1) - ll[:, neg].mean(1))  # (n,)
+        return torch.stack(columns, dim=1)  # (n, k)
+
+    def followup_loglik(self, conversations: Sequence[Conversation], responses: Sequence[str], followups: Sequence[str] | None = None) -> torch.Tensor:
+        """``(n, F)``: mean token log-likelihood of each follow-up after each (conversation, response)."""
+        followups = list(self.followups if followups is None else followups)
+        for f in followups:
+            if f not in self._followup_ids:
+                self._followup_ids[f] = self.tokenizer(f, add_special_tokens=False)["input_ids"]
+        # items[(i, j)] = (prefix ids, follow-up ids); prefixes are shared across j for a given i.
+        prefixes: dict[str, list[int]] = {}
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for i, (conv, response) in enumerate(zip(conversations, responses)):
+            for j, f in enumerate(followups):
+                prefix = self._prefix_text(conv, response, f)
+                if prefix not in prefixes:
+                    prefixes[prefix] = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+                    need = len(prefixes[prefix]) + max(len(self._followup_ids[g]) for g in followups)
+                    if need > self.context_length:
+                        raise InvalidInput(
+                            f"responses[{i}]",
+                            f"conversation + response + follow-up is {need} tokens; the scorer model's context is {self.context_length}",
+                        )
+                groups.setdefault(prefix, []).append((i, j))
+        out = torch.empty(len(responses), len(followups))
+        with torch.inference_mode():
+            if self.config.prefix_cache:
+                for prefix, members in groups.items():
+                    values = self._loglik_shared_prefix(prefixes[prefix], [self._followup_ids[followups[j]] for _, j in members])
+                    for (i, j), v in zip(members, values.tolist()):
+                        out[i, j] = v
+            else:
+                members = [m for ms in groups.values() for m in ms]
+                items = [(prefixes[p], self._followup_ids[followups[j]]) for p, ms in groups.items() for _, j in ms]
+                values = self._loglik_padded(items)
+                for (i, j), v in zip(members, values.tolist()):
+                    out[i, j] = v
+        return out
+
+    def _prefix_text(self, conversation: Conversation, response: str, followup: str) -> str:
+        """The rendered text before the follow-up's first character (ends with the user-turn header)."""
+        messages = [dict(m) for m in conversation] + [
+            {"role": "assistant", "content": response},
+            {"role": "user", "content": followup},
+        ]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        at = text.rfind(followup)
+        if at < 0:
+            raise ValueError(f"the chat template does not render the follow-up {followup!r} verbatim; FLR cannot locate its tokens")
+        return text[:at]
+
+    def _mean_logprob(self, inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean log p of each row's first ``lengths[b]`` targets.
+
+        inputs ``(B, L, H)``: row t holds the hidden state that predicts target t; targets ``(B, L)``.
+        Only the scored rows go through the fused op (``N = sum(lengths)`` of them, not ``B * L``):
+        selecting them first keeps the vocabulary projection to the follow-up tokens alone.
+        """
+        from steer.kernels import linear_logprob
+
+        B, L, _ = inputs.shape
+        valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+        rows = inputs[valid]  # (N, H)
+        bias = getattr(self.lm_head, "bias", None)
+        logp = linear_logprob(rows, self.lm_head.weight, targets[valid], bias=bias).float()  # (N,)
+        seq = torch.arange(B)[:, None].expand(B, L)[valid]  # (N,) which sequence each row belongs to
+        sums = torch.zeros(B).index_add_(0, seq, logp)  # (B,)
+        return sums / lengths.float()
+
+    def _loglik_shared_prefix(self, prefix_ids: list[int], followup_ids: list[list[int]]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        P = len(prefix_ids)
+        cache = DynamicCache(config=self.model.config)
+        out = self.decoder(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, use_cache=True)
+        last = out.last_hidden_state[:, -1:]  # (1, 1, H): predicts every follow-up's first token
+        H = last.shape[-1]
+        results = []
+        for start in range(0, len(followup_ids), self.config.batch_size):
+            chunk = followup_ids[start: start + self.config.batch_size]
+            ids, lengths = _pad_right(chunk, self.pad_id)  # (b, L), (b,)
+            b, L = ids.shape
+            kv = copy.deepcopy(cache)  # the forward appends to the cache in place; the prefix stays reusable
+            kv.batch_repeat_interleave(b)  # (1, heads, P, d) -> (b, heads, P, d) per layer
+            mask = torch.cat([torch.ones(b, P, dtype=torch.long), (torch.arange(L)[None, :] < lengths[:, None]).long()], dim=1)  # (b, P + L)
+            positions = (P + torch.arange(L))[None, :].expand(b, L)  # (b, L)
+            hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True).last_hidden_state  # (b, L, H)
+            inputs = torch.cat([last.expand(b, 1, H), hidden[:, :-1]], dim=1)  # (b, L, H): row t predicts follow-up token t
+            results.append(self._mean_logprob(inputs, ids, lengths))
+        return torch.cat(results)
+
+    def _loglik_padded(self, items: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        results = []
+        for start in range(0, len(items), self.config.batch_size):
+            chunk = items[start: start + self.config.batch_size]
+            ids, seq_lengths = _pad_right([p + f for p, f in chunk], self.pad_id)  # (b, T), (b,)
+            b, T = ids.shape
+            mask = (torch.arange(T)[None, :] < seq_lengths[:, None]).long()  # (b, T)
+            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+            targets, lengths = _pad_right([f for _, f in chunk], self.pad_id)  # (b, L), (b,)
+            # Follow-up token t of item r sits at position P_r + t and is predicted by row P_r + t - 1.
+            starts = torch.tensor([len(p) - 1 for p, _ in chunk])  # (b,)
+            rows = (starts[:, None] + torch.arange(targets.shape[1])[None, :]).clamp(max=T - 1)  # (b, L)
+            inputs = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, L, H)
+            results.append(self._mean_logprob(inputs, targets, lengths))
+        return torch.cat(results)
+
+    # -- calibration --------------------------------------------------------------------------
+
+    def calibration_keys(self) -> dict[str, str]:
+        """Per objective, a hash of everything its statistics depend on."""
+        base = {
+            "version": FLR_VERSION,
+            "model": model_fingerprint(self.model),
+            "template": hashlib.sha256(str(getattr(self.tokenizer, "chat_template", "")).encode()).hexdigest()[:16],
+            "set": CALIBRATION_SET_ID,
+        }
+        keys = {}
+        for o in self.objectives:
+            sets = self.config.followups_for(o)
+            keys[o] = config_key(**base, objective=o, followups=followups_digest(sets))
+        return keys
+
+    def calibrate(self) -> Calibration:
+        """Statistics of raw rewards over the built-in calibration set (one batched scoring pass)."""
+        conversations, responses = calibration_conversations()
+        started = time.monotonic()
+        raw = self.raw_scores(conversations, responses)
+        log.info("FLR calibration over %d pairs took %.1fs", len(responses), time.monotonic() - started)
+        return Calibration.fit(self.objectives, raw, CALIBRATION_SET_ID)
+
+    def save_calibration(self, path, calibration: Calibration):
+        """Write ``calibration`` with its keys; the set id and follow-up digests are stored in the
+        clear too, so a test can tell a stale shipped file without loading the model."""
+        return calibration.save(
+            path, self.calibration_keys(), scorer="flr", model_id=self.model_id, flr_version=FLR_VERSION,
+            calibration_set=CALIBRATION_SET_ID, n=len(calibration_conversations()[1]),
+            followups={o: followups_digest(self.config.followups_for(o)) for o in self.objectives},
+        )
+
+    def _load_calibration(self, spec: str) -> Calibration | None:
+        if spec == "none":
+            return None
+        keys = self.calibration_keys()
+        if spec != "auto":
+            calibration, stored = read_calibration_file(spec)
+            stale = [o for o in self.objectives if stored.get(o) != keys[o]]
+            if stale:
+                raise InvalidInput(
+                    "calibration",
+                    f"{spec} was computed for another model, follow-up set or calibration set (objectives {stale}); "
+                    "recompute it with `python -m steer.rewards.calibrate`",
+                )
+            return calibration
+        found = find_calibration(keys)
+        if found is not None and all(o in found.stats for o in self.objectives):
+            return found
+        log.info("no stored FLR calibration for this model; computing it on the built-in set (cached afterwards)")
+        computed = self.calibrate()
+        path = cache_dir() / f"flr-{keys[self.objectives[0]]}.json"
+        try:
+            self.save_calibration(path, computed)
+        except OSError as e:  # a read-only cache only costs the next start another calibration
+            log.warning("could not cache the FLR calibration at %s: %s", path, e)
+        return computed
