@@ -9,6 +9,9 @@ InvalidInput          INVALID_ARGUMENT
 Overloaded            RESOURCE_EXHAUSTED
 StrategyUnavailable   UNIMPLEMENTED
 ====================  =====================
+
+Score (and the rewards in Generate/GenerateStream) go through the server's
+:class:`~steer.rewards.service.ScoringService`; without one, Score is UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from steer.conditioning import FORMAT as CONDITIONING_FORMAT
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
+from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
@@ -31,6 +35,8 @@ from steer.server.engine import Engine, Finished, FinishReason, Overloaded, Text
 from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
 
 log = logging.getLogger(__name__)
+
+MAX_SCORE_RESPONSES = 64  # responses one Score call may carry (each is a scorer forward)
 
 _STRATEGY_NAMES = {
     steer_pb2.STRATEGY_UNSPECIFIED: CONDITIONED,
@@ -82,10 +88,11 @@ def _domain_errors():
 
 
 class SteerServicer(steer_pb2_grpc.SteerServicer):
-    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo):
+    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo, scoring: ScoringService | None = None):
         self.engine = engine
         self.strategies = strategies
         self.info = info
+        self.scoring = scoring
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -107,6 +114,14 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         response.direction.update(result.direction.as_dict())
         if result.rewards:
             response.rewards.update(result.rewards)
+        if result.completion_tokens is not None:
+            response.usage.completion_tokens = result.completion_tokens
+        if result.total_seconds is not None:
+            response.timing.total_seconds = result.total_seconds
+        for c in result.candidates:
+            response.candidates.add(
+                text=c.text, rewards=c.rewards, weighted_reward=c.weighted_reward, finish_reason=_FINISH[c.finished.finish_reason]
+            )
         return response
 
     async def GenerateStream(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -124,6 +139,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                         chunk = steer_pb2.GenerateChunk(
                             finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
                         )
+                        if self.scoring is not None:
+                            chunk.rewards.update((await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
                     else:
                         continue
                     if first:
@@ -134,10 +151,38 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             await context.abort(e.code, str(e))
 
     async def Score(self, request: steer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> steer_pb2.ScoreResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Score is not available: this server runs no reward scorer (Describe.scorer is empty)",
-        )
+        if self.scoring is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "Score is not available: this server runs no reward scorer (Describe.scorer is empty; "
+                "start it with --scorer default, flr or a reward model directory)",
+            )
+        try:
+            with _domain_errors():
+                conversation = build_conversation(
+                    request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
+                )
+                responses = list(request.responses)
+                if not responses:
+                    raise InvalidInput("responses", "is empty: give at least one response to score")
+                if len(responses) > MAX_SCORE_RESPONSES:
+                    raise InvalidInput("responses", f"at most {MAX_SCORE_RESPONSES} per call, got {len(responses)}")
+                for i, text in enumerate(responses):
+                    if not text.strip():
+                        raise InvalidInput(f"responses[{i}]", "is empty")
+                objectives = self.scoring.objectives
+                direction = Direction.from_weights(dict(request.weights), objectives) if request.weights else None
+                rewards = await self.scoring.rewards_for(conversation, responses)
+        except _Abort as e:
+            await context.abort(e.code, str(e))
+        response = steer_pb2.ScoreResponse(objectives=list(objectives))
+        if direction is not None:
+            response.direction.update(direction.as_dict())
+        for i in range(len(rewards)):
+            vector = response.scores.add(rewards=rewards.row(i), raw_rewards=rewards.row(i, scaled=False))
+            if direction is not None:
+                vector.weighted_reward = direction.dot(rewards.scaled[i].tolist())
+        return response
 
     async def Describe(self, request: steer_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> steer_pb2.DescribeResponse:
         cfg = self.engine.config

@@ -2,18 +2,30 @@
 
 A strategy turns a validated :class:`SteerRequest` into engine calls and a :class:`SteerResult`.
 ``CONDITIONED`` writes the direction into the system prompt (the DPA format of
-:mod:`steer.conditioning`) and samples once. ``RERANK`` and ``MIXTURE`` are reserved names until
-a reward scorer and per-objective adapters are available.
+:mod:`steer.conditioning`) and samples once. ``RERANK`` (offered when the server runs a reward
+scorer) samples ``candidates`` times from the same conditioned prompt, as concurrent engine calls
+so that a batching engine runs them in one batch, scores every candidate's reward vector and
+returns the one with the highest ``v . r`` (scaled rewards, ties to the lower candidate index).
+With a seed, candidate ``i`` samples with ``seed + i``, so candidate 0 is exactly the CONDITIONED
+output for that seed and the whole result is reproducible. RERANK does not stream: its answer
+exists only once every candidate is finished and scored, so streaming it would only add a
+delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE`` is a
+reserved name until per-objective adapters are available.
+
+Whenever a scorer is loaded every strategy reports the reward vector of the text it returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from steer.conditioning import render_prompt
 from steer.errors import InvalidInput
 from steer.objectives import Direction
+from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 
 from steer.server.engine import Engine, Finished, TextDelta
@@ -21,6 +33,8 @@ from steer.server.engine import Engine, Finished, TextDelta
 CONDITIONED = "conditioned"
 RERANK = "rerank"
 MIXTURE = "mixture"
+
+DEFAULT_CANDIDATES = 4  # RERANK samples when a request leaves `candidates` at 0
 
 
 class StrategyUnavailable(Exception):
@@ -40,11 +54,22 @@ class SteerRequest:
 
 
 @dataclass(frozen=True)
+class ScoredCandidate:
+    text: str
+    rewards: dict[str, float]  # common scale
+    weighted_reward: float  # direction . rewards
+    finished: Finished
+
+
+@dataclass(frozen=True)
 class SteerResult:
     text: str
     direction: Direction
-    finished: Finished
-    rewards: dict[str, float] | None = None
+    finished: Finished  # the returned text's own generation
+    rewards: dict[str, float] | None = None  # common scale; None when the server runs no scorer
+    candidates: tuple[ScoredCandidate, ...] = ()  # RERANK with return_candidates: all, best first
+    completion_tokens: int | None = None  # RERANK: tokens generated over all candidates (else finished's)
+    total_seconds: float | None = None  # RERANK: arrival to result, scoring included (else finished's)
 
 
 class ConditionedStrategy:
@@ -52,8 +77,9 @@ class ConditionedStrategy:
 
     name = CONDITIONED
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, scoring: ScoringService | None = None):
         self.engine = engine
+        self.scoring = scoring
 
     def prompt_ids(self, request: SteerRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -76,10 +102,74 @@ class ConditionedStrategy:
     async def run(self, request: SteerRequest) -> SteerResult:
         async for event in self.stream(request):
             if isinstance(event, Finished):
-                return SteerResult(text=event.text, direction=request.direction, finished=event)
+                return SteerResult(text=event.text, direction=request.direction, finished=event, rewards=await self.rewards(request, event.text))
+        raise RuntimeError("engine stream ended without a Finished event")
+
+    async def rewards(self, request: SteerRequest, text: str) -> dict[str, float] | None:
+        """The common-scale reward vector of ``text`` as an answer to the request (None without a scorer)."""
+        if self.scoring is None:
+            return None
+        return (await self.scoring.rewards_for(request.conversation, [text])).row(0)
+
+
+class RerankStrategy:
+    """Best of ``candidates`` conditioned samples by ``v . r`` (see the module docstring)."""
+
+    name = RERANK
+
+    def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES):
+        self.engine = engine
+        self.scoring = scoring
+        self.default_candidates = default_candidates
+        self._conditioned = ConditionedStrategy(engine)  # same prompt as CONDITIONED
+
+    async def run(self, request: SteerRequest) -> SteerResult:
+        started = time.monotonic()
+        n = request.candidates or self.default_candidates
+        ids = self._conditioned.prompt_ids(request)
+        params = request.params
+        per_candidate = [params if params.seed is None else params.with_overrides(seed=(params.seed + i) % 2**64) for i in range(n)]
+        finished = await _all_or_none([self._sample(ids, p, request.deadline) for p in per_candidate])
+        rewards = (await self.scoring.rewards_for(request.conversation, [f.text for f in finished])).select(request.direction.objectives)
+        weighted = [request.direction.dot(rewards.scaled[i].tolist()) for i in range(n)]
+        order = sorted(range(n), key=lambda i: (-weighted[i], i))
+        best = order[0]
+        candidates = ()
+        if request.return_candidates:
+            candidates = tuple(ScoredCandidate(finished[i].text, rewards.row(i), weighted[i], finished[i]) for i in order)
+        return SteerResult(
+            text=finished[best].text,
+            direction=request.direction,
+            finished=finished[best],
+            rewards=rewards.row(best),
+            candidates=candidates,
+            completion_tokens=sum(f.completion_tokens for f in finished),
+            total_seconds=time.monotonic() - started,
+        )
+
+    async def _sample(self, ids: list[int], params: SamplingParams, deadline: float | None) -> Finished:
+        async for event in self.engine.generate(ids, params, deadline):
+            if isinstance(event, Finished):
+                return event
         raise RuntimeError("engine stream ended without a Finished event")
 
 
-def build_strategies(engine: Engine) -> dict[str, object]:
-    """The strategies this server offers, by name."""
-    return {CONDITIONED: ConditionedStrategy(engine)}
+async def _all_or_none(calls: list[Awaitable[Finished]]) -> list[Finished]:
+    """Run the calls concurrently; if one fails (e.g. Overloaded), cancel the rest before raising,
+    so no orphaned candidate keeps a batch slot."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def build_strategies(engine: Engine, scoring: ScoringService | None = None) -> dict[str, object]:
+    """The strategies this server offers, by name (RERANK only with a scorer)."""
+    strategies: dict[str, object] = {CONDITIONED: ConditionedStrategy(engine, scoring)}
+    if scoring is not None:
+        strategies[RERANK] = RerankStrategy(engine, scoring)
+    return strategies

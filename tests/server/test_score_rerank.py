@@ -1,0 +1,177 @@
+"""Score and RERANK over a real gRPC server running the tiny model with the default scorer
+(FLR for helpfulness and creativity, the length signal for conciseness)."""
+
+import math
+
+import grpc
+import pytest
+
+from steer.v1 import steer_pb2 as pb
+from steer.v1 import steer_pb2_grpc
+
+OBJECTIVES = ["helpfulness", "creativity", "conciseness"]
+
+
+@pytest.fixture(scope="module")
+def scored_server(start_tiny_server, tmp_path_factory):
+    from steer.sampling import SamplingParams
+    from steer.server.app import ServerConfig
+    from steer.server.engine import EngineConfig
+
+    import steer.rewards.flr as flr
+    from steer.rewards.calibration_set import calibration_conversations
+
+    # The tiny model has no shipped calibration: the server computes it at start into this cache
+    # (on the first six pairs of the built-in set, to keep the test fast).
+    cache = tmp_path_factory.mktemp("steer-cache")
+    conversations, responses = calibration_conversations()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEER_CACHE", str(cache))
+        mp.setattr(flr, "calibration_conversations", lambda: (conversations[:6], responses[:6]))
+        server = start_tiny_server(
+            ServerConfig(port=0, scorer="default", engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
+        )
+    server.cache = cache
+    return server
+
+
+@pytest.fixture()
+def stub(scored_server):
+    with grpc.insecure_channel(scored_server.target) as channel:
+        yield steer_pb2_grpc.SteerStub(channel)
+
+
+@pytest.fixture(scope="module")
+def local_scorer(scored_server, tiny_loaded):
+    """The same scorer built here, reading the calibration the server stored."""
+    from steer.rewards.build import build_scorer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEER_CACHE", str(scored_server.cache))
+        mp.setattr("steer.rewards.flr.FLRScorer.calibrate", lambda self: pytest.fail("the server's stored calibration was not found"))
+        return build_scorer("default", tiny_loaded)
+
+
+def test_describe_reports_the_scorer_and_rerank(stub):
+    d = stub.Describe(pb.DescribeRequest(), timeout=10)
+    assert d.scorer == "flr(helpfulness,creativity)+length(conciseness)"
+    assert pb.STRATEGY_RERANK in d.strategies
+
+
+def test_score_returns_raw_and_scaled_vectors_per_response(stub, local_scorer):
+    responses = ["Paris is the capital of France.", "I like trains and the colour blue, and also soup."]
+    reply = stub.Score(pb.ScoreRequest(prompt="What is the capital of France?", responses=responses,
+                                       weights={"helpfulness": 3, "conciseness": 1}), timeout=60)
+    assert list(reply.objectives) == OBJECTIVES
+    assert dict(reply.direction) == pytest.approx({"helpfulness": 0.75, "creativity": 0.0, "conciseness": 0.25})
+    assert len(reply.scores) == 2
+    expected = local_scorer.rewards([[{"role": "user", "content": "What is the capital of France?"}]] * 2, responses)
+    for i, vector in enumerate(reply.scores):
+        assert dict(vector.raw_rewards) == pytest.approx(expected.row(i, scaled=False), abs=1e-4)
+        assert dict(vector.rewards) == pytest.approx(expected.row(i), abs=1e-4)
+        assert vector.weighted_reward == pytest.approx(0.75 * vector.rewards["helpfulness"] + 0.25 * vector.rewards["conciseness"], abs=1e-5)
+    # The length signal's raw value is -ln(1 + tokens).
+    assert reply.scores[0].raw_rewards["conciseness"] > reply.scores[1].raw_rewards["conciseness"]
+
+
+def test_score_without_weights_leaves_weighted_reward_unset(stub):
+    reply = stub.Score(pb.ScoreRequest(messages=[pb.Message(role="user", content="Hi")], responses=["Hello!"]), timeout=60)
+    assert not reply.direction and reply.scores[0].weighted_reward == 0.0
+    assert set(reply.scores[0].rewards) == set(OBJECTIVES)
+
+
+SCORE_INVALID = [
+    ("no responses", pb.ScoreRequest(prompt="hi"), "responses: is empty"),
+    ("blank response", pb.ScoreRequest(prompt="hi", responses=["ok", "  "]), "responses[1]: is empty"),
+    ("too many responses", pb.ScoreRequest(prompt="hi", responses=["x"] * 65), "responses: at most 64"),
+    ("no prompt", pb.ScoreRequest(responses=["x"]), "prompt: is empty"),
+    ("prompt and messages", pb.ScoreRequest(prompt="hi", messages=[pb.Message(role="user", content="x")], responses=["x"]), "prompt: set either"),
+    ("ends with assistant", pb.ScoreRequest(messages=[pb.Message(role="user", content="x"), pb.Message(role="assistant", content="y")], responses=["x"]), "messages[1].role"),
+    ("unknown objective", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"humour": 1}), "weights[humour]: unknown objective"),
+    ("negative weight", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"creativity": -1}), "weights[creativity]: must be finite and >= 0"),
+    ("too long for the scorer", pb.ScoreRequest(prompt="hi", responses=["word " * 600]), "responses[0]:"),
+]
+
+
+@pytest.mark.parametrize("case, req, message", SCORE_INVALID, ids=[c[0] for c in SCORE_INVALID])
+def test_score_invalid_input_names_the_field(stub, case, req, message):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(req, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert message in e.value.details()
+
+
+def rerank_request(**kw):
+    sampling = pb.SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 10), temperature=1.0, seed=kw.pop("seed", 11))
+    return pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 0.5, "creativity": 0.2, "conciseness": 0.3},
+                              strategy=pb.STRATEGY_RERANK, sampling=sampling, **kw)
+
+
+def test_rerank_returns_the_candidate_with_the_highest_weighted_reward(stub):
+    reply = stub.Generate(rerank_request(candidates=4, return_candidates=True), timeout=120)
+    assert reply.strategy == pb.STRATEGY_RERANK
+    assert len(reply.candidates) == 4
+    weighted = [c.weighted_reward for c in reply.candidates]
+    assert weighted == sorted(weighted, reverse=True)  # best first
+    assert reply.text == reply.candidates[0].text
+    assert dict(reply.rewards) == pytest.approx(dict(reply.candidates[0].rewards))
+    assert len({c.text for c in reply.candidates}) > 1  # seeds seed+i give different samples
+    # Independently: Score every candidate; the returned text has the highest v . r.
+    texts = [c.text for c in reply.candidates]
+    assert all(t.strip() for t in texts)
+    scored = stub.Score(pb.ScoreRequest(prompt="Name a colour.", responses=texts, weights=dict(reply.direction)), timeout=60)
+    by_score = [s.weighted_reward for s in scored.scores]
+    assert by_score == pytest.approx(weighted, abs=1e-4)
+    assert max(range(4), key=lambda i: by_score[i]) == 0
+    for c, s in zip(reply.candidates, scored.scores):
+        assert dict(c.rewards) == pytest.approx(dict(s.rewards), abs=1e-4)
+    # Usage counts every candidate's tokens; each candidate carries its finish reason.
+    assert reply.usage.completion_tokens >= 4 and all(c.finish_reason != pb.FINISH_REASON_UNSPECIFIED for c in reply.candidates)
+
+
+def test_rerank_is_reproducible_with_a_seed_and_defaults_to_four(stub):
+    a = stub.Generate(rerank_request(return_candidates=True), timeout=120)
+    b = stub.Generate(rerank_request(return_candidates=True), timeout=120)
+    assert len(a.candidates) == 4
+    assert a.text == b.text and [c.text for c in a.candidates] == [c.text for c in b.candidates]
+    plain = stub.Generate(rerank_request(), timeout=120)
+    assert plain.text == a.text and not plain.candidates  # candidates only when asked for
+
+
+def test_rerank_candidates_run_as_one_batch(stub, scored_server):
+    engine = scored_server.running.engine
+    before = engine.steps
+    reply = stub.Generate(rerank_request(candidates=4, max_new_tokens=8, return_candidates=True), timeout=120)
+    steps = engine.steps - before
+    longest = max(len(c.text) for c in reply.candidates)
+    assert longest > 0
+    # Four sequential generations would take >= 4 x (tokens of each) steps; one batch takes about 8.
+    assert steps <= 8 + 2, steps
+
+
+def test_every_strategy_reports_rewards(stub, local_scorer):
+    req = pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 1},
+                             sampling=pb.SamplingParams(max_new_tokens=8, temperature=0.0))
+    reply = stub.Generate(req, timeout=60)
+    assert reply.strategy == pb.STRATEGY_CONDITIONED
+    expected = local_scorer.rewards([[{"role": "user", "content": "Name a colour."}]], [reply.text]).row(0)
+    assert dict(reply.rewards) == pytest.approx(expected, abs=1e-4)
+    chunks = list(stub.GenerateStream(req, timeout=60))
+    assert dict(chunks[-1].rewards) == pytest.approx(expected, abs=1e-4)
+    assert all(not c.rewards for c in chunks[:-1])
+
+
+def test_rerank_does_not_stream_and_limits_candidates(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.GenerateStream(rerank_request(), timeout=60))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "use Generate" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(rerank_request(candidates=17), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidates: must be <= 16" in e.value.details()
+
+
+def test_rewards_are_finite(stub):
+    reply = stub.Generate(rerank_request(candidates=2, return_candidates=True), timeout=120)
+    assert all(math.isfinite(v) for c in reply.candidates for v in c.rewards.values())
