@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
 def _print_meta(direction, finish_reason, usage, rewards) -> None:
     from steer.v1 import steer_pb2
 
-    fmt = lambda d: ", ".join(f"{k}={v:.2f}" for k, v in d.items())  # noqa: E731
+    from steer.objectives import DEFAULT_OBJECTIVES
+
+    # protobuf maps are unordered: print the default objectives in their usual order, others after
+    rank = {name: i for i, name in enumerate(DEFAULT_OBJECTIVES)}
+    fmt = lambda d: ", ".join(f"{k}={d[k]:.2f}" for k in sorted(d, key=lambda k: (rank.get(k, len(rank)), k)))  # noqa: E731
     print(f"-- direction: {fmt(direction)}", file=sys.stderr)
     if rewards:
         print(f"-- rewards: {fmt(rewards)}", file=sys.stderr)
