@@ -1,0 +1,85 @@
+"""Command configs: flags generated from the dataclass, YAML merging, errors that name the field or key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from steer.errors import InvalidInput
+from steer.training.config import merge_config, parse_config, read_config_file, write_config
+from steer.training.settings import DPAConfig, DPOConfig
+
+PROG = "test"
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text("data: [a.jsonl, b.jsonl]\nloss: ipo\nlora-r: 4\nlr: 0.001\nfull: true\noutput: from-yaml\n")
+    config = merge_config(DPOConfig, ["--config", str(cfg), "--lora-r", "8", "--no-full", "--output", "x"], prog=PROG)
+    assert config.data == ("a.jsonl", "b.jsonl") and config.loss == "ipo" and config.lr == 0.001
+    assert config.lora_r == 8 and config.full is False and config.output == "x"
+    assert config.lora_alpha == DPOConfig.__dataclass_fields__["lora_alpha"].default
+    # A single value in YAML is accepted for a tuple field, and write_config round-trips.
+    cfg.write_text("data: one.jsonl\noutput: o\n")
+    assert merge_config(DPOConfig, ["--config", str(cfg)], prog=PROG).data == ("one.jsonl",)
+    write_config(config, tmp_path / "resolved.yaml")
+    assert merge_config(DPOConfig, ["--config", str(tmp_path / "resolved.yaml")], prog=PROG) == config
+
+
+def test_unknown_or_mistyped_yaml_keys_name_key_and_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data: [a.jsonl]\noutput: o\nlora_rank: 4\n")
+    with pytest.raises(InvalidInput) as e:
+        read_config_file(DPOConfig, cfg)
+    assert e.value.field == f"{cfg}: lora_rank" and "unknown key" in str(e.value) and "lora_r" in str(e.value)
+    cfg.write_text("data: [a.jsonl]\noutput: o\nlora_r: four\n")
+    with pytest.raises(InvalidInput, match=r"bad.yaml: lora_r: must be an integer"):
+        read_config_file(DPOConfig, cfg)
+    cfg.write_text("- just\n- a list\n")
+    with pytest.raises(InvalidInput, match="must be a mapping"):
+        read_config_file(DPOConfig, cfg)
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--data", "a.jsonl"], "output"),
+    (["--output", "o"], "data"),
+    (["--data", "a", "--output", "o", "--lora-r", "0"], "lora_r"),
+    (["--data", "a", "--output", "o", "--beta", "-1"], "beta"),
+    (["--data", "a", "--output", "o", "--gamma", "0.5"], "gamma"),  # SimPO only
+    (["--data", "a", "--output", "o", "--loss", "kto", "--label-smoothing", "0.1"], "label_smoothing"),
+    (["--data", "a", "--output", "o", "--max-prompt-length", "600"], "max_prompt_length"),
+])
+def test_bad_values_name_the_field(argv, field, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(DPOConfig, argv, prog=PROG)
+    assert e.value.code == 2
+    assert f"{PROG}: error: {field}:" in capsys.readouterr().err
+
+
+def test_dpa_validation_and_choices(capsys):
+    with pytest.raises(InvalidInput, match="^samples:"):
+        DPAConfig(output="o", samples=1)
+    assert DPAConfig(output="o", samples=1, loss="sft").samples == 1
+    with pytest.raises(InvalidInput, match=r"^objectives\[0\]"):
+        DPAConfig(output="o", objectives=("not valid!",))
+    with pytest.raises(SystemExit):  # argparse choices
+        parse_config(DPAConfig, ["--output", "o", "--loss", "dpo"], prog=PROG)
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_settings_mirror_the_modules_they_stand_in_for():
+    from steer.kernels.preference import LOSS_TYPES, NEEDS_REFERENCE
+    from steer.training import distributed, logprobs, settings
+
+    assert settings.PREFERENCE_LOSSES == LOSS_TYPES and settings.NEEDS_REFERENCE == NEEDS_REFERENCE
+    assert settings.LOGPROB_IMPLS == logprobs.IMPLS and settings.DEVICES == distributed.DEVICES
+
+
+@pytest.mark.parametrize("command,expect", [("dpo", "--data"), ("dpa", "--prompts")])
+def test_help_is_fast_and_has_examples(command, expect):
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "steer.train", command, "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert expect in out.stdout and "Examples:" in out.stdout and f"python -m steer.train {command}" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "steer.training.settings" in imported and "torch" not in imported  # --help loads no torch

@@ -1,0 +1,219 @@
+"""DPO-family training on the tiny model: fused log-probs equal the naive ones, every loss's first
+value equals ``preference_loss`` on naive log-probs with the base model as reference, training
+moves the weights, and the CLI writes an adapter that transformers + peft and steer load."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from steer.kernels import preference_loss
+from steer.training.distributed import DistContext
+from steer.training.dpo import prepare_examples
+from steer.training.logprobs import sequence_logprobs
+from steer.training.pairs import IGNORE_INDEX, Encoder, collate, encode_examples, read_examples
+from steer.training.policy import build_policy
+from steer.training.settings import DPOConfig
+from steer.training.trainer import PreferenceTrainer
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box OpenMP's thread hand-offs cost ~20 ms per small
+    matmul when other processes hold the cores, which made these tiny-model steps 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PAIRS = [
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I would rather talk about the weather today, it is nice."},
+    {"prompt": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris"}], "rejected": [{"role": "assistant", "content": "It is a city in Europe, maybe Lyon."}]},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Goodbye forever, friend."},
+    {"prompt": "Count to three.", "chosen": "1, 2, 3", "rejected": "one two"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", PAIRS)
+
+
+@pytest.fixture(scope="module")
+def kto_file(tmp_path_factory):
+    rows = []
+    for p in PAIRS:
+        rows += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "kto.jsonl", rows)
+
+
+def naive_logps(model, batch):
+    """Independent reference: the model's own forward (full logits), log_softmax, gather, mask."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    tok = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(1), mask.sum(1)
+
+
+def test_fused_equals_naive_on_a_padded_batch_with_masked_prompts(tiny_model_dir, tokenizer):
+    from steer.training.policy import PolicySpec
+
+    policy = build_policy(PolicySpec(model=str(tiny_model_dir), seed=1))
+    _perturb_adapter(policy)
+    enc = Encoder(tokenizer, 128, 96)
+    seqs = [enc.encode(({"role": "user", "content": p}, ), c) for p, c in
+            [("Hi", "Hello there, how are you doing today?"), ("A much longer prompt with many words in it", "ok"), ("Q", "A")]]
+    batch = collate(seqs, tokenizer.pad_token_id)
+    assert len({len(s.input_ids) for s in seqs}) >= 2 and (batch.attention_mask == 0).any()  # really padded
+    fused = sequence_logprobs(policy.model, batch, impl="fused")
+    fused.logps.sum().backward()
+    grads_fused = {n: p.grad.clone() for n, p in policy.named_trainable()}
+    policy.model.zero_grad()
+    naive = sequence_logprobs(policy.model, batch, impl="naive")
+    naive.logps.sum().backward()
+    independent, counts = naive_logps(policy.model, batch)
+    torch.testing.assert_close(fused.logps, naive.logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused.logps, independent, rtol=1e-5, atol=1e-4)
+    assert fused.counts.tolist() == counts.tolist() == [s.completion_len for s in seqs]
+    for n, p in policy.named_trainable():
+        # fp32 sums of ~100 per-token terms, reduced in different orders: absolute error scales with
+        # the gradient's magnitude, so the tolerance is relative to the largest entry.
+        scale = float(p.grad.abs().max())
+        assert scale > 0, n
+        torch.testing.assert_close(grads_fused[n], p.grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _perturb_adapter(policy, seed=0, std=0.05):
+    """LoRA starts with B = 0 (policy == reference), where every reference-based loss is log 2 or
+    another constant; a random B makes the step-0 comparison meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_trainable():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _naive_loss(config, policy, base, data):
+    """preference_loss (or NLL for sft) from naive log-probs; reference = the freshly loaded base model."""
+    pad = policy.tokenizer.pad_token_id
+    beta = config.effective_beta
+    with torch.no_grad():
+        if config.loss == "sft":
+            lp, n = naive_logps(policy.model, collate([e.sequences[0] for e in data], pad))
+            return float(-lp.sum() / n.sum())
+        if config.loss == "kto":
+            main = collate([e.sequences[0] for e in data], pad)
+            kl = collate([e.sequences[1] for e in data], pad)
+            (pol, _), (ref, _) = naive_logps(policy.model, main), naive_logps(base, main)
+            (kl_pol, _), (kl_ref, _) = naive_logps(policy.model, kl), naive_logps(base, kl)
+            good = torch.tensor([e.label for e in data])
+            return preference_loss(pol[good], pol[~good], ref[good], ref[~good], loss_type="kto", beta=beta,
+                                   kl_policy_logps=kl_pol, kl_ref_logps=kl_ref).loss.item()
+        b = len(data)
+        batch = collate([e.sequences[0] for e in data] + [e.sequences[1] for e in data], pad)
+        (pol, n), (ref, _) = naive_logps(policy.model, batch), naive_logps(base, batch)
+        return preference_loss(pol[:b], pol[b:], ref[:b], ref[b:], loss_type=config.loss, beta=beta,
+                               chosen_lengths=n[:b], rejected_lengths=n[b:], gamma=config.effective_gamma).loss.item()
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "sft"])
+def test_each_loss_matches_naive_at_step_0_and_trains(loss, tmp_path, tiny_model_dir, pairs_file, kto_file):
+    from transformers import AutoModelForCausalLM
+
+    data_file = kto_file if loss == "kto" else pairs_file
+    config = DPOConfig(output=str(tmp_path), data=(str(data_file),), model=str(tiny_model_dir), loss=loss,
+                       batch_size=len(PAIRS) * (2 if loss == "kto" else 1), lr=2e-2, progress=False, lr_schedule="constant")
+    policy = build_policy(config.policy_spec())
+    _perturb_adapter(policy)
+    data = encode_examples(prepare_examples(config, read_examples(config.data)), Encoder(policy.tokenizer, 128, 96), sft=loss == "sft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = _naive_loss(config, policy, base, data)
+
+    trainer = PreferenceTrainer(config, policy, DistContext(), total_steps=4)
+    before = {n: p.detach().clone() for n, p in policy.named_trainable()}
+    everything = [list(range(len(data)))]
+    losses = [trainer.train_step(data, everything)["loss"] for _ in range(4)]
+    assert losses[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], losses  # four steps on one batch lower its loss
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_trainable())
+    # The base weights (the reference) never move under LoRA.
+    for name, p in policy.model.named_parameters():
+        if not p.requires_grad:
+            assert "lora_" not in name
+
+
+def test_full_finetuning_uses_precomputed_reference(tmp_path, tiny_model_dir, pairs_file):
+    from transformers import AutoModelForCausalLM
+
+    from steer.training.dpo import REFERENCE_FILE, train_dpo
+    from steer.training.metrics import read_metrics
+
+    out = tmp_path / "full"
+    train_dpo(DPOConfig(output=str(out), data=(str(pairs_file),), model=str(tiny_model_dir), full=True,
+                        batch_size=2, lr=1e-3, epochs=2, progress=False))
+    records = read_metrics(out)
+    steps = [r for r in records if r["type"] == "step"]
+    assert records[0]["reference"] == "precomputed" and len(steps) == 4
+    # At step 0 policy == reference, so DPO's loss is log 2 (up to padding-dependent float noise).
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    ref = torch.load(out / REFERENCE_FILE, weights_only=True)["logps"]
+    assert ref.shape == (len(PAIRS), 2) and torch.isfinite(ref).all()
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_cli_writes_a_standard_adapter_that_steer_and_peft_load(tmp_path, tiny_model_dir, pairs_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from steer.models import load_model
+    from steer.training.dpo_cli import main
+
+    out = tmp_path / "run"
+    assert main(["--data", str(pairs_file), "--model", str(tiny_model_dir), "--output", str(out), "--batch-size", "2",
+                 "--lr", "5e-2", "--no-progress", "--lora-target", "q_proj,v_proj", "--lora-r", "4"]) == 0
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve()) and config["r"] == 4
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(adapter)).eval()
+    served = load_model(str(tiny_model_dir), adapter=str(adapter))  # what `steer.serve --adapter` does
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        a, b, c = plain(input_ids=ids).logits, served.model(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - c).abs().max() > 1e-3  # the adapter changed the model
+    for name in ("metrics.jsonl", "training_curve.png", "config.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    # The saved config reproduces the run's settings.
+    from steer.training.config import read_config_file
+
+    assert read_config_file(DPOConfig, out / "config.yaml")["lora_target"] == "q_proj,v_proj"
+
+
+def test_cli_bad_data_row_and_wrong_format_stop_with_location(tmp_path, tiny_model_dir, kto_file, capsys):
+    from steer.training.dpo_cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    common = ["--model", str(tiny_model_dir), "--no-progress"]
+    assert main(["--data", str(bad), "--output", str(tmp_path / "a"), *common]) == 2
+    assert f"{bad}:2: rejected: is missing" in capsys.readouterr().err
+    assert main(["--data", str(kto_file), "--output", str(tmp_path / "b"), "--loss", "sigmoid", *common]) == 2
+    assert "loss: 'sigmoid' needs preference pairs" in capsys.readouterr().err
+    assert main(["--data", str(kto_file), "--output", str(tmp_path / "c"), "--batch-size", "64", "--loss", "kto", *common]) == 2
+    assert "batch_size: 8 examples cannot fill one global batch of 64" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Per-sequence completion log-probs of a causal LM, through the fused linear log-prob op.
+
+    hidden = decoder(input_ids)                       # (B, T, H) last layer, after the final norm
+    logp_t = log softmax(hidden_{t-1} W^T)[x_t]       # for completion tokens t only
+    sum_b  = sum_t logp_t                             # (B,) what every preference loss takes
+
+Two implementations behind one switch (``impl``), compared directly in the tests and the bench:
+
+* ``fused`` (default): only the rows that predict a completion token (N of them) are gathered and
+  go through :func:`steer.kernels.linear_logprob`, which never holds the ``N x V`` logits (V =
+  49,152 for the default model); prompt and padding rows never meet the LM head at all.
+* ``naive``: what a plain transformers training loop does: full logits ``(B, T - 1, V)``,
+  ``log_softmax``, ``gather``, mask. The reference, and the bench's baseline.
+
+:class:`SequenceLogprobs` wraps the computation in an ``nn.Module`` so that DDP sees the whole
+forward (decoder and LM head) and synchronises gradients of everything it touches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from steer.kernels import linear_logprob
+
+from .pairs import IGNORE_INDEX, Batch
+
+IMPLS = ("fused", "naive")
+
+
+def decoder_and_head(model) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)`` of a transformers causal LM, or of a PEFT model around one.
+
+    ``decoder(...)`` returns the last layer's hidden states after the final norm, so that
+    ``lm_head(hidden)`` are the logits; models that post-process logits (soft-capping, logit
+    scales) are refused rather than trained on the wrong distribution.
+    """
+    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the wrapped model's modules
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"sequence log-probs need logits == lm_head(hidden); this model sets {attr}={getattr(config, attr)}")
+    decoder = model.base_model  # transformers: the module named by base_model_prefix (LlamaModel, ...)
+    if decoder is model:
+        raise ValueError(f"{type(model).__name__} has no separate decoder module (base_model_prefix)")
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), Tensor) or type(head) is not nn.Linear:
+        raise ValueError(
+            f"the LM head is a {type(head).__name__}, not a plain Linear: the fused log-prob op needs its weight "
+            "(an adapter on lm_head is not supported; leave lm_head out of lora_target)"
+        )
+    return decoder, head
+
+
+@dataclass
+class SequenceLogps:
+    logps: Tensor  # (B,) float32 summed completion log-probs
+    counts: Tensor  # (B,) int64 completion tokens
+
+
+def sequence_logprobs(model, batch: Batch, *, impl: str = "fused") -> SequenceLogps:
+    """Summed log-probs of each row's labelled tokens (labels != IGNORE_INDEX) given the tokens before them."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, :-1]  # (B, T-1, H): row t predicts token t+1
+    targets = batch.labels[:, 1:]  # (B, T-1)
+    valid = targets != IGNORE_INDEX  # (B, T-1)
+    counts = valid.sum(1)  # (B,)
+    B = targets.shape[0]
+    bias = getattr(head, "bias", None)
+    if impl == "fused":
+        rows = hidden[valid]  # (N, H): only completion-predicting rows reach the LM head
+        logp = linear_logprob(rows, head.weight, targets[valid], bias=bias)  # (N,) float32
+        seq = torch.arange(B, device=targets.device)[:, None].expand_as(targets)[valid]  # (N,) row of each token
+        sums = torch.zeros(B, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)  # (B,)
+    else:
+        logits = head(hidden).float()  # (B, T-1, V): the tensor the fused path never builds
+        logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+        logp = logp_all.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        sums = (logp * valid).sum(1)  # (B,)
+    return SequenceLogps(sums, counts)
+
+
+class SequenceLogprobs(nn.Module):
+    """``forward(batch) -> (logps (B,), counts (B,))`` as a module, for DDP to wrap."""
+
+    def __init__(self, model: nn.Module, impl: str = "fused"):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+        self.model = model
+        self.impl = impl
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        out = sequence_logprobs(self.model, Batch(input_ids, attention_mask, labels), impl=self.impl)
+        return out.logps, out.counts

@@ -1,0 +1,160 @@
+"""The policy being trained: a base causal LM with a LoRA adapter (default) or all weights trainable.
+
+LoRA: the reference model of the preference losses is the *same* model with the adapter switched
+off (peft's ``disable_adapter()``), so no second copy is held. Full fine-tuning has no such switch:
+its reference log-probs are computed once before training (see ``dpo.py``).
+
+Outputs are standard: ``adapter/`` is a PEFT adapter directory whose ``adapter_config.json`` names
+the resolved base model directory, loadable with plain transformers + peft and by
+``steer.models.load_model(base, adapter=...)`` (what ``python -m steer.serve --adapter`` does);
+``model/`` (full fine-tuning) is a transformers model directory with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from steer.errors import InvalidInput
+
+from .checkpoint import atomic_directory_write
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What to train; the command configs carry these fields."""
+
+    model: str = "default"
+    full: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def lora_targets(spec: str):
+    """``all-linear`` (peft's every linear layer except the LM head) or a comma-separated module list."""
+    spec = spec.strip()
+    if spec == "all-linear":
+        return "all-linear"
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise InvalidInput("lora_target", "is empty: use 'all-linear' or module names such as q_proj,v_proj")
+    if "lm_head" in names:
+        raise InvalidInput("lora_target", "lm_head cannot carry an adapter: log-probs use its weight directly in the fused op")
+    return names
+
+
+class Policy:
+    """The trainable model (``model``: a PeftModel, or the causal LM itself for full fine-tuning)."""
+
+    def __init__(self, model: nn.Module, tokenizer, base_dir: Path, lora: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_dir = base_dir
+        self.lora = lora
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The causal LM inside (for LoRA its modules hold the adapter layers, switched by ``reference()``)."""
+        return self.model.get_base_model() if self.lora else self.model
+
+    def reference(self):
+        """Context in which ``model`` computes the reference policy: the adapter disabled (LoRA only)."""
+        if not self.lora:
+            raise RuntimeError("full fine-tuning has no live reference; use precomputed reference log-probs")
+        return self.model.disable_adapter()
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        # Tied weights (embeddings = LM head) are one parameter and appear once in named_parameters.
+        return {n: p.detach() for n, p in self.named_trainable()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_trainable())
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match this policy: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def save(self, output: str | Path) -> Path:
+        """Write ``adapter/`` (LoRA) or ``model/`` (full) into ``output`` atomically; returns its path."""
+        output = Path(output)
+        if self.lora:
+            def write(tmp: Path):
+                self.model.peft_config["default"].base_model_name_or_path = str(self.base_dir)
+                self.model.save_pretrained(str(tmp))
+            return atomic_directory_write(output / ADAPTER_DIR, write)
+
+        def write_full(tmp: Path):
+            self.model.config._name_or_path = str(self.base_dir)
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+        return atomic_directory_write(output / MODEL_DIR, write_full)
+
+
+def load_base(model: str, dtype: str = "float32", device: torch.device | str = "cpu"):
+    """``(causal LM, tokenizer, resolved base dir)`` from a ``--model`` value (nothing downloaded)."""
+    from transformers import AutoModelForCausalLM
+
+    from steer.models import DTYPES, load_tokenizer, resolve_model_dir
+
+    if dtype not in DTYPES:
+        raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    base_dir = resolve_model_dir(model).resolve()
+    tokenizer = load_tokenizer(str(base_dir))
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), local_files_only=True, dtype=getattr(torch, dtype))
+    return lm.to(device), tokenizer, base_dir
+
+
+def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None) -> Policy:
+    """Load the base (or take ``base = (lm, tokenizer, dir)``), add a fresh LoRA adapter unless
+    ``spec.full``. The adapter's initialisation is seeded by ``spec.seed``."""
+    lm, tokenizer, base_dir = base if base is not None else load_base(spec.model, spec.dtype, device)
+    if spec.full:
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        lm.train()
+        return Policy(lm, tokenizer, base_dir, lora=False)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+        target_modules=lora_targets(spec.lora_target), task_type="CAUSAL_LM", bias="none",
+    )
+    with _seeded(spec.seed), warnings.catch_warnings():
+        # peft calls a transformers property that transformers 5 deprecates; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            peft_model = get_peft_model(lm, config)
+        except ValueError as e:  # peft names the target modules it could not find
+            raise InvalidInput("lora_target", str(e)) from e
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.to(device)
+    peft_model.train()
+    return Policy(peft_model, tokenizer, base_dir, lora=True)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch for the adapter's random init without disturbing the caller's RNG stream."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)

@@ -1,0 +1,209 @@
+"""Command configs for policy training: one frozen dataclass per command, and the fields they share.
+
+Kept free of torch and the model stack so that ``--help`` and config errors are instant; the
+constants that mirror heavier modules (loss names, devices) are checked against them in the tests.
+Each field's ``help`` metadata is its documentation and its flag's help text (see ``config.py``).
+
+* :class:`TrainerConfig`: the policy, the loss, the optimiser, batching, checkpoints.
+* :class:`DPOConfig` (``python -m steer.train dpo``): + data files, epochs.
+* :class:`DPAConfig` (``python -m steer.train dpa``): + prompts, scorer, directions, sampling, iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steer.errors import InvalidInput
+from steer.objectives import DEFAULT_OBJECTIVES, validate_objectives
+
+from .config import require_choice, require_float, require_int
+
+# Mirrors of steer.kernels.preference.LOSS_TYPES / NEEDS_REFERENCE (importing it loads torch).
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
+NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge", "kto")
+LOSSES = PREFERENCE_LOSSES + ("sft",)
+LOGPROB_IMPLS = ("fused", "naive")  # steer.training.logprobs.IMPLS
+DEVICES = ("auto", "cpu", "cuda")  # steer.training.distributed.DEVICES
+
+
+# Per-loss beta when none is given: TRL's defaults (SimPO: the paper's 2.0; ORPO: lambda 0.1).
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1, "sft": 0.0}
+DEFAULT_SIMPO_GAMMA = 1.0  # TRL: gamma_beta_ratio 0.5 x beta 2.0
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _f(help_text: str, **extra):
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Fields every policy-training command shares (``dpo``, ``dpa``); each is also a flag."""
+
+    output: str = field(default="", metadata=_f("run directory: adapter/ (or model/), checkpoints/, metrics.jsonl, training_curve.png, config.yaml"))
+    model: str = field(default="default", metadata=_f("base causal LM: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
+    loss: str = field(default="sigmoid", metadata=_f("preference loss: sigmoid (DPO), ipo, hinge, simpo, orpo, kto, or sft (NLL on the chosen response)", choices=LOSSES))
+    beta: float | None = field(default=None, metadata=_f("loss strength (DPO/hinge/KTO: KL weight; IPO: tau; SimPO: reward scale; ORPO: lambda)", unset="0.1; simpo 2.0"))
+    gamma: float | None = field(default=None, metadata=_f("SimPO target reward margin (simpo only)", unset="1.0 for simpo"))
+    label_smoothing: float = field(default=0.0, metadata=_f("cDPO label-flip probability in [0, 0.5) (sigmoid and simpo only)"))
+    full: bool = field(default=False, metadata=_f("train every weight instead of a LoRA adapter (reference log-probs are then precomputed)"))
+    lora_r: int = field(default=16, metadata=_f("LoRA rank"))
+    lora_alpha: float = field(default=32.0, metadata=_f("LoRA scaling numerator (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.0, metadata=_f("dropout on the LoRA input"))
+    lora_target: str = field(default="all-linear", metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
+    precompute_ref: bool = field(default=False, metadata=_f("LoRA: compute reference log-probs once before training instead of per step"))
+    lr: float = field(default=5e-5, metadata=_f("AdamW peak learning rate"))
+    lr_schedule: str = field(default="linear", metadata=_f("after warmup: constant, linear decay to 0, or cosine decay to 0", choices=SCHEDULES))
+    warmup_steps: int = field(default=0, metadata=_f("linear warmup steps"))
+    weight_decay: float = field(default=0.0, metadata=_f("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_f("clip the gradient norm to this (0: no clipping)"))
+    batch_size: int = field(default=4, metadata=_f("examples per micro-batch per rank (a pair counts once and runs two sequences)"))
+    grad_accum: int = field(default=1, metadata=_f("micro-batches per optimiser step; global batch = batch_size x grad_accum x ranks"))
+    max_length: int = field(default=512, metadata=_f("prompt + completion tokens per sequence (completions are cut)"))
+    max_prompt_length: int = field(default=384, metadata=_f("prompt tokens kept (the end: question and assistant header)"))
+    seed: int = field(default=0, metadata=_f("adapter init, data order, dropout"))
+    save_every: int = field(default=0, metadata=_f("optimiser steps between checkpoints (0: none during training)"))
+    keep_checkpoints: int = field(default=2, metadata=_f("newest checkpoints kept"))
+    resume: bool = field(default=False, metadata=_f("continue from the newest checkpoint in output (same data order and RNG)"))
+    dtype: str = field(default="float32", metadata=_f("weights dtype", choices=("float32", "bfloat16")))
+    device: str = field(default="auto", metadata=_f("auto (CUDA when present), cpu or cuda", choices=DEVICES))
+    logprob_impl: str = field(default="fused", metadata=_f("log-probs: fused (linear_logprob, no N x V logits) or naive (full logits)", choices=LOGPROB_IMPLS))
+    progress: bool = field(default=True, metadata=_f("tqdm progress bars (rank 0)"))
+
+    def __post_init__(self):
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise InvalidInput("output", "is required: the run directory to write into")
+        require_choice("loss", self.loss, LOSSES)
+        if self.beta is not None:
+            require_float("beta", self.beta, minimum=0, exclusive_min=True)
+        if self.gamma is not None:
+            require_float("gamma", self.gamma, minimum=0)
+            if self.loss != "simpo":
+                raise InvalidInput("gamma", f"is SimPO's margin; loss {self.loss!r} does not use it")
+        require_float("label_smoothing", self.label_smoothing, minimum=0, maximum=0.5, exclusive_max=True)
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise InvalidInput("label_smoothing", f"applies to loss sigmoid or simpo, not {self.loss!r}")
+        require_int("lora_r", self.lora_r, 1)
+        require_float("lora_alpha", self.lora_alpha, minimum=0, exclusive_min=True)
+        require_float("lora_dropout", self.lora_dropout, minimum=0, maximum=1, exclusive_max=True)
+        if not isinstance(self.lora_target, str) or not self.lora_target.strip():
+            raise InvalidInput("lora_target", "is empty: use 'all-linear' or module names such as q_proj,v_proj")
+        require_float("lr", self.lr, minimum=0, exclusive_min=True)
+        require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        require_int("warmup_steps", self.warmup_steps, 0)
+        require_float("weight_decay", self.weight_decay, minimum=0)
+        require_float("max_grad_norm", self.max_grad_norm, minimum=0)
+        require_int("batch_size", self.batch_size, 1)
+        require_int("grad_accum", self.grad_accum, 1)
+        require_int("max_length", self.max_length, 2)
+        require_int("max_prompt_length", self.max_prompt_length, 1)
+        if self.max_prompt_length >= self.max_length:
+            raise InvalidInput("max_prompt_length", f"must be < max_length ({self.max_length}) to leave room for the completion")
+        require_int("seed", self.seed, 0)
+        require_int("save_every", self.save_every, 0)
+        require_int("keep_checkpoints", self.keep_checkpoints, 1)
+        require_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        require_choice("device", self.device, DEVICES)
+        require_choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
+
+    @property
+    def effective_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+    @property
+    def effective_gamma(self) -> float:
+        if self.loss != "simpo":
+            return 0.0
+        return self.gamma if self.gamma is not None else DEFAULT_SIMPO_GAMMA
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss in NEEDS_REFERENCE
+
+    @property
+    def precomputes_reference(self) -> bool:
+        return self.needs_reference and (self.full or self.precompute_ref)
+
+    def policy_spec(self):
+        from .policy import PolicySpec
+
+        return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.dtype, self.seed)
+
+
+PACKAGED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainerConfig):
+    """``python -m steer.train dpo``: every field is also a flag (``--field-name``)."""
+
+    data: tuple[str, ...] = field(default=(), metadata=_f("training files, JSONL or Parquet, TRL format (see steer.training.pairs)", metavar="FILE"))
+    epochs: int = field(default=1, metadata=_f("passes over the data"))
+    max_steps: int = field(default=0, metadata=_f("stop after this many optimiser steps (0: run every epoch)"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.data:
+            raise InvalidInput("data", "is required: one or more JSONL/Parquet files")
+        for i, path in enumerate(self.data):
+            if not isinstance(path, str) or not path:
+                raise InvalidInput(f"data[{i}]", f"must be a file path, got {path!r}")
+        require_int("epochs", self.epochs, 1)
+        require_int("max_steps", self.max_steps, 0)
+
+
+@dataclass(frozen=True)
+class DPAConfig(TrainerConfig):
+    """``python -m steer.train dpa``: every field is also a flag (``--field-name``).
+
+    Directions per iteration: ``round(corner_share * m)`` of the m (prompt, direction) slots get a
+    corner (all weight on one objective, cycling through the objectives from a random start), the
+    rest a Dirichlet(``dirichlet_alpha``) mix (alpha 1: uniform on the simplex). Every direction is
+    rounded to the two decimals the conditioning line shows, so v . r uses what the policy reads.
+    """
+
+    prompts: str = field(default="", metadata=_f("JSONL/Parquet prompt file: rows {\"prompt\": text or messages}", unset="the packaged training/data/prompts.jsonl"))
+    scorer: str = field(default="default", metadata=_f("reward vector: 'default' (FLR + length for conciseness), 'flr', a reward-model directory, or parts joined by '+' (see steer.rewards.build)"))
+    scorer_model: str | None = field(default=None, metadata=_f("run FLR on this model instead of the base policy ('default', a directory or .gguf)", unset="the base model, adapter off"))
+    scorer_calibration: str = field(default="auto", metadata=_f("FLR calibration: auto (shipped/cached/computed), none (raw), or a JSON path"))
+    objectives: tuple[str, ...] = field(default=DEFAULT_OBJECTIVES, metadata=_f("objectives of the directions and the reward vector, in order", metavar="NAME"))
+    iterations: int = field(default=2, metadata=_f("sample -> score -> pair -> train rounds"))
+    prompts_per_iteration: int = field(default=16, metadata=_f("prompts drawn per iteration (cycling through a seeded shuffle of the file)"))
+    directions_per_prompt: int = field(default=1, metadata=_f("directions sampled per prompt and iteration"))
+    samples: int = field(default=4, metadata=_f("responses sampled per (prompt, direction); pairs are (best, worst) by v . r"))
+    corner_share: float = field(default=0.25, metadata=_f("share of directions that are corners (one objective only); the rest are Dirichlet mixes"))
+    dirichlet_alpha: float = field(default=1.0, metadata=_f("Dirichlet concentration of the mixed directions (1: uniform on the simplex)"))
+    min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common scale) is below this; sft ignores it"))
+    max_new_tokens: int = field(default=128, metadata=_f("tokens per sampled response at most"))
+    temperature: float = field(default=0.8, metadata=_f("sampling temperature (> 0: pairs need diverse samples)"))
+    top_p: float = field(default=0.95, metadata=_f("nucleus sampling mass"))
+    generation_batch_size: int = field(default=16, metadata=_f("sequences per generate() batch"))
+    epochs_per_iteration: int = field(default=1, metadata=_f("passes over each iteration's pairs"))
+    lr_schedule: str = field(default="constant", metadata=_f("after warmup: constant, linear decay to 0, or cosine decay to 0", choices=SCHEDULES))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.prompts, str):
+            raise InvalidInput("prompts", f"must be a file path, got {self.prompts!r}")
+        if not isinstance(self.scorer, str) or not self.scorer.strip() or self.scorer.strip() == "none":
+            raise InvalidInput("scorer", "is required: 'default', 'flr', a reward-model directory, or parts joined by '+'")
+        if not isinstance(self.scorer_calibration, str) or not self.scorer_calibration:
+            raise InvalidInput("scorer_calibration", "is 'auto', 'none' or a calibration JSON path")
+        object.__setattr__(self, "objectives", validate_objectives(self.objectives, "objectives"))
+        require_int("iterations", self.iterations, 1)
+        require_int("prompts_per_iteration", self.prompts_per_iteration, 1)
+        require_int("directions_per_prompt", self.directions_per_prompt, 1)
+        require_int("samples", self.samples, 1 if self.loss == "sft" else 2)
+        require_float("corner_share", self.corner_share, minimum=0, maximum=1)
+        require_float("dirichlet_alpha", self.dirichlet_alpha, minimum=0, exclusive_min=True)
+        require_float("min_margin", self.min_margin, minimum=0)
+        require_int("max_new_tokens", self.max_new_tokens, 1)
+        require_float("temperature", self.temperature, minimum=0, exclusive_min=True)
+        require_float("top_p", self.top_p, minimum=0, maximum=1, exclusive_min=True)
+        require_int("generation_batch_size", self.generation_batch_size, 1)
+        require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
+
+    @property
+    def prompts_path(self) -> Path:
+        return Path(self.prompts) if self.prompts else PACKAGED_PROMPTS
