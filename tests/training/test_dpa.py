@@ -1,0 +1,147 @@
+"""DPA: the direction distribution, the prompt schedule, and whole iterations on the tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steer.conditioning import direction_line, parse_direction
+from steer.objectives import Direction
+from steer.training.dpa import prompt_schedule, sample_directions
+from steer.training.dpa_cli import main
+from steer.training.metrics import read_metrics
+
+OBJECTIVES = ("helpfulness", "creativity", "conciseness")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: fast on a shared 2-core box (see test_dpo.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_directions_mix_corners_and_dirichlet_at_two_decimals():
+    dirs = sample_directions(40, OBJECTIVES, np.random.default_rng(0), corner_share=0.25, alpha=1.0)
+    corners = [d for d in dirs if max(d.weights) == 1.0]
+    assert len(dirs) == 40 and len(corners) == 10
+    # Corners take the objectives in turn, so each appears 3 or 4 times out of 10.
+    counts = {o: sum(d[o] == 1.0 for d in corners) for o in OBJECTIVES}
+    assert sorted(counts.values()) == [3, 3, 4]
+    for d in dirs:
+        assert math.isclose(sum(d.weights), 1.0, abs_tol=1e-9)
+        assert parse_direction(direction_line(d), OBJECTIVES) == d  # exactly what the policy reads
+    mixes = np.array([d.weights for d in dirs if max(d.weights) < 1.0])
+    assert (mixes > 0).mean() > 0.9 and np.abs(mixes.mean(0) - 1 / 3).max() < 0.12  # Dirichlet(1): spread, centred
+    assert sample_directions(40, OBJECTIVES, np.random.default_rng(0), 0.25, 1.0) == dirs  # seeded
+    assert all(max(d.weights) == 1.0 for d in sample_directions(5, OBJECTIVES, np.random.default_rng(1), 1.0, 1.0))
+
+
+def test_prompt_schedule_uses_every_prompt_before_repeating():
+    seen = [i for k in range(5) for i in prompt_schedule(10, 4, k, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert prompt_schedule(10, 4, 1, seed=3) == seen[4:8] and prompt_schedule(10, 4, 1, seed=4) != seen[4:8]
+
+
+PROMPTS = ["Name a fruit.", "Describe the sea in a few words.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": PROMPTS[0], "category": "x"}, {"prompt": [{"role": "user", "content": PROMPTS[1]}]}, {"prompt": PROMPTS[2]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpa_args(prompts_file, model_dir, output, *extra):
+    return ["--prompts", str(prompts_file), "--model", str(model_dir), "--output", str(output),
+            "--scorer", "flr:helpfulness+length", "--objectives", "helpfulness", "conciseness", "--scorer-calibration", "none",
+            "--prompts-per-iteration", "2", "--samples", "3", "--max-new-tokens", "6", "--batch-size", "1",
+            "--lr", "5e-2", "--min-margin", "0", "--temperature", "1.0", "--no-progress", *extra]
+
+
+def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
+    from steer.models import load_model
+    from steer.rewards.build import build_scorer
+    from steer.training.pairs import read_examples
+
+    out = tmp_path / "dpa"
+    assert main(dpa_args(prompts_file, tiny_model_dir, out, "--iterations", "1")) == 0
+    first_samples = (out / "iterations" / "000" / "samples.jsonl").read_text()
+    # Extending the finished run by one iteration resumes after iteration 0 instead of redoing it.
+    assert main(dpa_args(prompts_file, tiny_model_dir, out, "--iterations", "2", "--resume")) == 0
+    assert (out / "iterations" / "000" / "samples.jsonl").read_text() == first_samples
+
+    records = read_metrics(out)
+    iterations = [r for r in records if r["type"] == "iteration"]
+    steps = [r for r in records if r["type"] == "step"]
+    assert [r["iteration"] for r in iterations] == [0, 1]
+    assert all(r["samples"] == 6 and r["pairs"] + r["skipped/margin"] + r["skipped/equal"] == 2 for r in iterations)
+    assert len(steps) == sum(r["pairs"] for r in iterations) >= 2  # batch 1: one step per pair
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and {r["iteration"] for r in steps} <= {0, 1}
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+    for k in (0, 1):
+        samples = [json.loads(line) for line in (out / "iterations" / f"{k:03d}" / "samples.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in (out / "iterations" / f"{k:03d}" / "pairs.jsonl").read_text().splitlines()]
+        assert len(samples) == 6
+        for s in samples:
+            d = Direction.from_weights(s["direction"], ("helpfulness", "conciseness"))
+            assert s["score"] == pytest.approx(d.dot(s["rewards"]), abs=1e-5)
+        for p in pairs:
+            d = parse_direction(p["prompt"][0]["content"], ("helpfulness", "conciseness"))  # the conditioning line
+            assert d.as_dict() == pytest.approx(p["direction"])
+            assert p["prompt"][-1]["role"] == "user" and p["prompt"][-1]["content"] in PROMPTS
+            assert p["chosen_score"] == pytest.approx(d.dot(p["chosen_rewards"]), abs=1e-5)
+            slot = [s["score"] for s in samples if s["slot"] == p["slot"]]
+            assert p["chosen_score"] == pytest.approx(max(slot)) and p["rejected_score"] == pytest.approx(min(slot))
+            assert p["chosen"] != p["rejected"]
+        if pairs:  # TRL format: the dpo command reads the pairs back
+            assert len(read_examples([out / "iterations" / f"{k:03d}" / "pairs.jsonl"])) == len(pairs)
+
+    # Rewards were measured on the base model (adapter off): a fresh base model gives the same
+    # raw FLR rewards for iteration 1's samples, which were scored after iteration 0 trained the adapter.
+    samples = [json.loads(line) for line in (out / "iterations" / "001" / "samples.jsonl").read_text().splitlines()]
+    convs = [[{"role": "user", "content": PROMPTS[s["prompt_index"]]}] for s in samples]
+    texts = [s["response"] for s in samples]
+    recorded = torch.tensor([s["rewards_raw"]["helpfulness"] for s in samples])
+    base = load_model(str(tiny_model_dir))
+    flr = build_scorer("flr:helpfulness", base, ("helpfulness",), calibration="none")
+    torch.testing.assert_close(flr.rewards(convs, texts).raw[:, 0], recorded, rtol=1e-4, atol=1e-4)
+    trained = load_model(str(tiny_model_dir), adapter=str(out / "adapter"))  # what `steer.serve --adapter` loads
+    with_adapter = build_scorer("flr:helpfulness", trained, ("helpfulness",), calibration="none").rewards(convs, texts).raw[:, 0]
+    assert (with_adapter - recorded).abs().max() > 1e-3  # so the check above could tell the two apart
+
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((latest / "state.json").read_text())["extra"]["iteration"] == 1
+    assert (out / "training_curve.png").stat().st_size > 0
+
+
+def test_dpa_sft_trains_on_the_best_sample(tmp_path, prompts_file, tiny_model_dir):
+    out = tmp_path / "rft"
+    assert main(dpa_args(prompts_file, tiny_model_dir, out, "--loss", "sft", "--min-margin", "100", "--iterations", "1")) == 0
+    records = read_metrics(out)
+    it = [r for r in records if r["type"] == "iteration"][0]
+    assert it["pairs"] == 2 and it["skipped/margin"] == 0  # rejection sampling keeps every best-of-n
+    steps = [r for r in records if r["type"] == "step"]
+    assert len(steps) == 2 and all(r["nll"] > 0 and r["loss"] == r["nll"] for r in steps)
+    from safetensors.torch import load_file
+
+    b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert max(float(t.abs().max()) for t in b) > 1e-3  # the adapter (B starts at zero) was trained
+
+
+def test_dpa_bad_prompt_row_and_bad_scorer_name_the_location(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt column"}\n')
+    assert main(dpa_args(bad, tiny_model_dir, tmp_path / "a")) == 2
+    assert f"{bad}:2: prompt: is missing" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "fine"}\n')
+    assert main(dpa_args(good, tiny_model_dir, tmp_path / "b") + ["--scorer", "flr:helpfulness"]) == 2
+    assert "scorer:" in capsys.readouterr().err

@@ -1,0 +1,354 @@
+"""``steer.train dpa``: Directional Preference Alignment, an online loop over directions.
+
+Wang et al. 2024 ("Arithmetic Control of LLMs for Diverse User Preferences: Directional Preference
+Alignment with Multi-Objective Rewards"), with preference losses instead of rejection sampling
+alone. Each iteration k:
+
+1. **Directions.** ``prompts_per_iteration`` prompts (a seeded shuffle of the prompt file, cycled),
+   ``directions_per_prompt`` directions each: a ``corner_share`` of them corners (all weight on
+   one objective), the rest Dirichlet(``dirichlet_alpha``) mixes, all rounded to the two decimals
+   the conditioning line shows (see :class:`steer.training.settings.DPAConfig`).
+2. **Samples.** ``samples`` responses per (prompt, direction) from the *current* policy (adapter
+   on), conditioned with :func:`steer.conditioning.condition_messages`, through
+   :func:`steer.generation.generate_batch`.
+3. **Rewards.** Each response's reward vector ``r`` (common scale) from the scorer, on the
+   *unconditioned* conversation: the reward judges the answer to the user, not whether it obeyed
+   the direction line. The scorer's model is the base (adapter switched off), a frozen copy for
+   full fine-tuning, or ``--scorer-model``.
+4. **Pairs.** For each (prompt, direction): chosen = argmax ``v . r``, rejected = argmin; skipped
+   when the margin is below ``min_margin`` (a near-tie is noise) or the two texts are equal.
+   ``sft`` keeps every best response (rejection-sampling fine-tuning) and ignores the margin.
+5. **Train** ``epochs_per_iteration`` passes of the preference loss on the direction-conditioned
+   prompts, continuing the same optimiser across iterations.
+
+Every iteration writes ``iterations/<k>/samples.jsonl`` (every response, its reward vector and
+``v . r``) and ``pairs.jsonl`` (TRL-format rows ``dpo`` can read again, with the direction, both
+reward vectors and scores), and logs an ``iteration`` record to ``metrics.jsonl``. A checkpoint
+is written at the end of every iteration (and every ``save_every`` steps); ``--resume`` continues
+from it, re-reading a half-trained iteration's pairs instead of sampling them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steer.conditioning import condition_messages
+from steer.errors import InvalidInput
+from steer.objectives import Direction
+
+from .checkpoint import CheckpointManager, atomic_write_text
+from .config import config_to_dict, write_config
+from .distributed import DistContext, all_gather_object, barrier, init_distributed, shutdown
+from .dpo import check_output, seed_everything
+from .metrics import MetricsLogger, plot_curves
+from .pairs import Encoder, PairExample, encode_examples, parse_prompt, pairs_to_unpaired, read_rows
+from .policy import Policy, build_policy, load_base
+from .settings import DPAConfig
+from .trainer import PreferenceTrainer, reference_logps
+
+log = logging.getLogger(__name__)
+ITERATIONS = "iterations"
+
+
+# -- prompts and directions -------------------------------------------------------------------
+
+def read_prompts(path: str | Path) -> list[tuple[dict[str, str], ...]]:
+    """Conversations from rows ``{"prompt": text | messages}`` (other columns ignored); errors name file:line."""
+    out = []
+    for where, row in read_rows(path):
+        try:
+            if row.get("prompt") is None:
+                raise InvalidInput("prompt", "is missing (a prompt row is {\"prompt\": text or messages})")
+            conv = parse_prompt(row["prompt"])
+            condition_messages(conv, Direction.uniform())  # refuses a system message that already carries a direction
+        except InvalidInput as e:
+            raise InvalidInput(where, str(e)) from None
+        out.append(conv)
+    return out
+
+
+def prompt_schedule(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of one iteration: positions [k*m, (k+1)*m) of an endless stream of seeded
+    shuffles, so every prompt is used once before any is used again."""
+    out = []
+    start = iteration * per_iteration
+    for pos in range(start, start + per_iteration):
+        round_, offset = divmod(pos, n_prompts)
+        perm = np.random.default_rng([seed, 7, round_]).permutation(n_prompts)
+        out.append(int(perm[offset]))
+    return out
+
+
+def quantize(direction: Direction) -> Direction:
+    """The nearest direction whose weights are whole hundredths summing to exactly 1 (largest-remainder
+    rounding), so the two-decimal conditioning line states it exactly and v . r uses what the policy reads.
+    (Rounding each weight alone can sum to 0.99 or 1.01, and the line would then mean another direction.)"""
+    scaled = [w * 100 for w in direction.weights]
+    units = [int(math.floor(x)) for x in scaled]
+    by_remainder = sorted(range(len(units)), key=lambda i: scaled[i] - units[i], reverse=True)
+    for i in by_remainder[: 100 - sum(units)]:
+        units[i] += 1
+    return Direction.from_weights({o: u / 100 for o, u in zip(direction.objectives, units)}, direction.objectives)
+
+
+def sample_directions(n: int, objectives: tuple[str, ...], rng: np.random.Generator, corner_share: float, alpha: float) -> list[Direction]:
+    """``round(corner_share * n)`` corners (objectives in turn from a random start) and Dirichlet(alpha)
+    mixes for the rest, in a random order; each quantised to two decimals."""
+    k = len(objectives)
+    n_corner = int(round(corner_share * n))
+    start = int(rng.integers(k))
+    directions = [Direction.corner(objectives[(start + i) % k], objectives) for i in range(n_corner)]
+    for _ in range(n - n_corner):
+        w = rng.dirichlet([alpha] * k)
+        directions.append(quantize(Direction.from_weights(dict(zip(objectives, w.tolist())), objectives)))
+    order = rng.permutation(n)
+    return [directions[i] for i in order]
+
+
+# -- one iteration's data ---------------------------------------------------------------------
+
+@dataclass
+class IterationData:
+    pairs: list[dict]  # rows of pairs.jsonl
+    samples: list[dict]  # rows of samples.jsonl
+    stats: dict  # the iteration record's numbers
+
+
+def _score_context(policy: Policy, shares_policy_weights: bool):
+    return policy.reference() if (policy.lora and shares_policy_weights) else contextlib.nullcontext()
+
+
+def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext) -> IterationData:
+    """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result."""
+    from steer.generation import generate_batch
+    from steer.sampling import SamplingParams
+
+    rng = np.random.default_rng([config.seed, 11, iteration])
+    prompt_idx = prompt_schedule(len(prompts), config.prompts_per_iteration, iteration, config.seed)
+    slots = [p for p in prompt_idx for _ in range(config.directions_per_prompt)]
+    directions = sample_directions(len(slots), config.objectives, rng, config.corner_share, config.dirichlet_alpha)
+    mine = list(range(ctx.rank, len(slots), ctx.world_size))  # each rank samples and scores its share
+
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
+    policy.model.eval()  # no LoRA dropout while sampling
+    t0 = time.monotonic()
+    gens = generate_batch(
+        policy.model, policy.tokenizer, [prompts[slots[s]] for s in mine], [directions[s] for s in mine], params,
+        num_samples=config.samples, batch_size=config.generation_batch_size,
+        seed=config.seed * 7919 + iteration * 104_729 + ctx.rank, progress=config.progress and ctx.is_main,
+    )
+    t1 = time.monotonic()
+    conversations = [list(prompts[slots[s]]) for s in mine for _ in range(config.samples)]
+    texts = [g.text for row in gens for g in row]
+    with _score_context(policy, scorer_shares_policy):
+        rewards = scorer.rewards(conversations, texts)  # raw and scaled (n_mine * samples, k)
+    t2 = time.monotonic()
+    policy.model.train()
+
+    local = []
+    for a, s in enumerate(mine):
+        v = torch.tensor(directions[s].weights, dtype=torch.float32)  # (k,)
+        rows = slice(a * config.samples, (a + 1) * config.samples)
+        scaled, raw = rewards.scaled[rows], rewards.raw[rows]  # (samples, k)
+        scores = (scaled @ v).tolist()  # (samples,) v . r
+        local.append({"slot": s, "gens": [(g.text, g.finished, len(g.token_ids)) for g in gens[a]],
+                      "scaled": scaled.tolist(), "raw": raw.tolist(), "scores": scores})
+    merged = sorted((item for part in all_gather_object(ctx, local) for item in part), key=lambda x: x["slot"])
+
+    objectives = config.objectives
+    pairs, samples = [], []
+    skipped_margin = skipped_equal = 0
+    all_scores, best, worst, margins, lengths, finished = [], [], [], [], [], []
+    for item in merged:
+        s = item["slot"]
+        d = directions[s]
+        conv = list(prompts[slots[s]])
+        scores = item["scores"]
+        for j, (text, fin, n_tok) in enumerate(item["gens"]):
+            samples.append({"iteration": iteration, "slot": s, "prompt_index": slots[s], "direction": _weights(d), "sample": j,
+                            "response": text, "finished": fin, "tokens": n_tok,
+                            "rewards": dict(zip(objectives, item["scaled"][j])), "rewards_raw": dict(zip(objectives, item["raw"][j])),
+                            "score": scores[j]})
+            lengths.append(n_tok)
+            finished.append(fin)
+        all_scores.extend(scores)
+        hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
+        best.append(scores[hi])
+        worst.append(scores[lo])
+        margin = scores[hi] - scores[lo]
+        if config.loss != "sft":
+            if item["gens"][hi][0] == item["gens"][lo][0]:
+                skipped_equal += 1
+                continue
+            if margin < config.min_margin:
+                skipped_margin += 1
+                continue
+        margins.append(margin)
+        (ct, cf, _), (rt, rf, _) = item["gens"][hi], item["gens"][lo]
+        pairs.append({
+            "prompt": condition_messages(conv, d), "chosen": ct, "rejected": rt if hi != lo else None,
+            "direction": _weights(d), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
+            "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": scores[hi],
+            "rejected_score": scores[lo], "margin": margin, "chosen_finished": cf, "rejected_finished": rf,
+            "iteration": iteration, "slot": s, "prompt_index": slots[s],
+        })
+    reward_means = torch.tensor([r for it in merged for r in it["scaled"]]).mean(0).tolist()  # (k,)
+    corner = [sc for it in merged for sc in it["scores"] if max(directions[it["slot"]].weights) == 1.0]
+    stats = {
+        "slots": len(slots), "samples": len(all_scores), "pairs": len(pairs),
+        "skipped/margin": skipped_margin, "skipped/equal": skipped_equal,
+        "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)), "score/worst": float(np.mean(worst)),
+        "score/corner_mean": float(np.mean(corner)) if corner else None,
+        "margin/mean": float(np.mean(margins)) if margins else None,
+        **{f"reward/{o}": m for o, m in zip(objectives, reward_means)},
+        "finished": float(np.mean(finished)), "response_tokens": float(np.mean(lengths)),
+        "seconds/sample": round(t1 - t0, 3), "seconds/score": round(t2 - t1, 3),
+    }
+    return IterationData(pairs, samples, stats)
+
+
+def examples_from_pairs(rows: list[dict], loss: str) -> list[PairExample]:
+    """Training examples from pairs.jsonl rows (the direction is already in the prompt's system message).
+    A response that ran out of tokens gets no end-of-turn token, so stopping there is not taught."""
+    out = []
+    for r in rows:
+        where = f"iteration {r['iteration']} slot {r['slot']}"
+        rejected = r["rejected"] if r["rejected"] is not None else ""
+        out.append(PairExample(tuple(r["prompt"]), r["chosen"], rejected, where, bool(r["chosen_finished"]), bool(r["rejected_finished"])))
+    return pairs_to_unpaired(out) if loss == "kto" else out
+
+
+def _weights(d: Direction) -> dict[str, float]:
+    """The direction for the JSONL files: two-decimal weights are exact after rounding away float noise."""
+    return {o: round(w, 6) for o, w in d.as_dict().items()}
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def run_dpa(config: DPAConfig) -> dict:
+    """Run the whole command; returns a summary (also the last record of metrics.jsonl)."""
+    ctx = init_distributed(config.device)
+    try:
+        return _run(config, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _build_scorer(config: DPAConfig, base, frozen):
+    """The scorer, built on the *base* weights before any adapter is attached (FLR calibration is
+    keyed by the weights it sees). Returns ``(scorer, shares_policy_weights)``."""
+    from steer.models import LoadedModel
+    from steer.rewards.build import build_scorer
+
+    lm, tokenizer, base_dir = frozen if frozen is not None else base
+    loaded = LoadedModel(model=lm, tokenizer=tokenizer, model_id=str(base_dir), adapter=None,
+                         context_length=int(getattr(lm.config, "max_position_embeddings", 2048) or 2048))
+    try:
+        scorer = build_scorer(config.scorer, loaded, config.objectives, scorer_model=config.scorer_model,
+                              calibration=config.scorer_calibration, field="scorer")
+    except ValueError as e:  # InvalidInput included: name the flag
+        raise e if isinstance(e, InvalidInput) else InvalidInput("scorer", str(e)) from e
+    return scorer, frozen is None and config.scorer_model is None
+
+
+def _run(config: DPAConfig, ctx: DistContext) -> dict:
+    seed_everything(config.seed)
+    output = Path(config.output)
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+    prompts = read_prompts(config.prompts_path)
+    base = load_base(config.model, config.dtype, ctx.device)
+    # Full fine-tuning moves every weight, so scoring and the reference need a frozen copy of the start.
+    frozen = None
+    if config.full:
+        frozen = load_base(str(base[2]), config.dtype, ctx.device)
+        frozen[0].eval().requires_grad_(False)
+    scorer, scorer_shares_policy = _build_scorer(config, base, frozen)
+    policy = build_policy(config.policy_spec(), ctx.device, base=base)
+    encoder = Encoder(policy.tokenizer, config.max_length, config.max_prompt_length)
+    manager = CheckpointManager(output, ctx, config.keep_checkpoints)
+    ckpt = check_output(config, manager)
+
+    G = config.batch_size * config.grad_accum * ctx.world_size
+    slots = config.prompts_per_iteration * config.directions_per_prompt
+    per_slot = 2 if config.loss == "kto" else 1
+    total = config.iterations * config.epochs_per_iteration * max(1, slots * per_slot // G)  # at most; near-ties shrink it
+    logger = MetricsLogger(output, ctx.is_main, resume_lines=ckpt.state["metrics_lines"] if ckpt else None,
+                           elapsed=ckpt.state.get("elapsed", 0.0) if ckpt else 0.0)
+    trainer = PreferenceTrainer(config, policy, ctx, total, manager, logger)
+
+    start, cursor = 0, (0, 0)
+    if ckpt is not None:
+        state = trainer.restore(ckpt)
+        start, cursor = state["extra"]["iteration"], tuple(state["cursor"])
+        if cursor[0] >= config.epochs_per_iteration:  # that iteration was finished
+            start, cursor = start + 1, (0, 0)
+        log.info("resumed from %s (step %d, iteration %d)", ckpt.path, ckpt.step, start)
+    else:
+        if ctx.is_main:
+            write_config(config, output / "config.yaml")
+        logger.log({"type": "start", "step": 0, "prompts": len(prompts), "iterations": config.iterations,
+                    "global_batch": G, "world_size": ctx.world_size, "scorer": scorer.describe(),
+                    "trainable_parameters": sum(p.numel() for p in trainer.params)})
+
+    for k in range(start, config.iterations):
+        it_dir = output / ITERATIONS / f"{k:03d}"
+        pairs_file = it_dir / "pairs.jsonl"
+        if cursor != (0, 0) and pairs_file.is_file():  # resuming inside iteration k: train on the same pairs
+            rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+        else:
+            cursor = (0, 0)
+            got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx)
+            rows = got.pairs
+            if ctx.is_main:
+                it_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(it_dir / "samples.jsonl", _jsonl(got.samples))
+                atomic_write_text(pairs_file, _jsonl(rows))
+            barrier(ctx)
+            record = logger.log({"type": "iteration", "iteration": k, "step": trainer.step, **got.stats})
+            if ctx.is_main:
+                print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
+                      f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
+                      f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s", file=sys.stderr)
+        examples = examples_from_pairs(rows, config.loss)
+        if len(examples) < G:
+            logger.log({"type": "skip", "iteration": k, "step": trainer.step,
+                        "reason": f"{len(examples)} examples cannot fill a global batch of {G}"})
+            log.warning("iteration %d: %d examples cannot fill a global batch of %d; no training this iteration", k, len(examples), G)
+        else:
+            data = encode_examples(examples, encoder, sft=config.loss == "sft")
+            trainer.ref = None
+            if config.precomputes_reference:
+                policy.model.eval()
+                source = frozen[0] if frozen is not None else policy
+                trainer.ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl)
+                policy.model.train()
+            trainer.fit(data, epochs=config.epochs_per_iteration, cursor=cursor, salt=k + 1,
+                        extra_state=lambda k=k: {"iteration": k}, record={"iteration": k}, desc=f"dpa/{config.loss} it {k}")
+        cursor = (0, 0)
+        latest = manager.latest()
+        if latest is None or latest.step != trainer.step or latest.state["extra"].get("iteration") != k:
+            trainer.save((config.epochs_per_iteration, 0), {"iteration": k})
+    summary = {"type": "summary", "step": trainer.step, "config": config_to_dict(config)}
+    if ctx.is_main:
+        summary["saved"] = str(policy.save(output))
+        logger.log(summary)
+        plot_curves(output, title=f"steer dpa ({config.loss}, {scorer.describe()})")
+        (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    barrier(ctx)
+    return summary

@@ -1,0 +1,52 @@
+"""Directional Preference Alignment: sample directions and responses, score them, pair, train; repeat.
+
+Each iteration draws prompts and directions (a share of corners, the rest Dirichlet mixes),
+samples several responses per (prompt, direction) from the current policy, scores them with the
+reward vector r, pairs the best and worst by v . r, and trains on the direction-conditioned prompt.
+
+Examples:
+  python -m steer.train dpa --output runs/dpa                                   # packaged prompts, FLR + length
+  python -m steer.train dpa --scorer flr --iterations 4 --samples 4 --output runs/dpa-flr
+  python -m steer.train dpa --scorer runs/rm --loss ipo --output runs/dpa-rm    # a trained reward model
+  python -m steer.train dpa --loss sft --samples 8 --output runs/rft            # rejection-sampling fine-tuning
+  python -m steer.train dpa --prompts my_prompts.jsonl --prompts-per-iteration 64 --max-new-tokens 96 --output runs/dpa
+  python -m steer.train dpa --config dpa.yaml --resume
+  torchrun --nproc_per_node 2 -m steer.train dpa --output runs/dpa-ddp
+
+Prompt rows (JSONL or Parquet): {"prompt": "Explain DNS"} or {"prompt": [{"role": "user", "content": "..."}]}.
+
+Output: <output>/adapter (serve it: python -m steer.serve --adapter <output>/adapter), metrics.jsonl,
+training_curve.png, config.yaml, checkpoints/, and per iteration iterations/<k>/samples.jsonl and
+pairs.jsonl (directions, responses, reward vectors and v . r: the run can be audited, and the pairs
+re-used with `python -m steer.train dpo --data .../pairs.jsonl`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+PROG = "python -m steer.train dpa"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steer.errors import InvalidInput
+    from steer.training.config import parse_config
+    from steer.training.settings import DPAConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parts = __doc__.split("\n\n")
+    config = parse_config(DPAConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
+    from steer.training.dpa import run_dpa
+
+    try:
+        summary = run_dpa(config)
+    except InvalidInput as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if "saved" in summary:
+        print(f"saved {summary['saved']} after {summary['step']} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
