@@ -9,7 +9,10 @@ For a conversation ``c`` and a response ``y``, and for each objective with posit
 where ``f`` is appended as the next user turn through the model's chat template and only the
 follow-up's own tokens are scored (not the template's role markers or end-of-turn token).
 A sequence is tokenised as ``tokens(prefix) + tokens(follow-up)``, where ``prefix`` is the rendered
-conversation, response and next-turn header up to the follow-up's first character.
+conversation, response and next-turn header up to the follow-up's first character. A prefix that
+would not leave room for the longest follow-up in the scorer model's context keeps only its last
+tokens (the response and the end of the conversation matter most; the reward model does the same),
+so any generated text can be scored.
 
 Log-likelihoods are real model log-probabilities: hidden states of the model's last layer (after
 its final norm) go through the fused linear log-prob op (:func:`steer.kernels.linear_logprob`)
@@ -117,6 +120,7 @@ class FLRScorer(Scorer):
         self.objectives = config.objectives
         self.decoder, self.lm_head = causal_lm_parts(model)
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.device = self.lm_head.weight.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)  # padded positions are masked out and never scored: any valid id works
         # The follow-up list every pair is scored against, deduplicated, and each objective's columns in it.
@@ -161,13 +165,11 @@ class FLRScorer(Scorer):
             for j, f in enumerate(followups):
                 prefix = self._prefix_text(conv, response, f)
                 if prefix not in prefixes:
-                    prefixes[prefix] = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-                    need = len(prefixes[prefix]) + max(len(self._followup_ids[g]) for g in followups)
-                    if need > self.context_length:
-                        raise InvalidInput(
-                            f"responses[{i}]",
-                            f"conversation + response + follow-up is {need} tokens; the scorer model's context is {self.context_length}",
-                        )
+                    ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+                    room = self.context_length - max(len(self._followup_ids[g]) for g in followups)
+                    if room < 1:
+                        raise InvalidInput("followups", f"a follow-up does not fit the scorer model's context of {self.context_length} tokens")
+                    prefixes[prefix] = ids[-room:]  # (see module docstring: long prefixes keep their end)
                 groups.setdefault(prefix, []).append((i, j))
         out = torch.empty(len(responses), len(followups))
         with torch.inference_mode():
@@ -206,20 +208,22 @@ class FLRScorer(Scorer):
         from steer.kernels import linear_logprob
 
         B, L, _ = inputs.shape
-        valid = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+        device = inputs.device
+        targets, lengths = targets.to(device), lengths.to(device)
+        valid = torch.arange(L, device=device)[None, :] < lengths[:, None]  # (B, L)
         rows = inputs[valid]  # (N, H)
         bias = getattr(self.lm_head, "bias", None)
         logp = linear_logprob(rows, self.lm_head.weight, targets[valid], bias=bias).float()  # (N,)
-        seq = torch.arange(B)[:, None].expand(B, L)[valid]  # (N,) which sequence each row belongs to
-        sums = torch.zeros(B).index_add_(0, seq, logp)  # (B,)
-        return sums / lengths.float()
+        seq = torch.arange(B, device=device)[:, None].expand(B, L)[valid]  # (N,) which sequence each row belongs to
+        sums = torch.zeros(B, device=device).index_add_(0, seq, logp)  # (B,)
+        return (sums / lengths.float()).cpu()
 
     def _loglik_shared_prefix(self, prefix_ids: list[int], followup_ids: list[list[int]]) -> torch.Tensor:
         from transformers import DynamicCache
 
         P = len(prefix_ids)
         cache = DynamicCache(config=self.model.config)
-        out = self.decoder(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, use_cache=True)
+        out = self.decoder(input_ids=torch.tensor([prefix_ids], device=self.device), past_key_values=cache, use_cache=True)
         last = out.last_hidden_state[:, -1:]  # (1, 1, H): predicts every follow-up's first token
         H = last.shape[-1]
         results = []
@@ -231,7 +235,10 @@ class FLRScorer(Scorer):
             kv.batch_repeat_interleave(b)  # (1, heads, P, d) -> (b, heads, P, d) per layer
             mask = torch.cat([torch.ones(b, P, dtype=torch.long), (torch.arange(L)[None, :] < lengths[:, None]).long()], dim=1)  # (b, P + L)
             positions = (P + torch.arange(L))[None, :].expand(b, L)  # (b, L)
-            hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv, use_cache=True).last_hidden_state  # (b, L, H)
+            hidden = self.decoder(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+                past_key_values=kv, use_cache=True,
+            ).last_hidden_state  # (b, L, H)
             inputs = torch.cat([last.expand(b, 1, H), hidden[:, :-1]], dim=1)  # (b, L, H): row t predicts follow-up token t
             results.append(self._mean_logprob(inputs, ids, lengths))
         return torch.cat(results)
@@ -243,12 +250,12 @@ class FLRScorer(Scorer):
             ids, seq_lengths = _pad_right([p + f for p, f in chunk], self.pad_id)  # (b, T), (b,)
             b, T = ids.shape
             mask = (torch.arange(T)[None, :] < seq_lengths[:, None]).long()  # (b, T)
-            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+            hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state  # (b, T, H)
             targets, lengths = _pad_right([f for _, f in chunk], self.pad_id)  # (b, L), (b,)
             # Follow-up token t of item r sits at position P_r + t and is predicted by row P_r + t - 1.
             starts = torch.tensor([len(p) - 1 for p, _ in chunk])  # (b,)
             rows = (starts[:, None] + torch.arange(targets.shape[1])[None, :]).clamp(max=T - 1)  # (b, L)
-            inputs = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, L, H)
+            inputs = hidden.gather(1, rows.to(self.device)[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, L, H)
             results.append(self._mean_logprob(inputs, targets, lengths))
         return torch.cat(results)
 

@@ -121,10 +121,15 @@ def test_calibration_keys_depend_on_followups_and_model(tiny_loaded, tokenizer):
     assert c["helpfulness"] != a["helpfulness"]
 
 
-def test_too_long_for_the_scorer_context_names_the_response(tiny_loaded):
-    s = scorer(tiny_loaded)
-    with pytest.raises(InvalidInput, match=r"responses\[1\]: .*context is 512"):
-        s.rewards([CONVERSATION] * 2, ["short", "word " * 600])
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-cache", "padded"])
+def test_a_conversation_longer_than_the_context_keeps_its_end(tiny_loaded, prefix_cache):
+    """Tiny model context: 512 tokens. Two responses that differ only in a start far beyond the
+    context score identically: the prefix is cut from the left to leave room for the follow-ups."""
+    s = scorer(tiny_loaded, prefix_cache=prefix_cache)
+    tail = "word " * 600
+    ll = s.followup_loglik([CONVERSATION] * 3, ["The start differs. " + tail, "Another beginning! " + tail, "short"])
+    torch.testing.assert_close(ll[0], ll[1])
+    assert torch.isfinite(ll).all() and not torch.allclose(ll[0], ll[2])
 
 
 def test_bad_inputs_name_the_field(tiny_loaded):
