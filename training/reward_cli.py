@@ -17,15 +17,14 @@ A YAML config holds the same keys as the flags, with underscores (lora_r: 16).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 from steer.errors import InvalidInput
 from steer.objectives import DEFAULT_OBJECTIVES, validate_objectives
+
+PROG = "python -m steer.train reward"
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class RewardTrainConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: none)"})
     resume: bool = field(default=False, metadata={"help": "continue from <output>/checkpoint.pt"})
     seed: int = field(default=0, metadata={"help": "data order, eval split and head initialisation"})
-    dtype: str = field(default="float32", metadata={"help": "backbone dtype: float32 or bfloat16"})
+    dtype: str = field(default="float32", metadata={"help": "backbone dtype", "choices": ("float32", "bfloat16")})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
 
     def __post_init__(self):
@@ -92,73 +91,17 @@ class RewardTrainConfig:
 _FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(RewardTrainConfig)}
 
 
-def _config_class():
-    return RewardTrainConfig
+def build_parser():
+    from steer.training.config import build_parser as dataclass_parser
+
+    return dataclass_parser(RewardTrainConfig, prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
 
 
-def _field_kind(f) -> str:
-    """'bool', 'tuple', 'int', 'float' or 'str' from the dataclass annotation (a string under
-    ``from __future__ import annotations``)."""
-    annotation = str(f.type)
-    for kind in ("bool", "tuple", "int", "float"):
-        if annotation.startswith(kind):
-            return kind
-    return "str"
+def config_from_args(argv: list[str]) -> RewardTrainConfig:
+    """Dataclass defaults < ``--config`` YAML < flags given (``steer.training.config``); InvalidInput names the field."""
+    from steer.training.config import merge_config
 
-
-def build_parser(config_cls=None) -> argparse.ArgumentParser:
-    """One flag per config field (``lora_r`` -> ``--lora-r``); defaults are SUPPRESSed so that
-    only flags actually given override the YAML file and the dataclass defaults."""
-    config_cls = config_cls or _config_class()
-    p = argparse.ArgumentParser(
-        prog="python -m steer.train reward",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="YAML file of field: value (flags given here override it)")
-    for f in fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
-        kind = _field_kind(f)
-        if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind == "tuple":
-            p.add_argument(flag, nargs="+", metavar=f.name.upper(), help=help_text)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=help_text)
-    return p
-
-
-def config_from_args(argv: list[str], config_cls=None):
-    """Dataclass defaults, then the YAML file, then the flags given."""
-    import yaml
-
-    config_cls = config_cls or _config_class()
-    args = vars(build_parser(config_cls).parse_args(argv))
-    values: dict[str, typing.Any] = {}
-    path = args.pop("config", None)
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise InvalidInput("config", f"cannot read {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else path
-            raise InvalidInput(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(loaded, dict):
-            raise InvalidInput(str(path), "must be a mapping of field: value")
-        known = {f.name for f in fields(config_cls)}
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise InvalidInput(f"{path}: {key}", f"unknown setting; known: {', '.join(sorted(known))}")
-            values[name] = value
-    values.update(args)
-    return config_cls(**values)
+    return merge_config(RewardTrainConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,7 @@ def test_cli_yaml_config_with_flag_overrides(tmp_path):
     assert config.data == ("a.jsonl", "b.jsonl") and config.lora_r == 16 and config.steps == 70
     assert config.objectives == ("helpfulness",) and config.lr == RewardTrainConfig.lr  # untouched default
     cfg.write_text("data: a.jsonl\noutput: x\nlearning_rate: 0.1\n")
-    with pytest.raises(InvalidInput, match="learning_rate: unknown setting"):
+    with pytest.raises(InvalidInput, match="learning_rate: unknown key"):
         config_from_args(["--config", str(cfg)])
     with pytest.raises(InvalidInput, match="lora_r: invalid value -1"):
         config_from_args(["--data", "a.jsonl", "--output", "x", "--lora-r", "-1"])
