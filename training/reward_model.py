@@ -251,7 +251,8 @@ def save_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, step: 
         raise
 
 
-def load_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, config: RewardTrainConfig) -> dict:
+def read_checkpoint(path: Path, config: RewardTrainConfig) -> dict:
+    """The checkpoint's state, after checking it was trained with the same architecture settings."""
     if not path.is_file():
         raise InvalidInput("resume", f"no checkpoint at {path}; run without --resume to start fresh")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -259,6 +260,10 @@ def load_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, config
         saved, now = state["config"].get(key), getattr(config, key)
         if (tuple(saved) if isinstance(saved, list) else saved) != now:
             raise InvalidInput(key, f"is {now!r} but {path} was trained with {saved!r}; use the same value to resume")
+    return state
+
+
+def restore_checkpoint(state: dict, model: RewardModel, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     for name, value in state["trainable"].items():
         params[name].data.copy_(value)
@@ -286,6 +291,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
+    checkpoint = output / CHECKPOINT_FILE
+    resumed = read_checkpoint(checkpoint, config) if config.resume else None  # a mismatch fails before any loading
     examples = read_reward_files(config.data, config.objectives)
     if config.eval_data:
         train, held = examples, read_reward_files(config.eval_data, config.objectives)
@@ -301,9 +308,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     step = 0
-    checkpoint = output / CHECKPOINT_FILE
-    if config.resume:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+    if resumed is not None:
+        state = restore_checkpoint(resumed, model, optimizer, scheduler)
         step = int(state["step"])
         label_mean, label_std = state["label_mean"], state["label_std"]
         log.info("resumed from %s at step %d", checkpoint, step)

@@ -12,6 +12,18 @@ from steer.v1 import steer_pb2_grpc
 OBJECTIVES = ["helpfulness", "creativity", "conciseness"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops are too small to gain from intra-op threads; on a busy machine the thread
+    pool's synchronisation costs several times the work (14 s vs 89 s measured for one run)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def scored_server(start_tiny_server, tmp_path_factory):
     from steer.sampling import SamplingParams

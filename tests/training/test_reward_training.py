@@ -15,6 +15,16 @@ WORDS = "the cat sat on a mat and then we went home to eat some bread with tea i
 PROMPTS = ["Tell me something.", "Say a few words.", "Write a line."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops are too small to gain from intra-op threads; on a busy machine the thread
+    pool's synchronisation costs several times the work (14 s vs 89 s measured for one run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_rows(n: int, seed: int) -> list[dict]:
     """helpfulness = how often 'please' appears; conciseness = -(words / 5)."""
     rng = random.Random(seed)

@@ -8,6 +8,8 @@ from steer.rewards.calibration import Calibration
 from steer.rewards.flr import FLRConfig, FLRScorer
 from steer.rewards.followups import FollowUps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {
     "helpfulness": FollowUps(
         positive=("Thanks, that answers my question perfectly.", "Great, exactly what I needed."),

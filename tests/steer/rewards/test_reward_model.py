@@ -18,6 +18,8 @@ from steer.rewards.reward_model import (
     save_reward_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONV = [{"role": "user", "content": "Say something."}]
 
 

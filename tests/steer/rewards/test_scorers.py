@@ -14,6 +14,8 @@ from steer.rewards.followups import BUILTIN_FOLLOWUPS
 from steer.rewards.length import LengthScorer
 from steer.rewards.scorer import CompositeScorer, Scorer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONV = [{"role": "user", "content": "Hi"}]
 
 
