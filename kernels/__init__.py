@@ -4,17 +4,36 @@
   logits; Triton on CUDA, chunked torch elsewhere, STEER_KERNELS=torch|triton|auto forces one.
 - `naive_linear_logprob`: the full-logits reference it is tested and benchmarked against.
 - `preference_loss`: DPO / IPO / hinge / SimPO / ORPO / KTO on per-sequence log-probs.
+
+Exports resolve lazily, so `python -m steer.kernels.bench --help` does not import torch.
 """
 
-from .logprob import LinearLogprobOutput, linear_logprob
-from .logprob_torch import naive_linear_logprob
-from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+from __future__ import annotations
 
-__all__ = [
-    "LinearLogprobOutput",
-    "PreferenceLossConfig",
-    "PreferenceLossOutput",
-    "linear_logprob",
-    "naive_linear_logprob",
-    "preference_loss",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LinearLogprobOutput": ".logprob",
+    "linear_logprob": ".logprob",
+    "naive_linear_logprob": ".logprob_torch",
+    "PreferenceLossConfig": ".preference",
+    "PreferenceLossOutput": ".preference",
+    "preference_loss": ".preference",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .logprob import LinearLogprobOutput, linear_logprob
+    from .logprob_torch import naive_linear_logprob
+    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -6,7 +6,8 @@ Both compute, for hidden states X (N, H), an LM head W (V, H), optional bias b (
     logp_i = z[i, t_i] - logsumexp(z[i, :])       # (N,)  0 where t_i == ignore_index
 
 `naive_linear_logprob` materialises z; `torch_linear_logprob` never holds more than one
-(chunk, V) slab of it and has the same signature as the Triton path (`logprob_triton.py`).
+(chunk, V) slab of it (two for half inputs: the GEMM output and its fp32 copy) and has the same
+signature as the Triton path (`logprob_triton.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 from torch import Tensor
 
 # Bytes of (chunk, V) workspace the chunked path may hold at once (fp32 logits slab, plus a
-# half-precision copy for half inputs). 32 MiB keeps the slab near the L3 of the dev machine and
-# the GEMM (chunk x H) @ (H x V) at >= 128 rows for V = 49152, where it runs at the speed of the
-# full-size GEMM; smaller chunks lose GEMM efficiency, larger ones only cost memory.
+# half-precision one for half inputs). 32 MiB gives 160 rows at V = 49152, H = 576; measured on the
+# dev CPU (MKL, one thread), fwd+bwd then takes 1.07x the four full-size GEMMs against 1.08x at
+# 128 rows and 1.06x at 256 rows, whose extra 19 MiB would push peak memory past 7% of the naive
+# path's. The forward GEMM (rows x H) @ (H x V) is the one that slows down as rows shrink.
 WORKSPACE_BYTES = 32 * 2**20
 # Fewer rows than this per GEMM and the chunked loop stops being GEMM-bound, whatever V is.
 # At 16 rows even V = 256k needs only 16 MiB, so chunking over the vocabulary is never needed.
@@ -109,7 +111,7 @@ def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, in
 
 
 class ChunkedLinearLogprob(torch.autograd.Function):
-    """Chunked over tokens; saves (hidden, weight, bias, targets, lse) and recomputes logits in backward."""
+    """Chunked over tokens; saves (hidden, weight, bias, targets) and recomputes logits in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_rows):
@@ -143,7 +145,10 @@ class ChunkedLinearLogprob(torch.autograd.Function):
                 if return_entropy:
                     # H = -sum p log p; entr(p) = -p log p, both in place on the slab (exp then entr).
                     rows.put(entropy, start, stop, torch.special.entr(z32.exp_(), out=z32).sum(1))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        # Not the logits, and not even lse: backward's in-place softmax re-derives each row's max and
+        # sum from the recomputed slab in the same row-wise pass that exponentiates it, measured at
+        # half the cost of p = exp(z - lse) as two slab-wide passes (sub_, exp_).
+        ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.rows = rows
         ctx.inv_t = inv_t
         ctx.chunk = c
@@ -152,16 +157,21 @@ class ChunkedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         rows, inv_t, c = ctx.rows, ctx.inv_t, ctx.chunk
         n, h = hidden.shape
         v = weight.shape[0]
         half = hidden.dtype in LOW_PRECISION
         acc = accumulation_dtype(hidden.dtype)
-        grad_x = torch.zeros_like(hidden) if need_x else None  # (N, H); ignored rows stay 0
-        # dW accumulates over all chunks: fp32 so half inputs do not round at every chunk.
-        grad_w = weight.new_zeros(v, h, dtype=acc) if need_w else None  # (V, H)
+        grad_x = None
+        if need_x:  # (N, H); ignored rows must be 0, other rows are all written below
+            grad_x = torch.zeros_like(hidden) if rows.index is not None else torch.empty_like(hidden)
+        # dW accumulates over all chunks, in fp32 for half inputs so they do not round at every
+        # chunk. The first chunk writes it (beta = 0), sparing a 4VH-byte zero fill.
+        grad_w = None
+        if need_w:  # (V, H)
+            grad_w = weight.new_empty(v, h, dtype=acc) if c > 0 else weight.new_zeros(v, h, dtype=acc)
         grad_b = weight.new_zeros(v, dtype=acc) if need_b else None  # (V,)
         if c > 0 and (need_x or need_w or need_b):
             # d logp_i / d (x_i W^T + b) = (onehot(t_i) - p_i) / T. We form (p - onehot) in the slab
@@ -177,14 +187,16 @@ class ChunkedLinearLogprob(torch.autograd.Function):
                 s = rows.take(scale, start, stop).unsqueeze(1)  # (c, 1)
                 z = _logits_into(slab[: stop - start], x, weight, bias, inv_t)  # (c, V) recomputed
                 p = z if not half else slab32[: stop - start].copy_(z)  # (c, V) fp32
-                p.sub_(rows.take(lse, start, stop).unsqueeze(1)).exp_()  # (c, V) softmax
+                torch.softmax(p, 1, out=p)  # (c, V) in place, row by row like log_softmax in forward
                 p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # (c, V) p - onehot
                 if need_x:
                     g = p if not half else z.copy_(p)  # (c, V) in the GEMM dtype
-                    dx = torch.mm(g, weight).to(acc).mul_(s)  # (c, H)
-                    rows.put(grad_x, start, stop, dx)
+                    if rows.index is None and not half:  # straight into dX's rows
+                        torch.mm(g, weight, out=grad_x[start:stop]).mul_(s)  # (c, H)
+                    else:
+                        rows.put(grad_x, start, stop, torch.mm(g, weight).to(acc).mul_(s))  # (c, H)
                 if need_w:
-                    grad_w.addmm_(p.t(), x.to(acc) * s)  # (V, c) @ (c, H)
+                    torch.addmm(grad_w, p.t(), x.to(acc) * s, beta=1.0 if start else 0.0, out=grad_w)  # (V, c) @ (c, H)
                 if need_b:
                     grad_b.addmv_(p.t(), s.squeeze(1))  # (V, c) @ (c,)
         if grad_w is not None and grad_w.dtype != weight.dtype:

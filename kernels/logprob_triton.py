@@ -227,9 +227,10 @@ def linear_logprob_bwd(grad_logp, hidden, weight, bias, targets, lse, temperatur
     )
 
 
-def _input_precision(hidden: Tensor) -> str:
+def _input_precision(hidden: Tensor) -> str | None:
     # fp32 inputs get exact fp32 dots ("ieee"), not tf32: fp32 is what tests compare at 1e-5.
-    return "ieee" if hidden.dtype == torch.float32 else "tf32"
+    # Half inputs: the backend's default (the option only concerns fp32 operands).
+    return "ieee" if hidden.dtype == torch.float32 else None
 
 
 class TritonLinearLogprob(torch.autograd.Function):
