@@ -65,7 +65,7 @@ def build_scorer(
     parts: list[Scorer | None] = [None] * len(parsed)
     for i, (kind, arg) in enumerate(parsed):
         if kind == "rm":
-            from steer.rewards.reward_model import RewardModelScorer, is_reward_model_dir
+            from steer.rewards.reward_model import RewardModelScorer
 
             if not arg or not is_reward_model_dir(arg):
                 raise InvalidInput(field, f"rm:{arg} is not a reward model directory (no reward_model.json)")

@@ -94,3 +94,26 @@ def test_bad_directories_are_named(tmp_path):
     (tmp_path / CONFIG_FILE).write_text("{\n  broken")
     with pytest.raises(ValueError, match=f"{CONFIG_FILE}:2:"):
         read_reward_model_spec(tmp_path)
+
+
+def test_a_reward_model_directory_is_a_scorer_spec(tmp_path, tiny_model_dir, tiny_loaded):
+    from steer.errors import InvalidInput
+    from steer.models import load_model
+    from steer.rewards.build import build_scorer
+
+    def save(path, objectives):
+        model = RewardModel(load_model(str(tiny_model_dir)).model, len(objectives), 64)
+        save_reward_model(path, model, RewardModelSpec(objectives=objectives, base_model=str(tiny_model_dir), hidden_size=64, adapter=None))
+        return path
+
+    full = save(tmp_path / "rm3", ("helpfulness", "creativity", "conciseness"))
+    scorer = build_scorer(str(full), tiny_loaded)
+    assert scorer.describe() == f"rm(helpfulness,creativity,conciseness; {full}; uncalibrated)"
+    two = save(tmp_path / "rm2", ("creativity", "helpfulness"))
+    mixed = build_scorer(f"rm:{two}+length", tiny_loaded)
+    assert mixed.objectives == ("helpfulness", "creativity", "conciseness")
+    r = mixed.rewards([CONV], ["Hello."])
+    alone = RewardModelScorer(two).rewards([CONV], ["Hello."])
+    assert r.raw[0, 0].item() == pytest.approx(alone.raw[0, 1].item())  # columns reordered to the server's objectives
+    with pytest.raises(InvalidInput, match=r"scores \['creativity', 'helpfulness'\], but the server's objectives are"):
+        build_scorer(str(two), tiny_loaded)
