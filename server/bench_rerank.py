@@ -9,9 +9,9 @@ both see the same machine load. Also times a Score call on the n candidates alon
 scoring share of RERANK. Prints the latency ratio (target <= 1.6x) and writes JSON.
 
 Examples:
-  python benchmarks/rerank_latency.py                                   # default model, 4 candidates
-  python benchmarks/rerank_latency.py --max-new-tokens 32 --repeats 1 --output bench-results/rerank.json
-  python benchmarks/rerank_latency.py --model ./tiny-model --scorer default
+  python -m steer.server.bench_rerank                                   # default model, 4 candidates
+  python -m steer.server.bench_rerank --max-new-tokens 32 --repeats 1 --output bench-results/rerank.json
+  python -m steer.server.bench_rerank --model ./tiny-model --scorer default
 """
 
 from __future__ import annotations
