@@ -9,7 +9,8 @@ CPU (fp32, the chunked torch path), per shape:
           naive path, and of the four GEMMs of the op at full size (X W^T, its recompute, dX = G W,
           dW = G^T X) into preallocated outputs: their sum is the GEMM floor. The same four GEMMs
           at the fused path's chunk shapes are reported too (the chunked floor: what the fused
-          path would take with zero non-GEMM work). All measured interleaved in one run.
+          path would take with zero non-GEMM work). All measured interleaved in one run; the
+          headline ratio is the median over repeats of fused / floor of the same repeat.
   memory  peak extra resident memory of one fwd+bwd, each path in its own fresh subprocess:
           inputs are allocated and touched, a 16-row warm-up initialises the BLAS/OpenMP pools,
           the kernel's peak-RSS mark is reset (/proc/self/clear_refs), the op runs keeping its
@@ -98,19 +99,19 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
     dx = torch.empty(n, h, device=device, dtype=dtype)
     dw = torch.empty(v, h, device=device, dtype=dtype)
     c = min(chunk_rows, n)
-    slab = torch.empty(c, v, device=device, dtype=dtype)  # (C, V)
+    slab = torch.empty(v * c, device=device, dtype=dtype)  # (V * C,) viewed (V, c) as the CPU path does
     dw_acc = torch.zeros(v, h, device=device, dtype=dtype)
 
-    def chunked(kind):
+    def chunked(kind):  # the GEMMs of logprob_torch's chunk loop, same shapes and layouts
         for start in range(0, n, c):
-            x = hidden[start : start + c]
-            rows = x.shape[0]
+            x = hidden[start : start + c]  # (c, H)
+            z = slab[: v * x.shape[0]].view(v, x.shape[0])  # (V, c)
             if kind == "fwd":
-                torch.mm(x, weight.t(), out=slab[:rows])
+                torch.mm(weight, x.t(), out=z)
             elif kind == "dx":
-                torch.mm(slab[:rows], weight, out=dx[start : start + rows])
+                torch.mm(z.t(), weight, out=dx[start : start + x.shape[0]])
             else:
-                dw_acc.addmm_(slab[:rows].t(), x)
+                dw_acc.addmm_(z, x)
 
     candidates = {
         "fused_fwd_bwd": lambda: fwd_bwd("fused", hidden, weight, targets, grad_out),
@@ -146,10 +147,20 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
     floor = med["gemm_fwd"] + med["gemm_recompute"] + med["gemm_dx"] + med["gemm_dw"]
     # the fused path runs the chunked forward GEMM twice (forward and recompute)
     chunked_floor = 2 * med["chunked_gemm_fwd"] + med["chunked_gemm_dx"] + med["chunked_gemm_dw"]
+    # Per-repeat ratios (fused and the floor measured seconds apart) and their median: steadier
+    # than a ratio of medians when the machine's load changes during the run.
+    floor_r = [sum(samples[k][r] for k in ("gemm_fwd", "gemm_recompute", "gemm_dx", "gemm_dw")) for r in range(repeats)]
+    chunked_r = [2 * samples["chunked_gemm_fwd"][r] + samples["chunked_gemm_dx"][r] + samples["chunked_gemm_dw"][r]
+                 for r in range(repeats)]
+    per_repeat = {
+        "fused_over_gemm_floor": [f / g for f, g in zip(samples["fused_fwd_bwd"], floor_r)],
+        "fused_over_chunked_gemm_floor": [f / g for f, g in zip(samples["fused_fwd_bwd"], chunked_r)],
+    }
     flops = 8 * n * h * v  # fwd + recompute + dX + dW, 2 N H V each
     result = {
         "median_s": {**med, "gemm_floor": floor, "chunked_gemm_floor": chunked_floor},
         "samples_s": samples,
+        "per_repeat_ratios": per_repeat,
     }
     if not timer.cuda:
         cpu_med = {name: (statistics.median(s) if s else None) for name, s in cpu_samples.items()}
@@ -161,8 +172,9 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
         }
     result.update({
         "ratios": {
-            "fused_over_gemm_floor": med["fused_fwd_bwd"] / floor,
-            "fused_over_chunked_gemm_floor": med["fused_fwd_bwd"] / chunked_floor,
+            "fused_over_gemm_floor": statistics.median(per_repeat["fused_over_gemm_floor"]),
+            "fused_over_gemm_floor_of_medians": med["fused_fwd_bwd"] / floor,
+            "fused_over_chunked_gemm_floor": statistics.median(per_repeat["fused_over_chunked_gemm_floor"]),
             "naive_over_gemm_floor": med["naive_fwd_bwd"] / floor if med["naive_fwd_bwd"] else None,
             "naive_over_fused": med["naive_fwd_bwd"] / med["fused_fwd_bwd"] if med["naive_fwd_bwd"] else None,
         },
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=CPU_SHAPE[0], help="tokens N (default %(default)s)")
     parser.add_argument("--h", type=int, default=CPU_SHAPE[1], help="hidden size H (default %(default)s)")
     parser.add_argument("--v", type=int, default=CPU_SHAPE[2], help="vocabulary V (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats, median reported (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-memory", action="store_true", help="timings only")
@@ -341,8 +353,9 @@ def print_summary(run: dict) -> None:
     print(f"  GEMM floor          {med['gemm_floor']:8.3f} s   (fwd {med['gemm_fwd']:.3f} + recompute "
           f"{med['gemm_recompute']:.3f} + dX {med['gemm_dx']:.3f} + dW {med['gemm_dw']:.3f})")
     print(f"  chunked GEMM floor  {med['chunked_gemm_floor']:8.3f} s")
-    print(f"  fused / GEMM floor  {ratios['fused_over_gemm_floor']:8.3f}    fused / chunked floor "
-          f"{ratios['fused_over_chunked_gemm_floor']:.3f}")
+    print(f"  fused / GEMM floor  {ratios['fused_over_gemm_floor']:8.3f}    (median of per-repeat ratios; "
+          f"ratio of medians {ratios['fused_over_gemm_floor_of_medians']:.3f})")
+    print(f"  fused / chunked GEMM floor {ratios['fused_over_chunked_gemm_floor']:.3f}")
     if "cpu_time" in run:
         print(f"  in CPU time         fused / GEMM floor {run['cpu_time']['fused_over_gemm_floor']:.3f}, "
               f"naive / GEMM floor {run['cpu_time']['naive_over_gemm_floor']:.3f}")

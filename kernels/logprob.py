@@ -59,8 +59,8 @@ def select_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> 
         raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed; use {BACKEND_ENV}=torch or auto")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
-            f"{BACKEND_ENV}=triton on {device.type} tensors needs the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before steer.kernels.logprob_triton is first imported"
+            f"{BACKEND_ENV}=triton on {device.type} tensors needs the Triton interpreter: start the "
+            "process with TRITON_INTERPRET=1 (it must be set before triton is first imported)"
         )
     return "triton"
 
@@ -98,7 +98,7 @@ def linear_logprob(
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], without the (N, V) logits.
 
     hidden (..., H), weight (V, H), targets (...) int64, bias (V,) or None. Returns float32
-    log-probs shaped like `targets`, 0 where `targets == ignore_index`, differentiable w.r.t.
+    (float64 for float64 inputs) log-probs shaped like `targets`, 0 where `targets == ignore_index`, differentiable w.r.t.
     hidden, weight and bias. With `return_lse` / `return_entropy` returns a `LinearLogprobOutput`
     that also carries the per-token log-sum-exp and softmax entropy (detached metrics, 0 at
     ignored positions). Peak extra memory is one (chunk, V) slab plus the gradients.
@@ -111,7 +111,7 @@ def linear_logprob(
     t = targets.reshape(-1).long()  # (N,)
     backend = select_backend(hidden.device, hidden.dtype)
     if backend == "triton":
-        from . import logprob_triton  # deferred: imports triton, and must follow TRITON_INTERPRET
+        from . import logprob_triton  # deferred: imports triton only when it is used
 
         logp, lse, entropy = logprob_triton.triton_linear_logprob(
             x, weight, t, bias, temperature=temperature, ignore_index=ignore_index,

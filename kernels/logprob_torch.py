@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Bytes of (chunk, V) workspace the chunked path may hold at once (fp32 logits slab, plus a
-# half-precision one for half inputs). 32 MiB gives 160 rows at V = 49152, H = 576; measured on the
-# dev CPU (MKL, one thread), fwd+bwd then takes 1.07x the four full-size GEMMs against 1.08x at
-# 128 rows and 1.06x at 256 rows, whose extra 19 MiB would push peak memory past 7% of the naive
-# path's. The forward GEMM (rows x H) @ (H x V) is the one that slows down as rows shrink.
+# Bytes of (V, chunk) workspace the chunked path may hold at once (the logits slab in the input
+# dtype, plus an fp32 one for half inputs). 32 MiB gives 160 rows at V = 49152; measured on the
+# dev CPU (MKL, one thread, CPU time) fwd+bwd then takes 1.05x the four full-size GEMMs, about as
+# fast as 192 or 256 rows, whose extra 6-19 MiB would push peak memory towards 7% of the naive
+# path's; below ~128 rows the GEMMs themselves slow down.
 WORKSPACE_BYTES = 32 * 2**20
 # Fewer rows than this per GEMM and the chunked loop stops being GEMM-bound, whatever V is.
 # At 16 rows even V = 256k needs only 16 MiB, so chunking over the vocabulary is never needed.
@@ -100,18 +100,45 @@ class _Rows:
             dst.index_copy_(0, self.index[start:stop], values.to(dst.dtype))
 
 
-def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, inv_t: float) -> Tensor:
-    """out = (x W^T + b) / T with the 1/T folded into the GEMM's alpha/beta: no extra pass."""
+class _Slab:
+    """A reusable (V, c) workspace: column j holds the logits of the chunk's j-th row.
+
+    Transposed on purpose: MKL computes W @ X_c^T ((V, H) @ (H, c)) ~15% faster than
+    X_c @ W^T at c = 160 (it packs the small X_c once and streams W, instead of re-packing all of
+    W for every chunk), which outweighs running the softmax along the slab's outer dimension.
+    Backed by one flat buffer so that the last, shorter chunk is still a contiguous (V, c) view.
+    """
+
+    def __init__(self, like: Tensor, rows: int, vocab: int, dtype: torch.dtype):
+        self.flat = like.new_empty(rows * vocab, dtype=dtype)  # (C * V,)
+        self.vocab = vocab
+
+    def view(self, c: int) -> Tensor:
+        return self.flat[: self.vocab * c].view(self.vocab, c)  # (V, c)
+
+
+def _logits_t(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, inv_t: float) -> Tensor:
+    """out (V, c) = ((x W^T + b) / T)^T, the 1/T folded into the GEMM's alpha/beta: no extra pass."""
     if bias is None:
         if inv_t == 1.0:
-            return torch.mm(x, weight.t(), out=out)
+            return torch.mm(weight, x.t(), out=out)
         # beta = 0: the (uninitialised) `out` passed as addmm's input is ignored, NaNs included.
-        return torch.addmm(out, x, weight.t(), beta=0.0, alpha=inv_t, out=out)
-    return torch.addmm(bias, x, weight.t(), beta=inv_t, alpha=inv_t, out=out)
+        return torch.addmm(out, weight, x.t(), beta=0.0, alpha=inv_t, out=out)
+    return torch.addmm(bias.unsqueeze(1), weight, x.t(), beta=inv_t, alpha=inv_t, out=out)
+
+
+def _shifted_logits_t(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, inv_t: float, lse: Tensor) -> Tensor:
+    """out (V, c) = z^T - lse: the shift is written first and the GEMM accumulates onto it (beta = 1),
+    so exp_() alone then gives the softmax, one pass over the slab instead of sub_ and exp_."""
+    if bias is None:
+        out.copy_(lse.neg().unsqueeze(0).expand_as(out))  # (V, c) <- -lse (1, c)
+    else:
+        torch.sub(bias.unsqueeze(1) * inv_t, lse.unsqueeze(0), out=out)  # (V, 1) - (1, c)
+    return out.addmm_(weight, x.t(), alpha=inv_t)
 
 
 class ChunkedLinearLogprob(torch.autograd.Function):
-    """Chunked over tokens; saves (hidden, weight, bias, targets) and recomputes logits in backward."""
+    """Chunked over tokens; saves (hidden, weight, bias, targets, lse) and recomputes logits in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_rows):
@@ -127,28 +154,25 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         entropy = hidden.new_zeros(n if return_entropy else 0, dtype=acc)  # (N,) | (0,)
         c = min(chunk_rows, rows.count)
         if c > 0:
-            slab = hidden.new_empty(c, v)  # (C, V) GEMM output, input dtype
-            slab32 = slab if not half else hidden.new_empty(c, v, dtype=acc)  # (C, V) fp32
+            slab = _Slab(hidden, c, v, hidden.dtype)  # GEMM output, input dtype
+            slab32 = slab if not half else _Slab(hidden, c, v, acc)  # softmax maths in fp32
             for start in range(0, rows.count, c):
                 stop = min(start + c, rows.count)
                 x = rows.take(hidden, start, stop)  # (c, H)
-                t = rows.take(targets, start, stop).unsqueeze(1)  # (c, 1)
-                z = _logits_into(slab[: stop - start], x, weight, bias, inv_t)  # (c, V)
-                z32 = z if not half else slab32[: stop - start].copy_(z)  # (c, V) fp32
-                z_t = z32.gather(1, t).squeeze(1)  # (c,) target logit, read before the slab is overwritten
-                # In place: the CPU kernel reads each row (max, sum of exp) before writing it, so the
-                # slab turns into log-probs without a second (c, V) buffer.
-                torch.log_softmax(z32, 1, out=z32)  # (c, V) log-probs
-                logp_t = z32.gather(1, t).squeeze(1)  # (c,)
+                t = rows.take(targets, start, stop).unsqueeze(0)  # (1, c)
+                z = _logits_t(slab.view(stop - start), x, weight, bias, inv_t)  # (V, c)
+                z32 = z if not half else slab32.view(stop - start).copy_(z)  # (V, c) fp32
+                z_t = z32.gather(0, t).squeeze(0)  # (c,) target logit, read before the slab is overwritten
+                # In place: the kernel reduces max and sum of exp into temporaries before it writes
+                # z - max - log(sum), so the slab turns into log-probs without a second buffer.
+                torch.log_softmax(z32, 0, out=z32)  # (V, c) log-probs
+                logp_t = z32.gather(0, t).squeeze(0)  # (c,)
                 rows.put(logp, start, stop, logp_t)
                 rows.put(lse, start, stop, z_t - logp_t)
                 if return_entropy:
                     # H = -sum p log p; entr(p) = -p log p, both in place on the slab (exp then entr).
-                    rows.put(entropy, start, stop, torch.special.entr(z32.exp_(), out=z32).sum(1))
-        # Not the logits, and not even lse: backward's in-place softmax re-derives each row's max and
-        # sum from the recomputed slab in the same row-wise pass that exponentiates it, measured at
-        # half the cost of p = exp(z - lse) as two slab-wide passes (sub_, exp_).
-        ctx.save_for_backward(hidden, weight, bias, targets)
+                    rows.put(entropy, start, stop, torch.special.entr(z32.exp_(), out=z32).sum(0))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)  # never the logits
         ctx.rows = rows
         ctx.inv_t = inv_t
         ctx.chunk = c
@@ -157,7 +181,7 @@ class ChunkedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         rows, inv_t, c = ctx.rows, ctx.inv_t, ctx.chunk
         n, h = hidden.shape
@@ -176,29 +200,32 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         if c > 0 and (need_x or need_w or need_b):
             # d logp_i / d (x_i W^T + b) = (onehot(t_i) - p_i) / T. We form (p - onehot) in the slab
             # and fold the per-row scale -g_i / T into the small operands of the GEMMs (dX rows,
-            # X rows, the bias GEMV): no elementwise pass over the (c, V) slab beyond the exp.
+            # X rows, the bias GEMV): the slab sees one elementwise pass, the exp.
             scale = grad_logp.to(acc).mul(-inv_t)  # (N,)
-            slab = hidden.new_empty(c, v)  # (C, V)
-            slab32 = slab if not half else hidden.new_empty(c, v, dtype=acc)  # (C, V) fp32
+            slab = _Slab(hidden, c, v, hidden.dtype)
+            slab32 = slab if not half else _Slab(hidden, c, v, acc)
             for start in range(0, rows.count, c):
                 stop = min(start + c, rows.count)
                 x = rows.take(hidden, start, stop)  # (c, H)
-                t = rows.take(targets, start, stop).unsqueeze(1)  # (c, 1)
+                t = rows.take(targets, start, stop).unsqueeze(0)  # (1, c)
                 s = rows.take(scale, start, stop).unsqueeze(1)  # (c, 1)
-                z = _logits_into(slab[: stop - start], x, weight, bias, inv_t)  # (c, V) recomputed
-                p = z if not half else slab32[: stop - start].copy_(z)  # (c, V) fp32
-                torch.softmax(p, 1, out=p)  # (c, V) in place, row by row like log_softmax in forward
-                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # (c, V) p - onehot
+                lse_c = rows.take(lse, start, stop)  # (c,)
+                if not half:
+                    p = _shifted_logits_t(slab.view(stop - start), x, weight, bias, inv_t, lse_c).exp_()  # (V, c)
+                else:  # the shift is applied in fp32, after the half GEMM output is upcast
+                    z = _logits_t(slab.view(stop - start), x, weight, bias, inv_t)  # (V, c) half
+                    p = slab32.view(stop - start).copy_(z).sub_(lse_c.unsqueeze(0)).exp_()  # (V, c) fp32
+                p.scatter_add_(0, t, p.new_full(t.shape, -1.0))  # (V, c) p - onehot
                 if need_x:
-                    g = p if not half else z.copy_(p)  # (c, V) in the GEMM dtype
+                    g = p if not half else z.copy_(p)  # (V, c) in the GEMM dtype
                     if rows.index is None and not half:  # straight into dX's rows
-                        torch.mm(g, weight, out=grad_x[start:stop]).mul_(s)  # (c, H)
+                        torch.mm(g.t(), weight, out=grad_x[start:stop]).mul_(s)  # (c, H)
                     else:
-                        rows.put(grad_x, start, stop, torch.mm(g, weight).to(acc).mul_(s))  # (c, H)
+                        rows.put(grad_x, start, stop, torch.mm(g.t(), weight).to(acc).mul_(s))  # (c, H)
                 if need_w:
-                    torch.addmm(grad_w, p.t(), x.to(acc) * s, beta=1.0 if start else 0.0, out=grad_w)  # (V, c) @ (c, H)
+                    torch.addmm(grad_w, p, x.to(acc) * s, beta=1.0 if start else 0.0, out=grad_w)  # (V, c) @ (c, H)
                 if need_b:
-                    grad_b.addmv_(p.t(), s.squeeze(1))  # (V, c) @ (c,)
+                    grad_b.addmv_(p, s.squeeze(1))  # (V, c) @ (c,)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None and grad_b.dtype != bias.dtype:

@@ -168,11 +168,13 @@ def _block_sizes(hidden: Tensor, block_n: int | None, block_v: int | None, block
 
 def linear_logprob_fwd(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, blocks):
     """Launcher: returns (logp, lse, entropy) fp32 (N,) each (entropy empty when not requested)."""
-    n, h = hidden.shape  # hidden (N, H): any strides, passed to the kernel
-    v = weight.shape[0]  # weight (V, H): any strides
-    assert weight.shape[1] == h and weight.dtype == hidden.dtype
-    assert bias is None or (bias.shape == (v,) and bias.is_contiguous())  # bias (V,): indexed by column
+    assert hidden.dim() == 2 and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)  # (N, H), any strides
+    n, h = hidden.shape
+    assert weight.dim() == 2 and weight.shape[1] == h and weight.dtype == hidden.dtype  # (V, H), any strides
+    v = weight.shape[0]
+    assert bias is None or (bias.shape == (v,) and bias.is_contiguous())  # (V,), indexed by column
     assert targets.shape == (n,) and targets.dtype == torch.int64 and targets.is_contiguous()  # (N,) ids
+    assert hidden.device == weight.device == targets.device  # one device; CPU only under TRITON_INTERPRET=1
     block_n, block_v, block_h = blocks
     logp = hidden.new_empty(n, dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -199,8 +201,8 @@ def linear_logprob_bwd(grad_logp, hidden, weight, bias, targets, lse, temperatur
     need_x, need_w, need_b = needs
     n, h = hidden.shape
     v = weight.shape[0]
-    assert lse.shape == (n,) and lse.dtype == torch.float32  # saved by forward
-    grad_logp = grad_logp.contiguous()  # (N,) upstream gradient, any float dtype
+    assert lse.shape == (n,) and lse.dtype == torch.float32  # (N,) saved by forward, contiguous
+    grad_logp = grad_logp.contiguous()  # (N,) upstream gradient, any float dtype, read as fp32
     block_n, block_v, block_h = blocks
     # fp32 accumulators: thousands of tiles add into each element, bf16 would drop most of them.
     dx = torch.zeros(n, h, device=hidden.device, dtype=torch.float32) if need_x else None  # (N, H)

@@ -27,7 +27,9 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert len(run["samples_s"]["fused_fwd_bwd"]) == 2
     med = run["median_s"]
     assert med["gemm_floor"] == med["gemm_fwd"] + med["gemm_recompute"] + med["gemm_dx"] + med["gemm_dw"]
-    assert run["ratios"]["fused_over_gemm_floor"] == med["fused_fwd_bwd"] / med["gemm_floor"]
+    assert run["ratios"]["fused_over_gemm_floor_of_medians"] == med["fused_fwd_bwd"] / med["gemm_floor"]
+    per_repeat = run["per_repeat_ratios"]["fused_over_gemm_floor"]
+    assert len(per_repeat) == 2 and run["ratios"]["fused_over_gemm_floor"] == sum(per_repeat) / 2  # median of 2
     mem = run["memory"]
     assert mem["grads_bytes"] == 4 * (40 * 16 + 100 * 16)
     assert mem["naive_peak_extra_bytes"] > 0 and mem["fused_peak_extra_bytes"] > 0
