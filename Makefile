@@ -55,3 +55,7 @@ bench-serve: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+.PHONY: bench-train
+bench-train: $(STAMP)
+	$(PY) -m steer.training.bench

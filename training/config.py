@@ -116,7 +116,7 @@ def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> 
     hints = _field_types(cls)
     for f in _help_order(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})"
+        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")  # argparse formats help
         kwargs: dict = {"dest": f.name, "help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]

@@ -287,7 +287,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     G = config.batch_size * config.grad_accum * ctx.world_size
     slots = config.prompts_per_iteration * config.directions_per_prompt
     per_slot = 2 if config.loss == "kto" else 1
-    total = config.iterations * config.epochs_per_iteration * max(1, slots * per_slot // G)  # at most; near-ties shrink it
+    total = config.iterations * config.epochs_per_iteration * -(-slots * per_slot // G)  # at most; near-ties shrink it
     logger = MetricsLogger(output, ctx.is_main, resume_lines=ckpt.state["metrics_lines"] if ckpt else None,
                            elapsed=ckpt.state.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = PreferenceTrainer(config, policy, ctx, total, manager, logger)
@@ -326,11 +326,10 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
                       f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s", file=sys.stderr)
         examples = examples_from_pairs(rows, config.loss)
-        if len(examples) < G:
-            logger.log({"type": "skip", "iteration": k, "step": trainer.step,
-                        "reason": f"{len(examples)} examples cannot fill a global batch of {G}"})
-            log.warning("iteration %d: %d examples cannot fill a global batch of %d; no training this iteration", k, len(examples), G)
-        else:
+        if not examples:
+            logger.log({"type": "skip", "iteration": k, "step": trainer.step, "reason": "every pair was a near-tie"})
+            log.warning("iteration %d: no pairs (all below min_margin); no training this iteration", k)
+        else:  # fewer than a global batch is fine: the trainer pads the epoch with repeats
             data = encode_examples(examples, encoder, sft=config.loss == "sft")
             trainer.ref = None
             if config.precomputes_reference:

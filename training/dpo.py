@@ -118,11 +118,10 @@ def _train(config: DPOConfig, ctx: DistContext) -> dict:
     ckpt = check_output(config, manager)
 
     G = config.batch_size * config.grad_accum * ctx.world_size
-    per_epoch = len(data) // G
-    if per_epoch == 0:
+    if len(data) < G:  # a batch made mostly of repeats is a mistake in a fixed data set
         raise InvalidInput("batch_size", f"{len(data)} examples cannot fill one global batch of {G} "
                            f"(batch_size x grad_accum x {ctx.world_size} ranks)")
-    total = config.epochs * per_epoch
+    total = config.epochs * -(-len(data) // G)
     if config.max_steps:
         total = min(total, config.max_steps)
     logger = MetricsLogger(output, ctx.is_main, resume_lines=ckpt.state["metrics_lines"] if ckpt else None,

@@ -68,6 +68,7 @@ def plot_curves(output: str | Path, title: str = "") -> Path | None:
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     output = Path(output)
     records = read_metrics(output)
@@ -106,6 +107,7 @@ def plot_curves(output: str | Path, title: str = "") -> Path | None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xlabel("DPA iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("v . r (common scale)")
         ax.set_title("scalarised reward of policy samples")
         ax.legend()

@@ -40,6 +40,7 @@ class PolicySpec:
     lora_target: str = "all-linear"
     dtype: str = "float32"
     seed: int = 0
+    gradient_checkpointing: bool = False
 
 
 def lora_targets(spec: str):
@@ -125,6 +126,15 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
     """Load the base (or take ``base = (lm, tokenizer, dir)``), add a fresh LoRA adapter unless
     ``spec.full``. The adapter's initialisation is seeded by ``spec.seed``."""
     lm, tokenizer, base_dir = base if base is not None else load_base(spec.model, spec.dtype, device)
+    if spec.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it works under LoRA
+        # (frozen embeddings) as well; transformers applies it only in train mode.
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        lm.config.use_cache = False
     if spec.full:
         for p in lm.parameters():
             p.requires_grad_(True)

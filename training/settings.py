@@ -52,11 +52,13 @@ class TrainerConfig:
     lora_alpha: float = field(default=32.0, metadata=_f("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.0, metadata=_f("dropout on the LoRA input"))
     lora_target: str = field(default="all-linear", metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_f("recompute decoder activations in backward: less memory, ~30% more compute"))
     precompute_ref: bool = field(default=False, metadata=_f("LoRA: compute reference log-probs once before training instead of per step"))
     lr: float = field(default=5e-5, metadata=_f("AdamW peak learning rate"))
     lr_schedule: str = field(default="linear", metadata=_f("after warmup: constant, linear decay to 0, or cosine decay to 0", choices=SCHEDULES))
     warmup_steps: int = field(default=0, metadata=_f("linear warmup steps"))
     weight_decay: float = field(default=0.0, metadata=_f("AdamW weight decay"))
+    adam_eps: float = field(default=1e-8, metadata=_f("AdamW epsilon (the floor of the per-element update normaliser)"))
     max_grad_norm: float = field(default=1.0, metadata=_f("clip the gradient norm to this (0: no clipping)"))
     batch_size: int = field(default=4, metadata=_f("examples per micro-batch per rank (a pair counts once and runs two sequences)"))
     grad_accum: int = field(default=1, metadata=_f("micro-batches per optimiser step; global batch = batch_size x grad_accum x ranks"))
@@ -93,6 +95,7 @@ class TrainerConfig:
         require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         require_int("warmup_steps", self.warmup_steps, 0)
         require_float("weight_decay", self.weight_decay, minimum=0)
+        require_float("adam_eps", self.adam_eps, minimum=0, exclusive_min=True)
         require_float("max_grad_norm", self.max_grad_norm, minimum=0)
         require_int("batch_size", self.batch_size, 1)
         require_int("grad_accum", self.grad_accum, 1)
@@ -128,7 +131,8 @@ class TrainerConfig:
     def policy_spec(self):
         from .policy import PolicySpec
 
-        return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.dtype, self.seed)
+        return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.dtype,
+                          self.seed, self.gradient_checkpointing)
 
 
 PACKAGED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"

@@ -32,6 +32,7 @@ from .pairs import EncodedExample, collate
 from .policy import Policy
 from .settings import TrainerConfig
 
+
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak LR at step s: linear warmup, then constant / linear / cosine to 0 at ``total``."""
     def f(step: int) -> float:
@@ -112,7 +113,7 @@ class PreferenceTrainer:
         self.ctx = ctx
         self.forward = wrap_ddp(SequenceLogprobs(policy.model, config.logprob_impl), ctx)
         self.params = [p for _, p in policy.named_trainable()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
         self.total_steps = total_steps
         self.manager = manager
@@ -125,12 +126,18 @@ class PreferenceTrainer:
     # -- losses -----------------------------------------------------------------------------
 
     def _reference(self, batch, idx: list[int], column: int) -> torch.Tensor:
-        """Reference log-probs of ``batch`` (rows = examples ``idx``, sequence ``column``), ``(b,)``."""
+        """Reference log-probs: precomputed, sequence ``column`` of examples ``idx`` ``(b,)``; live,
+        every row of ``batch`` ``(rows,)`` through the adapter-disabled policy."""
         if self.ref is not None:
             return self.ref[idx, column].to(self.ctx.device)
-        with torch.no_grad():
-            with self.policy.reference():
-                return sequence_logprobs(self.policy.model, batch, impl=self.config.logprob_impl).logps
+        model = self.policy.model
+        with torch.no_grad(), self.policy.reference():
+            # The reference is a fixed model: no dropout in it (the base model's own, if it has any).
+            model.eval()
+            try:
+                return sequence_logprobs(model, batch, impl=self.config.logprob_impl).logps
+            finally:
+                model.train()
 
     def micro_batch_loss(self, data: list[EncodedExample], idx: list[int]) -> StepResult:
         """The configured loss on examples ``data[idx]`` (policy log-probs with gradients)."""
@@ -212,26 +219,28 @@ class PreferenceTrainer:
         metrics.update({"grad_norm": float(grad_norm), "lr": lr, "tokens": int(total_tokens.item())})
         return metrics
 
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.ctx.world_size
+
     def steps_per_epoch(self, n: int) -> int:
-        return n // (self.config.batch_size * self.config.grad_accum * self.ctx.world_size)
+        return math.ceil(n / self.global_batch)
 
     def fit(self, data: list[EncodedExample], *, epochs: int, cursor: tuple[int, int] = (0, 0), salt: int = 0,
             max_steps: int = 0, extra_state: Callable[[], dict] | None = None, record: dict | None = None,
             desc: str = "train") -> int:
         """Train ``epochs`` passes over ``data`` from ``cursor = (epoch, batch)``; returns steps taken.
 
-        Drops the last partial global batch of each epoch (every rank must get equal work).
-        ``record`` adds fields to every metrics record (DPA: the iteration). Checkpoints every
+        Like ``DistributedSampler(drop_last=False)``, an epoch whose size is not a multiple of the
+        global batch is padded with its own first examples, so every step (and every rank) gets a
+        full batch and no example is left out. ``record`` adds fields to every metrics record (DPA: the iteration). Checkpoints every
         ``save_every`` global steps record the cursor and ``extra_state()``.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
-        G = cfg.batch_size * cfg.grad_accum * self.ctx.world_size
-        per_epoch = len(data) // G
-        if per_epoch == 0:
-            raise InvalidInput("batch_size", f"{len(data)} examples cannot fill one global batch of {G} "
-                               f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {self.ctx.world_size} ranks)")
+        G = self.global_batch
+        per_epoch = self.steps_per_epoch(len(data))
         planned = epochs * per_epoch
         done = cursor[0] * per_epoch + cursor[1]
         if max_steps:
@@ -241,6 +250,7 @@ class PreferenceTrainer:
         try:
             for epoch in range(cursor[0], epochs):
                 order = epoch_order(len(data), cfg.seed, epoch, salt)
+                order += [order[i % len(order)] for i in range(per_epoch * G - len(order))]  # pad to whole batches
                 for b in range(cursor[1] if epoch == cursor[0] else 0, per_epoch):
                     if max_steps and self.step >= max_steps:
                         return taken
