@@ -9,7 +9,7 @@ PORT ?= 50051
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-slow proto bench-kernels bench-serve loadtest clean help
+.PHONY: install serve test test-slow proto bench-kernels bench-serve bench-rerank loadtest clean help
 
 help:
 	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
@@ -18,6 +18,8 @@ help:
 	@echo "make proto        regenerate steer/v1/*_pb2*.py from proto/steer/v1/steer.proto"
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
 	@echo "make bench-serve  serving throughput/latency vs one-generate-per-request (writes JSON)"
+	@echo "make bench-rerank RERANK best-of-4 latency vs one CONDITIONED sample (writes JSON)"
+	@echo "make bench-train  one DPO step, fused vs naive log-probs (writes JSON)"
 	@echo "make loadtest     locust, headless, against a freshly started server (writes CSVs)"
 
 $(STAMP): pyproject.toml
@@ -52,6 +54,9 @@ loadtest: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) -m steer.server.bench
+
+bench-rerank: $(STAMP)
+	$(PY) -m steer.server.bench_rerank
 
 clean:
 	rm -rf $(VENV) build *.egg-info
