@@ -61,6 +61,7 @@ def generate_batch(
         for b, start in enumerate(batches):
             chunk = jobs[start:start + batch_size]
             enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}  # the model may live on a GPU
             torch.manual_seed(seed * 1_000_003 + b)
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if params.greedy:
