@@ -90,29 +90,19 @@ class Timer:
 
 
 def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
-    """Interleaved timings: every repeat runs each candidate once, so load drifts hit all alike."""
+    """Interleaved timings: every repeat runs each candidate once, so load drifts hit all alike.
+
+    `chunk_rows`: the CPU path's rows per chunk, for the chunked GEMM floor (None on CUDA: the
+    Triton path does not chunk).
+    """
     import torch
 
+    timer = Timer(torch.device(device))
     hidden, weight, targets, grad_out = make_inputs(n, h, v, dtype, device)
     grad_logits = torch.empty(n, v, device=device, dtype=dtype).normal_()  # (N, V) stand-in for G
     logits = torch.empty(n, v, device=device, dtype=dtype)  # (N, V) GEMM output, preallocated
     dx = torch.empty(n, h, device=device, dtype=dtype)
     dw = torch.empty(v, h, device=device, dtype=dtype)
-    c = min(chunk_rows, n)
-    slab = torch.empty(v * c, device=device, dtype=dtype)  # (V * C,) viewed (V, c) as the CPU path does
-    dw_acc = torch.zeros(v, h, device=device, dtype=dtype)
-
-    def chunked(kind):  # the GEMMs of logprob_torch's chunk loop, same shapes and layouts
-        for start in range(0, n, c):
-            x = hidden[start : start + c]  # (c, H)
-            z = slab[: v * x.shape[0]].view(v, x.shape[0])  # (V, c)
-            if kind == "fwd":
-                torch.mm(weight, x.t(), out=z)
-            elif kind == "dx":
-                torch.mm(z.t(), weight, out=dx[start : start + x.shape[0]])
-            else:
-                dw_acc.addmm_(z, x)
-
     candidates = {
         "fused_fwd_bwd": lambda: fwd_bwd("fused", hidden, weight, targets, grad_out),
         "naive_fwd_bwd": lambda: fwd_bwd("naive", hidden, weight, targets, grad_out),
@@ -120,11 +110,28 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
         "gemm_recompute": lambda: torch.mm(hidden, weight.t(), out=logits),
         "gemm_dx": lambda: torch.mm(grad_logits, weight, out=dx),
         "gemm_dw": lambda: torch.mm(grad_logits.t(), hidden, out=dw),
-        "chunked_gemm_fwd": lambda: chunked("fwd"),
-        "chunked_gemm_dx": lambda: chunked("dx"),
-        "chunked_gemm_dw": lambda: chunked("dw"),
     }
-    timer = Timer(torch.device(device))
+    if chunk_rows:
+        c = min(chunk_rows, n)
+        slab = torch.empty(v * c, device=device, dtype=dtype)  # (V * C,) viewed (V, c) as the CPU path does
+        dw_acc = torch.zeros(v, h, device=device, dtype=dtype)
+
+        def chunked(kind):  # the GEMMs of logprob_torch's chunk loop, same shapes and layouts
+            for start in range(0, n, c):
+                x = hidden[start : start + c]  # (c, H)
+                z = slab[: v * x.shape[0]].view(v, x.shape[0])  # (V, c)
+                if kind == "fwd":
+                    torch.mm(weight, x.t(), out=z)
+                elif kind == "dx":
+                    torch.mm(z.t(), weight, out=dx[start : start + x.shape[0]])
+                else:
+                    dw_acc.addmm_(z, x)
+
+        candidates.update({
+            "chunked_gemm_fwd": lambda: chunked("fwd"),
+            "chunked_gemm_dx": lambda: chunked("dx"),
+            "chunked_gemm_dw": lambda: chunked("dw"),
+        })
     samples = {name: [] for name in candidates}
     cpu_samples = {name: [] for name in candidates}
     for name, fn in candidates.items():  # warm-up: page in buffers, initialise BLAS / compile kernels
@@ -145,17 +152,19 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
             f"GEMMs {sum(samples[k][-1] for k in ('gemm_fwd', 'gemm_recompute', 'gemm_dx', 'gemm_dw')):.3f} s")
     med = {name: (statistics.median(s) if s else None) for name, s in samples.items()}
     floor = med["gemm_fwd"] + med["gemm_recompute"] + med["gemm_dx"] + med["gemm_dw"]
+    chunked = bool(chunk_rows)
     # the fused path runs the chunked forward GEMM twice (forward and recompute)
-    chunked_floor = 2 * med["chunked_gemm_fwd"] + med["chunked_gemm_dx"] + med["chunked_gemm_dw"]
+    chunked_floor = 2 * med["chunked_gemm_fwd"] + med["chunked_gemm_dx"] + med["chunked_gemm_dw"] if chunked else None
     # Per-repeat ratios (fused and the floor measured seconds apart) and their median: steadier
     # than a ratio of medians when the machine's load changes during the run.
     floor_r = [sum(samples[k][r] for k in ("gemm_fwd", "gemm_recompute", "gemm_dx", "gemm_dw")) for r in range(repeats)]
-    chunked_r = [2 * samples["chunked_gemm_fwd"][r] + samples["chunked_gemm_dx"][r] + samples["chunked_gemm_dw"][r]
-                 for r in range(repeats)]
-    per_repeat = {
-        "fused_over_gemm_floor": [f / g for f, g in zip(samples["fused_fwd_bwd"], floor_r)],
-        "fused_over_chunked_gemm_floor": [f / g for f, g in zip(samples["fused_fwd_bwd"], chunked_r)],
-    }
+    per_repeat = {"fused_over_gemm_floor": [f / g for f, g in zip(samples["fused_fwd_bwd"], floor_r)]}
+    if chunked:
+        chunked_r = [2 * samples["chunked_gemm_fwd"][r] + samples["chunked_gemm_dx"][r] + samples["chunked_gemm_dw"][r]
+                     for r in range(repeats)]
+        per_repeat["fused_over_chunked_gemm_floor"] = [f / g for f, g in zip(samples["fused_fwd_bwd"], chunked_r)]
+    best = {name: (min(s) if s else None) for name, s in samples.items()}
+    best_floor = best["gemm_fwd"] + best["gemm_recompute"] + best["gemm_dx"] + best["gemm_dw"]
     flops = 8 * n * h * v  # fwd + recompute + dX + dW, 2 N H V each
     result = {
         "median_s": {**med, "gemm_floor": floor, "chunked_gemm_floor": chunked_floor},
@@ -174,7 +183,9 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
         "ratios": {
             "fused_over_gemm_floor": statistics.median(per_repeat["fused_over_gemm_floor"]),
             "fused_over_gemm_floor_of_medians": med["fused_fwd_bwd"] / floor,
-            "fused_over_chunked_gemm_floor": statistics.median(per_repeat["fused_over_chunked_gemm_floor"]),
+            # other load only ever adds time, so the fastest repeat of each is its least disturbed one
+            "fused_over_gemm_floor_of_minima": best["fused_fwd_bwd"] / best_floor,
+            "fused_over_chunked_gemm_floor": statistics.median(per_repeat["fused_over_chunked_gemm_floor"]) if chunked else None,
             "naive_over_gemm_floor": med["naive_fwd_bwd"] / floor if med["naive_fwd_bwd"] else None,
             "naive_over_fused": med["naive_fwd_bwd"] / med["fused_fwd_bwd"] if med["naive_fwd_bwd"] else None,
         },
@@ -319,11 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "runs": [],
     }
     for n, h, v in shapes:
-        chunk = min(chunk_rows_for(v, dtype), n)
-        log(f"N={n} H={h} V={v} {report['dtype']} on {report['device']} ({report['backend']} path, chunk {chunk} rows)")
+        chunk = min(chunk_rows_for(v, dtype), n) if not cuda else None  # CPU path's rows per chunk
+        log(f"N={n} H={h} V={v} {report['dtype']} on {report['device']} ({report['backend']} path"
+            + (f", chunk {chunk} rows)" if chunk else ")"))
         run = {"shape": {"N": n, "H": h, "V": v}, "chunk_rows": chunk}
         run.update(time_shape(n, h, v, dtype, device, args.repeats, chunk))
         if not args.skip_memory:
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         report["runs"].append(run)
         print_summary(run)
+    report["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -346,16 +360,20 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(run: dict) -> None:
     med, ratios = run["median_s"], run["ratios"]
     s = run["shape"]
-    print(f"N={s['N']} H={s['H']} V={s['V']}, chunk {run['chunk_rows']} rows (medians)")
+    print(f"N={s['N']} H={s['H']} V={s['V']}" + (f", chunk {run['chunk_rows']} rows" if run["chunk_rows"] else "")
+          + " (medians)")
     print(f"  fused fwd+bwd       {med['fused_fwd_bwd']:8.3f} s   {run['tflops']['fused']:.3f} TFLOP/s")
     if med["naive_fwd_bwd"]:
         print(f"  naive fwd+bwd       {med['naive_fwd_bwd']:8.3f} s   ({ratios['naive_over_fused']:.2f}x the fused time)")
     print(f"  GEMM floor          {med['gemm_floor']:8.3f} s   (fwd {med['gemm_fwd']:.3f} + recompute "
           f"{med['gemm_recompute']:.3f} + dX {med['gemm_dx']:.3f} + dW {med['gemm_dw']:.3f})")
-    print(f"  chunked GEMM floor  {med['chunked_gemm_floor']:8.3f} s")
+    if med["chunked_gemm_floor"] is not None:
+        print(f"  chunked GEMM floor  {med['chunked_gemm_floor']:8.3f} s")
     print(f"  fused / GEMM floor  {ratios['fused_over_gemm_floor']:8.3f}    (median of per-repeat ratios; "
-          f"ratio of medians {ratios['fused_over_gemm_floor_of_medians']:.3f})")
-    print(f"  fused / chunked GEMM floor {ratios['fused_over_chunked_gemm_floor']:.3f}")
+          f"ratio of medians {ratios['fused_over_gemm_floor_of_medians']:.3f}, of minima "
+          f"{ratios['fused_over_gemm_floor_of_minima']:.3f})")
+    if ratios["fused_over_chunked_gemm_floor"] is not None:
+        print(f"  fused / chunked GEMM floor {ratios['fused_over_chunked_gemm_floor']:.3f}")
     if "cpu_time" in run:
         print(f"  in CPU time         fused / GEMM floor {run['cpu_time']['fused_over_gemm_floor']:.3f}, "
               f"naive / GEMM floor {run['cpu_time']['naive_over_gemm_floor']:.3f}")
