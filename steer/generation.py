@@ -61,7 +61,9 @@ def generate_batch(
         for b, start in enumerate(batches):
             chunk = jobs[start:start + batch_size]
             enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}  # the model may live on a GPU
+            device = getattr(model, "device", None)  # transformers models say where they live (maybe a GPU)
+            if device is not None:
+                enc = {k: v.to(device) for k, v in enc.items()}
             torch.manual_seed(seed * 1_000_003 + b)
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if params.greedy:
