@@ -25,34 +25,11 @@ from torch import Tensor, nn
 
 from steer.kernels import linear_logprob
 
+from steer.models import decoder_and_head
+
 from .pairs import IGNORE_INDEX, Batch
 
 IMPLS = ("fused", "naive")
-
-
-def decoder_and_head(model) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a transformers causal LM, or of a PEFT model around one.
-
-    ``decoder(...)`` returns the last layer's hidden states after the final norm, so that
-    ``lm_head(hidden)`` are the logits; models that post-process logits (soft-capping, logit
-    scales) are refused rather than trained on the wrong distribution.
-    """
-    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the wrapped model's modules
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"sequence log-probs need logits == lm_head(hidden); this model sets {attr}={getattr(config, attr)}")
-    decoder = model.base_model  # transformers: the module named by base_model_prefix (LlamaModel, ...)
-    if decoder is model:
-        raise ValueError(f"{type(model).__name__} has no separate decoder module (base_model_prefix)")
-    head = model.get_output_embeddings()
-    if not isinstance(getattr(head, "weight", None), Tensor) or type(head) is not nn.Linear:
-        raise ValueError(
-            f"the LM head is a {type(head).__name__}, not a plain Linear: the fused log-prob op needs its weight "
-            "(an adapter on lm_head is not supported; leave lm_head out of lora_target)"
-        )
-    return decoder, head
 
 
 @dataclass

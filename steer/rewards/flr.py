@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import InvalidInput
+from steer.models import decoder_and_head
 from steer.objectives import validate_objectives
 from steer.rewards.calibration import Calibration, cache_dir, config_key, find_calibration, model_fingerprint, read_calibration_file
 from steer.rewards.calibration_set import CALIBRATION_SET_ID, calibration_conversations
@@ -81,25 +82,6 @@ def followups_digest(sets: FollowUps) -> str:
     return hashlib.sha256(json.dumps([list(sets.positive), list(sets.negative)]).encode()).hexdigest()[:16]
 
 
-def causal_lm_parts(model):
-    """``(decoder, lm_head)`` of a transformers causal LM (or a PEFT wrapper around one).
-
-    ``decoder(input_ids, ...)`` returns last-layer hidden states after the final norm, so that
-    ``lm_head(hidden)`` are the model's logits; models that post-process logits (soft-capping,
-    logit scales) are refused rather than scored wrongly.
-    """
-    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers live inside the wrapped model's modules
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"FLR needs logits == lm_head(hidden); this model sets {attr}={getattr(config, attr)}")
-    decoder = model.base_model  # transformers: the module named by base_model_prefix (LlamaModel, ...)
-    if decoder is model:
-        raise ValueError(f"{type(model).__name__} has no separate decoder module (base_model_prefix)")
-    return decoder, model.get_output_embeddings()
-
-
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, L)`` ids right-padded with ``pad_id`` and ``(B,)`` lengths."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
@@ -118,7 +100,7 @@ class FLRScorer(Scorer):
         self.config = config
         self.model_id = model_id
         self.objectives = config.objectives
-        self.decoder, self.lm_head = causal_lm_parts(model)
+        self.decoder, self.lm_head = decoder_and_head(model)
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.device = self.lm_head.weight.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

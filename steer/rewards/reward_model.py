@@ -126,9 +126,9 @@ class RewardModel(nn.Module):
 
     @property
     def decoder(self):
-        from steer.rewards.flr import causal_lm_parts
+        from steer.models import decoder_and_head
 
-        return causal_lm_parts(self.backbone)[0]
+        return decoder_and_head(self.backbone)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
