@@ -193,9 +193,9 @@ def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
     return {"greedy_prefix_agreement": round(agree / max(total, 1), 3), "mean_abs_logprob_drift": round(statistics.mean(drift), 4)}
 
 
-def start_server(model: str, dtype: str, port: int, max_concurrent: int) -> subprocess.Popen:
+def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "steer.serve", "--model", model, "--dtype", dtype, "--port", str(port),
-                             "--max-concurrent", str(max_concurrent), "--log-level", "WARNING"])
+                             "--max-concurrent", str(max_concurrent), "--scorer", scorer, "--log-level", "WARNING"])
 
 
 def main(argv=None) -> int:
@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: max(concurrency, 4))")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--scorer", default="none",
+                   help="server's --scorer; 'none' (default) measures generation alone, like the baseline")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -215,9 +217,12 @@ def main(argv=None) -> int:
     from steer.client import free_port, wait_until_serving
     from steer.models import load_model
 
-    results = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "levels": {}}
+    import os
+
+    results = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
     port = free_port()
-    server = start_server(args.model, args.dtype, port, max(levels))
+    server = start_server(args.model, args.dtype, port, max(levels), args.scorer)
     try:
         target = f"127.0.0.1:{port}"
         print(f"bench: waiting for the server on {target} ...", flush=True)
