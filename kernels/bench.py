@@ -15,6 +15,10 @@ CPU (fp32, the chunked torch path), per shape:
           inputs are allocated and touched, a 16-row warm-up initialises the BLAS/OpenMP pools,
           the kernel's peak-RSS mark is reset (/proc/self/clear_refs), the op runs keeping its
           gradients alive, and the new peak minus the RSS before is reported (dX and dW included).
+On a shared machine, run with OMP_WAIT_POLICY=PASSIVE as well: by default idle OpenMP threads
+spin, and when another process holds one of the cores every parallel region then waits out a
+scheduler slice. That costs per region, so it penalises the chunked loop (hundreds of regions)
+far more than four big GEMMs; the policy is recorded in the JSON.
 CUDA (bf16, the Triton path): the same timings with CUDA events plus achieved TFLOP/s
 (8 N H V FLOPs: four GEMM-sized products), peak memory from torch.cuda.max_memory_allocated,
 and a second shape N=16384 H=4096 V=128256.
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                "  python -m steer.kernels.bench\n"
                "  python -m steer.kernels.bench --n 512 --repeats 3 --skip-memory\n"
                "  python -m steer.kernels.bench --threads 1   # steadier on a shared machine\n"
+               "  OMP_WAIT_POLICY=PASSIVE python -m steer.kernels.bench   # idle threads sleep, not spin\n"
                "  python -m steer.kernels.bench --out /tmp/kernels.json\n"
                "  make bench-kernels",
     )
@@ -329,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats,
         "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "runs": [],

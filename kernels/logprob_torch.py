@@ -6,7 +6,7 @@ Both compute, for hidden states X (N, H), an LM head W (V, H), optional bias b (
     logp_i = z[i, t_i] - logsumexp(z[i, :])       # (N,)  0 where t_i == ignore_index
 
 `naive_linear_logprob` materialises z; `torch_linear_logprob` never holds more than one
-(chunk, V) slab of it (two for half inputs: the GEMM output and its fp32 copy) and has the same
+(V, chunk) slab of it (two for half inputs: the GEMM output and its fp32 copy) and has the same
 signature as the Triton path (`logprob_triton.py`).
 """
 
@@ -70,7 +70,7 @@ def naive_linear_logprob(
 
 
 def chunk_rows_for(vocab_size: int, dtype: torch.dtype, budget_bytes: int = WORKSPACE_BYTES) -> int:
-    """Rows per chunk so that the (chunk, V) workspace fits `budget_bytes` (a multiple of 16)."""
+    """Rows per chunk so that the (V, chunk) workspace fits `budget_bytes` (a multiple of 16)."""
     # A slab in the accumulation dtype always; half inputs add one in their own dtype for the GEMM output.
     itemsize = torch.finfo(dtype).bits // 8
     acc_itemsize = torch.finfo(accumulation_dtype(dtype)).bits // 8
