@@ -146,19 +146,24 @@ def parse_row(row: Mapping, where: str) -> Example:
 
 # -- files ------------------------------------------------------------------------------------
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` of the non-blank lines, each checked to be a JSON object (errors: file:line)."""
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file; syntax errors name file:line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise InvalidInput(f"{path}:{lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InvalidInput(f"{path}:{lineno}", f"row: must be a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+
+
+def _json_object_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """:func:`json_lines`, each line also checked to be a JSON object (errors: file:line)."""
+    for lineno, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            raise InvalidInput(f"{path}:{lineno}", f"row: must be a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
@@ -176,7 +181,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
         raise InvalidInput(str(path), f"unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise InvalidInput(str(path), "no such file")
-    parsed = list(_json_lines(path)) if path.suffix.lower() == ".jsonl" else None
+    parsed = list(_json_object_lines(path)) if path.suffix.lower() == ".jsonl" else None
     if parsed == []:
         raise InvalidInput(str(path), "has no rows")
     datasets.disable_progress_bars()

@@ -24,16 +24,14 @@ and dataset row ``i`` maps back to the ``i``-th non-blank line.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
-
-SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+from steer.training.pairs import SUFFIXES, json_lines  # one JSONL reader and file-type table for all training data
 
 
 @dataclass(frozen=True)
@@ -108,18 +106,6 @@ def parse_row(row: Mapping, objectives: Sequence[str], where: str) -> Example:
     return RatingExample(conversation, response, tuple(labels), where)
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed object)`` for each non-blank line, with syntax errors as file:line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"{path}:{lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def read_reward_file(path: str | Path, objectives: Sequence[str]) -> list[Example]:
     """All rows of one JSONL/Parquet file as examples, or ``InvalidInput`` at the first bad row."""
     import datasets
@@ -132,7 +118,7 @@ def read_reward_file(path: str | Path, objectives: Sequence[str]) -> list[Exampl
         raise InvalidInput(str(path), "no such file")
     if builder == "json":
         lines = []
-        for lineno, obj in _jsonl_lines(path):
+        for lineno, obj in json_lines(path):
             parse_row(obj, objectives, f"{path}:{lineno}")  # every row checked before datasets sees it
             lines.append(lineno)
         if not lines:
