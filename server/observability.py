@@ -69,9 +69,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             rid = client_rid or uuid.uuid4().hex[:16]
             request_id_var.set(rid)
             context.set_trailing_metadata((("x-request-id", rid),))
-            return rid, time.perf_counter()
+            # Read the peer now: on a call the client has cancelled, context.peer() reaches into a
+            # released core call and can crash the process.
+            return rid, time.perf_counter(), context.peer()
 
-        def end(context, rid, started, error=None):
+        def end(context, rid, started, peer, error=None):
             code = context.code()
             if code is None:
                 if error is None:
@@ -83,19 +85,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             if self.metrics is not None:
                 self.metrics.requests.labels(method, name).inc()
                 self.metrics.latency.labels(method).observe(elapsed)
-            access_log.info(json.dumps({"request_id": rid, "method": method, "code": name, "seconds": round(elapsed, 4), "peer": context.peer()}))
+            access_log.info(json.dumps({"request_id": rid, "method": method, "code": name, "seconds": round(elapsed, 4), "peer": peer}))
 
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary(request, context):
-                rid, started = begin(context)
+                rid, started, peer = begin(context)
                 try:
                     response = await inner(request, context)
                 except BaseException as e:
-                    end(context, rid, started, e)
+                    end(context, rid, started, peer, e)
                     raise
-                end(context, rid, started)
+                end(context, rid, started, peer)
                 return response
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
@@ -103,14 +105,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
-                rid, started = begin(context)
+                rid, started, peer = begin(context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
                 except BaseException as e:
-                    end(context, rid, started, e)
+                    end(context, rid, started, peer, e)
                     raise
-                end(context, rid, started)
+                end(context, rid, started, peer)
 
             return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
         return handler  # streaming-request methods (reflection) pass through untouched
