@@ -8,14 +8,19 @@ alone. Each iteration k:
    ``directions_per_prompt`` directions each: a ``corner_share`` of them corners (all weight on
    one objective), the rest Dirichlet(``dirichlet_alpha``) mixes, all rounded to the two decimals
    the conditioning line shows (see :class:`steer.training.settings.DPAConfig`).
-2. **Samples.** ``samples`` responses per (prompt, direction) from the *current* policy (adapter
-   on), conditioned with :func:`steer.conditioning.condition_messages`, through
-   :func:`steer.generation.generate_batch`.
+2. **Candidates.** A pool per (prompt, direction ``v``): ``samples`` responses of the *current*
+   policy (adapter on), conditioned with :func:`steer.conditioning.condition_messages`; and,
+   *principle-guided* (RLCD, Yang et al. 2023, arXiv 2307.12950), ``guided_samples`` responses of
+   the *base* model (adapter off) under plain-language instructions chosen for ``v`` and
+   ``contrast_samples`` under instructions against ``v`` (:mod:`steer.principles`). The base
+   model follows such instructions where it ignores the numeric line, so the pool differs in
+   what ``v`` weighs. ``--guided-samples 0 --contrast-samples 0`` is the plain on-policy loop.
 3. **Rewards.** Each response's reward vector ``r`` (common scale) from the scorer, on the
    *unconditioned* conversation: the reward judges the answer to the user, not whether it obeyed
    the direction line. The scorer's model is the base (adapter switched off), a frozen copy for
    full fine-tuning, or ``--scorer-model``.
-4. **Pairs.** For each (prompt, direction): chosen = argmax ``v . r``, rejected = argmin; skipped
+4. **Pairs.** For each (prompt, direction): chosen = argmax ``v . r``, rejected = argmin over the
+   whole pool; the pair's prompt carries the direction line and no instruction; skipped
    when the margin is below ``min_margin`` (a near-tie is noise) or the two texts are equal.
    ``sft`` keeps every best response (rejection-sampling fine-tuning) and ignores the margin.
 5. **Train** ``epochs_per_iteration`` passes of the preference loss on the direction-conditioned
@@ -128,9 +133,67 @@ def _score_context(policy: Policy, shares_policy_weights: bool):
     return policy.reference() if (policy.lora and shares_policy_weights) else contextlib.nullcontext()
 
 
-def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext) -> IterationData:
-    """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result."""
+POLICY, GUIDED, CONTRAST = "policy", "guided", "contrast"  # where a candidate came from
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    finished: bool  # ended with the end-of-turn token
+    tokens: int
+    source: str  # POLICY (current policy, direction line), GUIDED / CONTRAST (base model, instruction for / against v)
+    instruction: str | None  # the principle text a base-model candidate was sampled under
+
+
+def candidate_requests(config: DPAConfig, principles, directions: list[Direction], slot_ids: list[int], iteration: int) -> list[tuple[int, str, str]]:
+    """``(position in slot_ids, source, instruction)`` for every base-model candidate: ``guided_samples``
+    instructions for the slot's direction, then ``contrast_samples`` against it. Each slot draws from
+    its own seeded stream, so the instructions do not depend on how slots are split across ranks."""
+    out = []
+    for a, s in enumerate(slot_ids):
+        rng = np.random.default_rng([config.seed, 13, iteration, s])
+        out += [(a, GUIDED, principles.instruction(directions[s], "positive", rng)) for _ in range(config.guided_samples)]
+        out += [(a, CONTRAST, principles.instruction(directions[s], "negative", rng)) for _ in range(config.contrast_samples)]
+    return out
+
+
+def choose_pair(scores: list[float], texts: list[str], min_margin: float, sft: bool) -> tuple[int, int, str | None]:
+    """``(chosen, rejected, skip reason)``: argmax and argmin of ``v . r`` over the pool; a pair is
+    skipped (reason ``"equal"`` or ``"margin"``) when both texts are the same or the margin is below
+    ``min_margin`` (a near-tie is noise). ``sft`` keeps the best whatever the margin."""
+    hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
+    if sft:
+        return hi, lo, None
+    if texts[hi] == texts[lo]:
+        return hi, lo, "equal"
+    if scores[hi] - scores[lo] < min_margin:
+        return hi, lo, "margin"
+    return hi, lo, None
+
+
+def _generate_sorted(model, tokenizer, conversations, params, *, batch_size, seed, progress, keys):
+    """One sample per conversation, generated in order of ``keys`` (rows expected to be about as long
+    share a batch, so short answers do not wait for long ones), returned in the input order."""
     from steer.generation import generate_batch
+
+    order = sorted(range(len(conversations)), key=lambda i: keys[i])
+    gens = generate_batch(model, tokenizer, [conversations[i] for i in order], [None] * len(order), params,
+                          num_samples=1, batch_size=batch_size, seed=seed, progress=progress)
+    out = [None] * len(order)
+    for pos, i in enumerate(order):
+        out[i] = gens[pos][0]
+    return out
+
+
+def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext,
+            principles=None, base_model=None) -> IterationData:
+    """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result.
+
+    ``principles`` (a :class:`steer.principles.Principles`) and ``base_model`` (the model the guided and
+    contrast candidates come from: ``None`` means the policy with its adapter switched off) are needed
+    when ``config.uses_principles``."""
+    from steer.generation import generate_batch
+    from steer.principles import instructed_messages
     from steer.sampling import SamplingParams
 
     rng = np.random.default_rng([config.seed, 11, iteration])
@@ -138,80 +201,107 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
     slots = [p for p in prompt_idx for _ in range(config.directions_per_prompt)]
     directions = sample_directions(len(slots), config.objectives, rng, config.corner_share, config.dirichlet_alpha)
     mine = list(range(ctx.rank, len(slots), ctx.world_size))  # each rank samples and scores its share
+    show = config.progress and ctx.is_main
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
     policy.model.eval()  # no LoRA dropout while sampling
     t0 = time.monotonic()
-    gens = generate_batch(
-        policy.model, policy.tokenizer, [prompts[slots[s]] for s in mine], [directions[s] for s in mine], params,
-        num_samples=config.samples, batch_size=config.generation_batch_size,
-        seed=config.seed * 7919 + iteration * 104_729 + ctx.rank, progress=config.progress and ctx.is_main,
-    )
+    pool: list[list[Candidate]] = [[] for _ in mine]
+    if config.samples:
+        gens = generate_batch(
+            policy.model, policy.tokenizer, [prompts[slots[s]] for s in mine], [directions[s] for s in mine], params,
+            num_samples=config.samples, batch_size=config.generation_batch_size,
+            seed=config.seed * 7919 + iteration * 104_729 + ctx.rank, progress=show,
+        )
+        for a, row in enumerate(gens):
+            pool[a] += [Candidate(g.text, g.finished, len(g.token_ids), POLICY, None) for g in row]
+    if config.uses_principles:
+        requests = candidate_requests(config, principles, directions, mine, iteration)
+        conversations = [instructed_messages(prompts[slots[mine[a]]], text) for a, _, text in requests]
+        # Contrast and guided rows apart, and rows of the same instruction objective together: similar lengths per batch.
+        keys = [(src, text.split(".")[0], a) for a, src, text in requests]
+        context = policy.reference() if base_model is None else contextlib.nullcontext()
+        with context:
+            gens = _generate_sorted(base_model if base_model is not None else policy.model, policy.tokenizer, conversations, params,
+                                    batch_size=config.generation_batch_size, seed=config.seed * 7919 + iteration * 104_729 + 7 * ctx.world_size + ctx.rank,
+                                    progress=show, keys=keys)
+        for (a, src, text), g in zip(requests, gens):
+            pool[a].append(Candidate(g.text, g.finished, len(g.token_ids), src, text))
     t1 = time.monotonic()
-    conversations = [list(prompts[slots[s]]) for s in mine for _ in range(config.samples)]
-    texts = [g.text for row in gens for g in row]
+    conversations = [list(prompts[slots[s]]) for a, s in enumerate(mine) for _ in pool[a]]
+    texts = [c.text for cands in pool for c in cands]
     with _score_context(policy, scorer_shares_policy):
-        rewards = scorer.rewards(conversations, texts)  # raw and scaled (n_mine * samples, k)
+        rewards = scorer.rewards(conversations, texts)  # raw and scaled (n candidates, k), on the unconditioned conversation
     t2 = time.monotonic()
     policy.model.train()
 
-    local = []
+    local, at = [], 0
     for a, s in enumerate(mine):
         v = torch.tensor(directions[s].weights, dtype=torch.float32)  # (k,)
-        rows = slice(a * config.samples, (a + 1) * config.samples)
-        scaled, raw = rewards.scaled[rows], rewards.raw[rows]  # (samples, k)
-        scores = (scaled @ v).tolist()  # (samples,) v . r
-        local.append({"slot": s, "gens": [(g.text, g.finished, len(g.token_ids)) for g in gens[a]],
+        rows = slice(at, at + len(pool[a]))
+        at += len(pool[a])
+        scaled, raw = rewards.scaled[rows], rewards.raw[rows]  # (pool, k)
+        scores = (scaled @ v).tolist()  # (pool,) v . r
+        local.append({"slot": s, "cands": [tuple(c.__dict__.values()) for c in pool[a]],
                       "scaled": scaled.tolist(), "raw": raw.tolist(), "scores": scores})
     merged = sorted((item for part in all_gather_object(ctx, local) for item in part), key=lambda x: x["slot"])
 
     objectives = config.objectives
     pairs, samples = [], []
-    skipped_margin = skipped_equal = 0
+    skipped = {"margin": 0, "equal": 0}
+    chosen_from = {POLICY: 0, GUIDED: 0, CONTRAST: 0}
+    rejected_from = dict(chosen_from)
     all_scores, best, worst, margins, lengths, finished = [], [], [], [], [], []
     for item in merged:
         s = item["slot"]
         d = directions[s]
         conv = list(prompts[slots[s]])
         scores = item["scores"]
-        for j, (text, fin, n_tok) in enumerate(item["gens"]):
+        cands = [Candidate(*c) for c in item["cands"]]
+        for j, c in enumerate(cands):
             samples.append({"iteration": iteration, "slot": s, "prompt_index": slots[s], "direction": _weights(d), "sample": j,
-                            "response": text, "finished": fin, "tokens": n_tok,
+                            "source": c.source, "instruction": c.instruction,
+                            "response": c.text, "finished": c.finished, "tokens": c.tokens,
                             "rewards": dict(zip(objectives, item["scaled"][j])), "rewards_raw": dict(zip(objectives, item["raw"][j])),
                             "score": scores[j]})
-            lengths.append(n_tok)
-            finished.append(fin)
+            lengths.append(c.tokens)
+            finished.append(c.finished)
         all_scores.extend(scores)
-        hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
+        hi, lo, reason = choose_pair(scores, [c.text for c in cands], config.min_margin, config.loss == "sft")
         best.append(scores[hi])
         worst.append(scores[lo])
+        if reason is not None:
+            skipped[reason] += 1
+            continue
         margin = scores[hi] - scores[lo]
-        if config.loss != "sft":
-            if item["gens"][hi][0] == item["gens"][lo][0]:
-                skipped_equal += 1
-                continue
-            if margin < config.min_margin:
-                skipped_margin += 1
-                continue
         margins.append(margin)
-        (ct, cf, _), (rt, rf, _) = item["gens"][hi], item["gens"][lo]
+        chosen_from[cands[hi].source] += 1
+        rejected_from[cands[lo].source] += 1
         pairs.append({
-            "prompt": condition_messages(conv, d), "chosen": ct, "rejected": rt if hi != lo else None,
+            "prompt": condition_messages(conv, d), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
             "direction": _weights(d), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
             "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": scores[hi],
-            "rejected_score": scores[lo], "margin": margin, "chosen_finished": cf, "rejected_finished": rf,
+            "rejected_score": scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
+            "chosen_source": cands[hi].source, "rejected_source": cands[lo].source,
             "iteration": iteration, "slot": s, "prompt_index": slots[s],
         })
     reward_means = torch.tensor([r for it in merged for r in it["scaled"]]).mean(0).tolist()  # (k,)
     corner = [sc for it in merged for sc in it["scores"] if max(directions[it["slot"]].weights) == 1.0]
+    by_source = {}
+    for src in (POLICY, GUIDED, CONTRAST):
+        toks = [r["tokens"] for r in samples if r["source"] == src]
+        if toks:
+            by_source[f"tokens/{src}"] = float(np.mean(toks))
+            by_source[f"finished/{src}"] = float(np.mean([r["finished"] for r in samples if r["source"] == src]))
     stats = {
         "slots": len(slots), "samples": len(all_scores), "pairs": len(pairs),
-        "skipped/margin": skipped_margin, "skipped/equal": skipped_equal,
+        "skipped/margin": skipped["margin"], "skipped/equal": skipped["equal"],
+        **{f"chosen/{k}": v for k, v in chosen_from.items()}, **{f"rejected/{k}": v for k, v in rejected_from.items()},
         "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)), "score/worst": float(np.mean(worst)),
         "score/corner_mean": float(np.mean(corner)) if corner else None,
         "margin/mean": float(np.mean(margins)) if margins else None,
         **{f"reward/{o}": m for o, m in zip(objectives, reward_means)},
-        "finished": float(np.mean(finished)), "response_tokens": float(np.mean(lengths)),
+        "finished": float(np.mean(finished)), "response_tokens": float(np.mean(lengths)), **by_source,
         "seconds/sample": round(t1 - t0, 3), "seconds/score": round(t2 - t1, 3),
     }
     return IterationData(pairs, samples, stats)
@@ -272,6 +362,12 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         output.mkdir(parents=True, exist_ok=True)
     barrier(ctx)
     prompts = read_prompts(config.prompts_path)
+    principles = None
+    if config.uses_principles:
+        from steer.principles import load_principles
+
+        principles = load_principles(config.principles or None)
+        principles.covers(config.objectives)
     base = load_base(config.model, config.dtype, ctx.device)
     # Full fine-tuning moves every weight, so scoring and the reference need a frozen copy of the start.
     frozen = None
@@ -313,7 +409,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
         else:
             cursor = (0, 0)
-            got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx)
+            got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx, principles=principles,
+                          base_model=frozen[0] if frozen is not None else None)
             rows = got.pairs
             if ctx.is_main:
                 it_dir.mkdir(parents=True, exist_ok=True)

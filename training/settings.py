@@ -175,7 +175,10 @@ class DPAConfig(TrainerConfig):
     iterations: int = field(default=2, metadata=_f("sample -> score -> pair -> train rounds"))
     prompts_per_iteration: int = field(default=16, metadata=_f("prompts drawn per iteration (cycling through a seeded shuffle of the file)"))
     directions_per_prompt: int = field(default=1, metadata=_f("directions sampled per prompt and iteration"))
-    samples: int = field(default=4, metadata=_f("responses sampled per (prompt, direction); pairs are (best, worst) by v . r"))
+    samples: int = field(default=2, metadata=_f("on-policy responses per (prompt, direction): the current policy under the direction line"))
+    guided_samples: int = field(default=2, metadata=_f("base-model responses per (prompt, direction) under principles chosen FOR the direction (0: none)"))
+    contrast_samples: int = field(default=1, metadata=_f("base-model responses per (prompt, direction) under principles AGAINST the direction (0: none)"))
+    principles: str = field(default="", metadata=_f("principles file (JSON, see steer.principles): instructions per objective for guided/contrast samples", unset="the packaged steer/data/principles.json"))
     corner_share: float = field(default=0.25, metadata=_f("share of directions that are corners (one objective only); the rest are Dirichlet mixes"))
     dirichlet_alpha: float = field(default=1.0, metadata=_f("Dirichlet concentration of the mixed directions (1: uniform on the simplex)"))
     min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common scale) is below this; sft ignores it"))
@@ -198,7 +201,14 @@ class DPAConfig(TrainerConfig):
         require_int("iterations", self.iterations, 1)
         require_int("prompts_per_iteration", self.prompts_per_iteration, 1)
         require_int("directions_per_prompt", self.directions_per_prompt, 1)
-        require_int("samples", self.samples, 1 if self.loss == "sft" else 2)
+        require_int("samples", self.samples, 0)
+        require_int("guided_samples", self.guided_samples, 0)
+        require_int("contrast_samples", self.contrast_samples, 0)
+        if self.pool_size < (1 if self.loss == "sft" else 2):
+            raise InvalidInput("samples", f"the candidate pool (samples + guided_samples + contrast_samples = {self.pool_size}) "
+                               f"needs at least {1 if self.loss == 'sft' else 2} responses per (prompt, direction) to pick a pair from")
+        if not isinstance(self.principles, str):
+            raise InvalidInput("principles", f"must be a file path, got {self.principles!r}")
         require_float("corner_share", self.corner_share, minimum=0, maximum=1)
         require_float("dirichlet_alpha", self.dirichlet_alpha, minimum=0, exclusive_min=True)
         require_float("min_margin", self.min_margin, minimum=0)
@@ -207,6 +217,15 @@ class DPAConfig(TrainerConfig):
         require_float("top_p", self.top_p, minimum=0, maximum=1, exclusive_min=True)
         require_int("generation_batch_size", self.generation_batch_size, 1)
         require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
+
+    @property
+    def pool_size(self) -> int:
+        """Candidates per (prompt, direction): on-policy + guided + contrast."""
+        return self.samples + self.guided_samples + self.contrast_samples
+
+    @property
+    def uses_principles(self) -> bool:
+        return self.guided_samples + self.contrast_samples > 0
 
     @property
     def prompts_path(self) -> Path:

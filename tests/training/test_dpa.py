@@ -62,7 +62,8 @@ def dpa_args(prompts_file, model_dir, output, *extra):
     return ["--prompts", str(prompts_file), "--model", str(model_dir), "--output", str(output),
             "--scorer", "flr:helpfulness+length", "--objectives", "helpfulness", "conciseness", "--scorer-calibration", "none",
             "--prompts-per-iteration", "2", "--samples", "3", "--max-new-tokens", "6", "--batch-size", "1",
-            "--lr", "5e-2", "--min-margin", "0", "--temperature", "1.0", "--no-progress", *extra]
+            "--lr", "5e-2", "--min-margin", "0", "--temperature", "1.0", "--no-progress",
+            "--guided-samples", "0", "--contrast-samples", "0", *extra]  # the plain on-policy loop
 
 
 def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
@@ -145,3 +146,93 @@ def test_dpa_bad_prompt_row_and_bad_scorer_name_the_location(tmp_path, tiny_mode
     good.write_text('{"prompt": "fine"}\n')
     assert main(dpa_args(good, tiny_model_dir, tmp_path / "b") + ["--scorer", "flr:helpfulness"]) == 2
     assert "scorer:" in capsys.readouterr().err
+
+
+# -- principle-guided pool ------------------------------------------------------------------------
+
+class LengthStub:
+    """A scorer whose reward vector is computed from the text alone, so the test can redo v . r by hand:
+    helpfulness = number of characters / 10, conciseness = -number of words."""
+
+    objectives = ("helpfulness", "conciseness")
+
+    def rewards(self, conversations, responses):
+        from steer.rewards.scorer import Rewards
+
+        assert all(c[0]["role"] == "user" for c in conversations)  # scored on the unconditioned conversation
+        raw = torch.tensor([[len(t) / 10, -float(len(t.split()))] for t in responses])
+        return Rewards(self.objectives, raw, raw)
+
+    def describe(self):
+        return "length-stub"
+
+
+def test_choose_pair_by_hand():
+    from steer.training.dpa import choose_pair
+
+    assert choose_pair([0.1, 0.5, 0.45], ["a", "b", "c"], 0.3, sft=False) == (1, 0, None)
+    assert choose_pair([0.1, 0.5, 0.45], ["a", "b", "c"], 0.41, sft=False) == (1, 0, "margin")  # 0.4 < 0.41: a near-tie
+    assert choose_pair([0.1, 0.5], ["same", "same"], 0.0, sft=False) == (1, 0, "equal")
+    assert choose_pair([0.1, 0.5, 0.45], ["a", "b", "c"], 9.0, sft=True) == (1, 0, None)  # sft keeps the best
+
+
+@pytest.mark.parametrize("min_margin", [0.0, 3.0])
+def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, min_margin):
+    from steer.principles import load_principles
+    from steer.training.distributed import DistContext
+    from steer.training.dpa import collect, read_prompts
+    from steer.training.policy import build_policy
+    from steer.training.settings import DPAConfig
+
+    objectives = ("helpfulness", "conciseness")
+    config = DPAConfig(output=str(tmp_path), model=str(tiny_model_dir), objectives=objectives, prompts=str(prompts_file),
+                       prompts_per_iteration=3, directions_per_prompt=2, samples=1, guided_samples=2, contrast_samples=1,
+                       max_new_tokens=8, temperature=1.0, min_margin=min_margin, progress=False, corner_share=0.5)
+    policy = build_policy(config.policy_spec())
+    principles = load_principles()
+    got = collect(config, 0, read_prompts(prompts_file), policy, LengthStub(), True, DistContext(), principles=principles)
+
+    assert got.stats["samples"] == 6 * 4 and len(got.samples) == 24
+    by_slot = {}
+    for row in got.samples:
+        by_slot.setdefault(row["slot"], []).append(row)
+    assert sorted(by_slot) == list(range(6))
+    n_pairs = 0
+    for slot, rows in by_slot.items():
+        assert [r["source"] for r in rows] == ["policy", "guided", "guided", "contrast"]
+        d = Direction.from_weights(rows[0]["direction"], objectives)
+        chosen = principles.chosen_objectives(d)
+        for r in rows:
+            if r["source"] == "policy":
+                assert r["instruction"] is None
+                continue
+            polarity = "positive" if r["source"] == "guided" else "negative"
+            # Each chosen objective contributes one of its instructions of that polarity, heaviest first.
+            text = r["instruction"]
+            for o in chosen:
+                match = [i for i in principles.objectives[o][polarity] if text.startswith(i)]
+                assert match, (o, polarity, text)
+                text = text[len(match[0]):].lstrip()
+            assert text == ""
+        # v . r by hand from the text alone.
+        scores = [d["helpfulness"] * len(r["response"]) / 10 - d["conciseness"] * len(r["response"].split()) for r in rows]
+        assert [r["score"] for r in rows] == pytest.approx(scores, abs=1e-5)
+        hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
+        pair = [p for p in got.pairs if p["slot"] == slot]
+        if rows[hi]["response"] == rows[lo]["response"] or scores[hi] - scores[lo] < min_margin:
+            assert pair == []  # near-ties (and identical texts) are skipped
+            continue
+        n_pairs += 1
+        (p,) = pair
+        assert (p["chosen"], p["rejected"]) == (rows[hi]["response"], rows[lo]["response"])
+        assert (p["chosen_source"], p["rejected_source"]) == (rows[hi]["source"], rows[lo]["source"])
+        # The training prompt carries the direction line and no instruction.
+        system = p["prompt"][0]["content"]
+        assert parse_direction(system, objectives) == d
+        assert not any(i in system for o in objectives for pol in ("positive", "negative") for i in principles.objectives[o][pol])
+    assert got.stats["pairs"] == n_pairs == len(got.pairs)
+    assert got.stats["skipped/margin"] + got.stats["skipped/equal"] + n_pairs == 6
+    if min_margin == 0.0:
+        assert n_pairs >= 4
+    else:
+        assert got.stats["skipped/margin"] >= 1
