@@ -20,16 +20,19 @@ with the LM-head weight, so the ``N x V`` logits of a batch are never held at on
 
 Two paths behind one switch (``FLRConfig.prefix_cache``), compared directly in the tests:
 
-* prefix cache (default): the shared prefix ``c + y + header`` runs once per response; its KV
-  cache is replicated across a batch of follow-ups, which then run as short right-padded
-  continuations. Cost per response ~ ``|prefix| + sum |f|`` tokens instead of ``|F| * |prefix|``.
-* padded batches: every ``prefix + follow-up`` sequence runs whole, right-padded with an
-  attention mask, ``batch_size`` sequences per forward.
+* prefix cache (default): the shared prefixes ``c + y + header`` of ``prefix_batch`` responses run
+  as one right-padded forward; their batched KV cache is then gathered per row, one row per
+  (response, follow-up), and the follow-ups of all those responses run as short right-padded
+  continuations, at most ``batch_size`` rows per forward. Each row attends to its own response's
+  prefix (padding masked out) with RoPE positions continuing from that prefix's true length.
+  Cost per response ~ ``|prefix| + sum |f|`` tokens instead of ``|F| * |prefix|``, in a few large
+  forwards instead of one small one per response.
+* padded batches (the reference): every ``prefix + follow-up`` sequence runs whole, right-padded
+  with an attention mask, ``batch_size`` sequences per forward.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -56,8 +59,10 @@ FLR_VERSION = "flr-v1"  # bump when the scoring definition changes: it invalidat
 class FLRConfig:
     objectives: tuple[str, ...] = ("helpfulness", "creativity")  # objectives FLR scores, in output order
     followups: Mapping[str, FollowUps] | None = field(default=None, compare=False)  # objective -> follow-ups; None: built-in sets
-    batch_size: int = 32  # follow-up sequences per forward
+    batch_size: int = 32  # follow-up rows per forward; with the prefix cache each row holds a copy of its prefix's KV (~14 MB at 300 tokens, default model)
+    prefix_batch: int = 8  # responses whose prefixes run in one forward (prefix cache only); their follow-ups then share forwards
     prefix_cache: bool = True  # run conversation + response once, reuse its KV cache for every follow-up
+    progress: bool = False  # tqdm bar over the responses scored, advanced per prefix batch
     calibration: str = "auto"  # "auto": shipped/cached stats or compute them on the built-in set; "none": raw; or a JSON path
 
     def __post_init__(self):
@@ -69,8 +74,10 @@ class FLRConfig:
         for o in self.objectives:
             if not isinstance(followups[o], FollowUps):
                 raise InvalidInput(f"flr.followups[{o}]", f"must be a FollowUps, got {type(followups[o]).__name__}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InvalidInput("flr.batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("batch_size", "prefix_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"flr.{name}", f"must be an integer >= 1, got {value!r}")
         if not isinstance(self.calibration, str) or not self.calibration:
             raise InvalidInput("flr.calibration", "is 'auto', 'none' or a calibration JSON path")
 
@@ -156,10 +163,13 @@ class FLRScorer(Scorer):
         out = torch.empty(len(responses), len(followups))
         with torch.inference_mode():
             if self.config.prefix_cache:
-                for prefix, members in groups.items():
-                    values = self._loglik_shared_prefix(prefixes[prefix], [self._followup_ids[followups[j]] for _, j in members])
-                    for (i, j), v in zip(members, values.tolist()):
-                        out[i, j] = v
+                order = list(groups)
+                values = self._loglik_shared_prefixes(
+                    [prefixes[p] for p in order], [[self._followup_ids[followups[j]] for _, j in groups[p]] for p in order],
+                )
+                for p, v in zip(order, values):
+                    for (i, j), x in zip(groups[p], v.tolist()):
+                        out[i, j] = x
             else:
                 members = [m for ms in groups.values() for m in ms]
                 items = [(prefixes[p], self._followup_ids[followups[j]]) for p, ms in groups.items() for _, j in ms]
@@ -200,30 +210,57 @@ class FLRScorer(Scorer):
         sums = torch.zeros(B, device=device).index_add_(0, seq, logp)  # (B,)
         return (sums / lengths.float()).cpu()
 
-    def _loglik_shared_prefix(self, prefix_ids: list[int], followup_ids: list[list[int]]) -> torch.Tensor:
+    def _loglik_shared_prefixes(self, prefix_ids: list[list[int]], followup_ids: list[list[list[int]]]) -> list[torch.Tensor]:
+        """Per prefix ``u``, the ``(len(followup_ids[u]),)`` mean log-likelihoods of its follow-ups."""
+        from tqdm.auto import tqdm
         from transformers import DynamicCache
 
-        P = len(prefix_ids)
-        cache = DynamicCache(config=self.model.config)
-        out = self.decoder(input_ids=torch.tensor([prefix_ids], device=self.device), past_key_values=cache, use_cache=True)
-        last = out.last_hidden_state[:, -1:]  # (1, 1, H): predicts every follow-up's first token
-        H = last.shape[-1]
-        results = []
-        for start in range(0, len(followup_ids), self.config.batch_size):
-            chunk = followup_ids[start: start + self.config.batch_size]
-            ids, lengths = _pad_right(chunk, self.pad_id)  # (b, L), (b,)
-            b, L = ids.shape
-            kv = copy.deepcopy(cache)  # the forward appends to the cache in place; the prefix stays reusable
-            kv.batch_repeat_interleave(b)  # (1, heads, P, d) -> (b, heads, P, d) per layer
-            mask = torch.cat([torch.ones(b, P, dtype=torch.long), (torch.arange(L)[None, :] < lengths[:, None]).long()], dim=1)  # (b, P + L)
-            positions = (P + torch.arange(L))[None, :].expand(b, L)  # (b, L)
-            hidden = self.decoder(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                past_key_values=kv, use_cache=True,
-            ).last_hidden_state  # (b, L, H)
-            inputs = torch.cat([last.expand(b, 1, H), hidden[:, :-1]], dim=1)  # (b, L, H): row t predicts follow-up token t
-            results.append(self._mean_logprob(inputs, ids, lengths))
-        return torch.cat(results)
+        # Longest first: prefixes of similar length share a forward, so little of it is padding.
+        order = sorted(range(len(prefix_ids)), key=lambda u: -len(prefix_ids[u]))
+        batches = [order[s: s + self.config.prefix_batch] for s in range(0, len(order), self.config.prefix_batch)]
+        results: list[torch.Tensor | None] = [None] * len(prefix_ids)
+        with tqdm(total=len(prefix_ids), desc="FLR", unit="response", disable=not self.config.progress, dynamic_ncols=True) as bar:
+            for batch in batches:
+                ids, plen = _pad_right([prefix_ids[u] for u in batch], self.pad_id)  # (B, P), (B,)
+                B, P = ids.shape
+                pmask = (torch.arange(P)[None, :] < plen[:, None]).long()  # (B, P)
+                cache = DynamicCache(config=self.model.config)
+                hidden = self.decoder(
+                    input_ids=ids.to(self.device), attention_mask=pmask.to(self.device),
+                    position_ids=torch.arange(P, device=self.device)[None, :].expand(B, P), past_key_values=cache, use_cache=True,
+                ).last_hidden_state  # (B, P, H)
+                last = hidden[torch.arange(B, device=self.device), (plen - 1).to(self.device)]  # (B, H): predicts each follow-up's first token
+                # One row per (prefix, follow-up), shortest follow-ups together so rows carry little padding.
+                rows = sorted(((b, k) for b, u in enumerate(batch) for k in range(len(followup_ids[u]))), key=lambda r: len(followup_ids[batch[r[0]]][r[1]]))
+                values = []
+                for start in range(0, len(rows), self.config.batch_size):
+                    chunk = rows[start: start + self.config.batch_size]
+                    owner = torch.tensor([b for b, _ in chunk])  # (r,) the prefix row each follow-up row attends to
+                    fids, flen = _pad_right([followup_ids[batch[b]][k] for b, k in chunk], self.pad_id)  # (r, L), (r,)
+                    r, L = fids.shape
+                    Pc = int(plen[owner].max())  # right padding: cache slots past the chunk's longest prefix are padding for every row
+                    at = owner.to(self.device)
+                    # Gathering copies: the forward appends to the cache, and the batched prefix cache stays reusable.
+                    kv = DynamicCache(
+                        ddp_cache_data=[(keys[at, :, :Pc], vals[at, :, :Pc]) for keys, vals, *_ in cache],  # (B, heads, P, d) -> (r, heads, Pc, d) per layer
+                        config=self.model.config,
+                    )
+                    mask = torch.cat([pmask[owner, :Pc], (torch.arange(L)[None, :] < flen[:, None]).long()], dim=1)  # (r, Pc + L)
+                    positions = plen[owner][:, None] + torch.arange(L)[None, :]  # (r, L): RoPE positions continue each row's own prefix
+                    h = self.decoder(
+                        input_ids=fids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+                        past_key_values=kv, use_cache=True,
+                    ).last_hidden_state  # (r, L, H)
+                    inputs = torch.cat([last[at][:, None], h[:, :-1]], dim=1)  # (r, L, H): row t predicts follow-up token t
+                    values.append(self._mean_logprob(inputs, fids, flen))
+                values = torch.cat(values)  # (rows,) in `rows` order
+                for b, u in enumerate(batch):
+                    results[u] = torch.empty(len(followup_ids[u]))
+                for (b, k), v in zip(rows, values.tolist()):
+                    results[batch[b]][k] = v
+                del cache, hidden
+                bar.update(len(batch))
+        return results
 
     def _loglik_padded(self, items: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         results = []

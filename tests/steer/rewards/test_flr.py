@@ -70,6 +70,85 @@ def test_prefix_cache_and_padded_paths_agree_across_batch_boundaries(tiny_loaded
     assert torch.isfinite(cached).all() and (cached < 0).all()
 
 
+# Responses of very different lengths: empty, one word, a sentence, one far beyond the tiny model's
+# 512-token context (its prefix is cut from the left), and a medium one after another conversation.
+VARIED_CONVERSATIONS = [CONVERSATION, CONVERSATION, CONVERSATION, CONVERSATION, [{"role": "user", "content": "Hi"}]]
+VARIED_RESPONSES = ["", "Paris.", RESPONSES[2], "It is Paris. " + "word " * 600, "Hello! How can I help you today? " * 4]
+
+
+def per_response_loglik(s: FLRScorer, conversation, response) -> torch.Tensor:
+    """``(F,)``: the scorer's earlier prefix-cache path, kept here as a reference. One batch-1 prefix
+    forward per response, its KV cache repeated for all of that response's follow-ups at once."""
+    from transformers import DynamicCache
+
+    from steer.rewards.flr import _pad_right
+
+    followups = [s._followup_ids[f] for f in s.followups]
+    prefixes = {s._prefix_text(conversation, response, f) for f in s.followups}
+    assert len(prefixes) == 1  # this template renders the same prefix before every follow-up
+    ids = s.tokenizer(prefixes.pop(), add_special_tokens=False)["input_ids"]
+    ids = ids[-(s.context_length - max(len(f) for f in followups)):]
+    P = len(ids)
+    with torch.inference_mode():
+        cache = DynamicCache(config=s.model.config)
+        last = s.decoder(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]  # (1, 1, H)
+        targets, lengths = _pad_right(followups, s.pad_id)  # (F, L), (F,)
+        F, L = targets.shape
+        cache.batch_repeat_interleave(F)
+        mask = torch.cat([torch.ones(F, P, dtype=torch.long), (torch.arange(L)[None, :] < lengths[:, None]).long()], dim=1)  # (F, P + L)
+        hidden = s.decoder(
+            input_ids=targets, attention_mask=mask, position_ids=(P + torch.arange(L))[None, :].expand(F, L),
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # (F, L, H)
+        return s._mean_logprob(torch.cat([last.expand(F, 1, -1), hidden[:, :-1]], dim=1), targets, lengths)
+
+
+@pytest.mark.parametrize(
+    "prefix_batch, batch_size",
+    [(1, 32), (2, 5), (3, 1), (8, 7)],
+    ids=["one-response-per-batch", "rows-span-responses", "one-row-per-forward", "all-responses-one-batch"],
+)
+def test_batched_prefixes_equal_padded_and_per_response_paths(tiny_loaded, prefix_batch, batch_size):
+    """The batched prefix-cache path against the padded reference (every sequence run whole) and the
+    earlier per-response path, with row budgets that split one batch's follow-ups over several forwards.
+
+    Tolerance: all three are fp32 forwards over the same tokens; they differ only in batch shape,
+    padding (masked keys contribute exactly 0 after softmax) and KV-cache reuse, i.e. in summation
+    order: fp32 rounding, ~1e-7 relative, on mean log-likelihoods of 12-16 nats here (measured:
+    at most 3e-6 apart). atol 1e-4 leaves a 30x margin for other BLAS builds and stays far below
+    the >1 nat differences between responses (checked below); a RoPE position continuing from the
+    padded length, or prefix padding left unmasked, moves the scores well past it.
+    """
+    s = scorer(tiny_loaded, prefix_batch=prefix_batch, batch_size=batch_size)
+    forwards = []
+    hook = s.decoder.register_forward_hook(lambda module, args, kwargs_out: forwards.append(1))
+    try:
+        batched = s.followup_loglik(VARIED_CONVERSATIONS, VARIED_RESPONSES)
+    finally:
+        hook.remove()
+    padded = scorer(tiny_loaded, prefix_cache=False).followup_loglik(VARIED_CONVERSATIONS, VARIED_RESPONSES)
+    old = torch.stack([per_response_loglik(s, c, r) for c, r in zip(VARIED_CONVERSATIONS, VARIED_RESPONSES)])
+    assert batched.shape == (5, 8)
+    torch.testing.assert_close(batched, padded, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched, old, atol=1e-4, rtol=0)
+    assert torch.isfinite(batched).all() and (batched < 0).all()
+    # The responses are told apart far beyond the tolerance (the scores carry information).
+    gaps = (batched[:, None] - batched[None, :]).abs().amax(-1)  # (5, 5)
+    assert (gaps + torch.eye(5) > 0.1).all()
+    # One forward per prefix batch, then ceil(rows / batch_size) for its 8 follow-ups per response.
+    sizes = [min(prefix_batch, 5 - start) for start in range(0, 5, prefix_batch)]
+    assert len(forwards) == sum(1 + -(-8 * n // batch_size) for n in sizes)
+
+
+def test_progress_bar_counts_responses(tiny_loaded, capsys):
+    s = scorer(tiny_loaded, prefix_batch=2, progress=True)
+    s.followup_loglik(VARIED_CONVERSATIONS, VARIED_RESPONSES)
+    err = capsys.readouterr().err
+    assert "FLR" in err and "5/5" in err
+    scorer(tiny_loaded).followup_loglik(VARIED_CONVERSATIONS[:1], VARIED_RESPONSES[:1])
+    assert "FLR" not in capsys.readouterr().err  # off by default
+
+
 def test_calibration_scales_each_objective(tiny_loaded):
     s = scorer(tiny_loaded)
     s.calibration = Calibration({"helpfulness": (0.5, 2.0), "creativity": (-1.0, 0.5)})
@@ -144,3 +223,5 @@ def test_bad_inputs_name_the_field(tiny_loaded):
         s.rewards([CONVERSATION], [None])
     with pytest.raises(InvalidInput, match=r"flr.objectives: no follow-ups for \['humour'\]"):
         FLRConfig(objectives=("humour",))
+    with pytest.raises(InvalidInput, match=r"flr.prefix_batch: must be an integer >= 1, got 0"):
+        FLRConfig(prefix_batch=0)
