@@ -38,7 +38,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
     scorer: str = "none"  # reward scorer spec (steer.rewards.build): none | default | flr | <rm dir> | flr:a,b+length:c
-    scorer_model: str | None = None  # FLR on this model instead of the served one
+    scorer_model: str | None = None  # FLR on this model instead of the served one (with an adapter: the served base)
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>" (health stays open)
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
     tls_key: str | None = None  # PEM private key file
@@ -73,6 +73,28 @@ class RunningServer:
         self.engine.close()
 
 
+def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DEFAULT_OBJECTIVES):
+    """The scorer ``config.scorer`` names, judging with the *base* model.
+
+    Rewards must not be measured by the model being steered: when the served weights carry a
+    merged adapter, FLR runs on a second, bare copy of the base model instead (``loaded.base_spec``,
+    in float32 like ``--scorer-model``; ~540 MB for the default 135M model). build_scorer loads it
+    only if some part of the spec is FLR; ``config.scorer_model`` still overrides it.
+    """
+    from steer.rewards.build import build_scorer
+
+    scorer_model = config.scorer_model
+    if scorer_model is None and loaded.adapter is not None:
+        if loaded.base_spec is None:
+            raise ValueError(
+                f"the served model carries adapter {loaded.adapter} but does not say which base it was loaded from "
+                "(LoadedModel.base_spec): set ServerConfig.scorer_model so FLR judges with the base weights"
+            )
+        log.info("scorer: FLR judges with the base model %s, not the adapted weights (a second copy, loaded if FLR is used)", loaded.base_spec)
+        scorer_model = loaded.base_spec
+    return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model)
+
+
 async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES, scorer=None) -> RunningServer:
     """Build and start the server; returns once it listens (``port`` is the bound port).
 
@@ -85,10 +107,8 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     except PackageNotFoundError:
         steer_version = "unknown"
     if scorer is None and config.scorer != "none":
-        from steer.rewards.build import build_scorer
-
-        # Off the loop: FLR may calibrate itself on first use of a model (a few model forwards).
-        scorer = await asyncio.to_thread(build_scorer, config.scorer, loaded, objectives, scorer_model=config.scorer_model)
+        # Off the loop: FLR may load the base model and calibrate itself on first use (a few model forwards).
+        scorer = await asyncio.to_thread(build_server_scorer, loaded, config, objectives)
     scoring = ScoringService(scorer) if scorer is not None else None
     engine = Engine(loaded, config.engine)
     info = ServiceInfo(
@@ -131,7 +151,10 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     if config.metrics_port is not None:
         metrics.serve_http(config.metrics_port, config.host)
-    log.info("serving %s on %s:%d (tls=%s, auth=%s)", loaded.model_id, config.host, port, bool(config.tls_cert), bool(config.auth_token))
+    log.info(
+        "serving %s (adapter: %s) on %s:%d (tls=%s, auth=%s)",
+        loaded.model_id, loaded.adapter or "none", config.host, port, bool(config.tls_cert), bool(config.auth_token),
+    )
     return RunningServer(server, port, engine, health_servicer, metrics)
 
 
@@ -142,7 +165,8 @@ async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"steer: serving {loaded.model_id} on {config.host}:{running.port} (Ctrl-C to stop)", flush=True)
+    adapter = f" + adapter {loaded.adapter}" if loaded.adapter else ""
+    print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port} (Ctrl-C to stop)", flush=True)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", config.grace_seconds)
     await running.stop(config.grace_seconds)

@@ -1,8 +1,9 @@
 """Serve a steerable model over gRPC.
 
 Examples:
-  python -m steer.serve                                  # default SmolLM2 on 127.0.0.1:50051
-  python -m steer.serve --model ./my-model --port 6000   # any local transformers causal-LM dir
+  python -m steer.serve                                  # default SmolLM2 + its shipped steering adapter on 127.0.0.1:50051
+  python -m steer.serve --adapter none                   # the bare default model, no adapter
+  python -m steer.serve --model ./my-model --port 6000   # any local transformers causal-LM dir (served bare)
   python -m steer.serve --model model.gguf --adapter runs/dpa/adapter
   python -m steer.serve --scorer runs/rm                 # rewards from a trained reward model (steer.train reward)
   python -m steer.serve --scorer none                    # no scorer: no Score, no RERANK, no rewards
@@ -24,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a model directory, or a .gguf file")
-    p.add_argument("--adapter", default=None, help="PEFT adapter directory, merged into the weights at load")
+    p.add_argument(
+        "--adapter", default=None,
+        help="'default' (the steering adapter shipped in steer/adapters/default; fits only the default model), 'none' "
+        "(the bare model), or a PEFT adapter directory; merged into the weights at load. Unset: 'default' with the default "
+        "model, 'none' with any other --model. With an adapter, the FLR scorer judges with the base weights, so a second "
+        "copy of the base model is loaded for it (float32: ~540 MB for the default 135M model; not with --scorer none, "
+        "a reward model or --scorer-model)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051)
@@ -41,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration set), 'flr' (FLR for every objective), 'none', a reward model directory, or parts joined by '+' "
         "(flr:helpfulness+length:conciseness+rm:DIR)",
     )
-    p.add_argument("--scorer-model", default=None, help="run FLR on this model ('default', a directory or .gguf) instead of the served one")
+    p.add_argument("--scorer-model", default=None, help="run FLR on this model ('default', a directory or .gguf) instead of the served one (with an adapter: instead of the served base)")
     p.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token>' (token read from this file)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from steer.errors import InvalidInput
-    from steer.models import load_model
+    from steer.models import default_adapter_for, load_model
     from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig, serve
     from steer.server.engine import EngineConfig
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             scorer=args.scorer,
             scorer_model=args.scorer_model,
         )
-        loaded = load_model(args.model, adapter=args.adapter, dtype=args.dtype)
+        adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
+        loaded = load_model(args.model, adapter=adapter, dtype=args.dtype)
         asyncio.run(serve(loaded, config))
     except (InvalidInput, ValueError, FileNotFoundError, OSError) as e:
         print(f"steer.serve: error: {e}", file=sys.stderr)
