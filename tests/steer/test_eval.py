@@ -1,30 +1,39 @@
-"""Steerability evaluation: statistics, direction grids, prompt sets, and the whole pipeline with
-policies whose steerability is known by construction."""
+"""Steerability evaluation: statistics against hand-worked values, direction grids, prompt sets,
+the held-out judge's follow-ups, and the whole pipeline with policies whose steerability is known
+by construction, then the CLI on the tiny model."""
 
 import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from steer.conditioning import parse_direction
+from steer import eval_stats as st
+from steer.conditioning import PREFIX, parse_direction
 from steer.errors import InvalidInput
 from steer.eval import (
+    BASE,
+    HELDOUT,
+    PLAIN,
+    POLICY,
+    TRAINING,
     EvalConfig,
+    HeldoutJudge,
+    ScorerJudge,
     default_prompts_path,
     direction_grid,
     direction_label,
+    evaluate,
+    generate_samples,
     load_policy_and_judge,
     load_prompts,
     main,
-    mean_and_se,
-    rankdata,
-    spearman,
-    steerability,
-    summarise,
 )
 from steer.objectives import DEFAULT_OBJECTIVES, Direction
+from steer.rewards.followups import BUILTIN_FOLLOWUPS
+from steer.rewards.heldout_followups import HELDOUT_FOLLOWUPS
 from steer.rewards.scorer import Scorer
 from steer.sampling import SamplingParams
 
@@ -32,30 +41,103 @@ from steer.sampling import SamplingParams
 
 
 def test_rankdata_averages_ties():
-    assert rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
-    assert rankdata([7, 7, 7]).tolist() == [2.0, 2.0, 2.0]
+    assert st.rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert st.rankdata([7, 7, 7]).tolist() == [2.0, 2.0, 2.0]
 
 
 def test_spearman_matches_hand_computed_values_with_ties():
     # x ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4): cov 4.5, var 4.5 and 5 -> 4.5 / sqrt(22.5) = 3 / sqrt(10)
-    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    assert st.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
     # ties on both sides: ranks (1.5, 1.5, 3.5, 3.5) and (1, 2.5, 2.5, 4): 3 / sqrt(4 * 4.5) = 1 / sqrt(2)
-    assert spearman([1, 1, 2, 2], [1, 2, 2, 3]) == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+    assert st.spearman([1, 1, 2, 2], [1, 2, 2, 3]) == pytest.approx(1 / math.sqrt(2), abs=1e-12)
 
 
 def test_spearman_is_rank_based_and_undefined_for_constants():
     x = [0.1, 0.5, 2.0, 3.0, 7.5]
-    assert spearman(x, [math.exp(v) for v in x]) == pytest.approx(1.0)  # monotone, far from linear
-    assert spearman(x, [-v ** 3 for v in x]) == pytest.approx(-1.0)
-    assert math.isnan(spearman(x, [4.0] * 5))
+    assert st.spearman(x, [math.exp(v) for v in x]) == pytest.approx(1.0)  # monotone, far from linear
+    assert st.spearman(x, [-v ** 3 for v in x]) == pytest.approx(-1.0)
+    assert math.isnan(st.spearman(x, [4.0] * 5))
     with pytest.raises(ValueError, match="equally long"):
-        spearman([1, 2], [1, 2, 3])
+        st.spearman([1, 2], [1, 2, 3])
 
 
 def test_mean_and_standard_error():
-    mean, se = mean_and_se([1.0, 2.0, 3.0, 4.0])
+    mean, se = st.mean_and_se([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and se == pytest.approx(math.sqrt((5 / 3) / 4))
-    assert math.isnan(mean_and_se([3.0])[1])
+    assert math.isnan(st.mean_and_se([3.0])[1])
+
+
+# Two prompts, three weights each: prompt 0's score rises with the weight, prompt 1's falls.
+TOY_GROUPS = [0, 0, 0, 1, 1, 1]
+TOY_WEIGHTS = [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
+TOY_SCORES = [1.0, 2.0, 3.0, 9.0, 8.0, 7.0]
+
+
+def test_within_prompt_spearman_of_a_monotone_and_a_reversed_prompt_averages_to_zero():
+    assert st.per_prompt_spearman(TOY_GROUPS, TOY_WEIGHTS, TOY_SCORES, 2).tolist() == pytest.approx([1.0, -1.0])
+    # Two prompts that both follow the weight perfectly, at different levels: 1 within each prompt;
+    # pooled, the prompts' levels dilute it (x ranks 1.5, 3.5, 5.5 twice against 1..6: 8 / sqrt(16 * 17.5)).
+    levels = [1.0, 2.0, 3.0, 10.0, 11.0, 12.0]
+    assert st.per_prompt_spearman(TOY_GROUPS, TOY_WEIGHTS, levels, 2).tolist() == pytest.approx([1.0, 1.0])
+    assert st.spearman(TOY_WEIGHTS, levels) == pytest.approx(8 / math.sqrt(280))
+    result = st.within_prompt_spearman(TOY_GROUPS, TOY_WEIGHTS, TOY_SCORES, st.bootstrap_indices(2, 1000, seed=0))
+    assert result.mean == pytest.approx(0.0, abs=1e-12)
+    # A resample of two prompts has mean +1 (both prompt 0), -1 (both prompt 1) or 0; each pure
+    # case has probability 1/4, far more than the 2.5% tails, so the interval is exactly [-1, 1].
+    assert result.ci95 == (pytest.approx(-1.0), pytest.approx(1.0))
+    assert (result.num_defined, result.num_flat) == (2, 0)
+
+
+def test_bootstrap_interval_by_hand():
+    # Resamples (0,0), (0,1), (1,1), (1,0) of per-prompt values (1, -1): means 1, 0, -1, 0; sorted
+    # (-1, 0, 0, 1). numpy's linear percentile: 2.5% sits at position 0.075 -> -1 + 0.075 = -0.925.
+    indices = np.array([[0, 0], [0, 1], [1, 1], [1, 0]])
+    assert st.bootstrap_ci([1.0, -1.0], indices) == (pytest.approx(-0.925), pytest.approx(0.925))
+    # An undefined prompt is left out of each resample's mean; a resample of only it is dropped.
+    assert st.bootstrap_ci([0.5, float("nan")], indices) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert all(math.isnan(v) for v in st.bootstrap_ci([float("nan")] * 2, indices))
+
+
+def test_bootstrap_indices_are_seeded():
+    a, b = st.bootstrap_indices(52, 1000, seed=0), st.bootstrap_indices(52, 1000, seed=0)
+    assert a.shape == (1000, 52) and a.min() >= 0 and a.max() <= 51
+    assert np.array_equal(a, b) and not np.array_equal(a, st.bootstrap_indices(52, 1000, seed=1))
+
+
+def test_flat_prompts_count_as_zero_and_constant_weights_as_undefined():
+    # prompt 0: the score never moves -> 0 (counted as flat); prompt 1: every request had weight 0.5 -> undefined
+    groups, weights, scores = [0, 0, 0, 1, 1], [0.0, 0.5, 1.0, 0.5, 0.5], [4.0, 4.0, 4.0, 1.0, 2.0]
+    per = st.per_prompt_spearman(groups, weights, scores, 2)
+    assert per[0] == 0.0 and math.isnan(per[1])
+    result = st.within_prompt_spearman(groups, weights, scores, st.bootstrap_indices(2, 50, seed=0))
+    assert result.mean == 0.0 and (result.num_defined, result.num_flat) == (1, 1)
+
+
+def test_effect_size_by_hand():
+    # weight 1: scores 3, 5 (mean 4, sample var 2); weight 0: 1, 2 (mean 1.5, var 0.5); the 0.5-weight
+    # generation is in neither group. Pooled var = (1 * 2 + 1 * 0.5) / 2 = 1.25; d = 2.5 / sqrt(1.25).
+    groups, weights, scores = [0, 0, 0, 1, 1], [1.0, 0.0, 0.5, 1.0, 0.0], [3.0, 1.0, 100.0, 5.0, 2.0]
+    # resamples (0,0): 3 - 1 = 2; (1,1): 5 - 2 = 3; (0,1): 4 - 1.5 = 2.5 -> percentiles of (2, 2.5, 3)
+    effect = st.effect_size(groups, weights, scores, np.array([[0, 0], [1, 1], [0, 1]]))
+    assert (effect.n_w1, effect.n_w0) == (2, 2)
+    assert (effect.mean_w1, effect.mean_w0, effect.diff) == (4.0, 1.5, 2.5)
+    assert effect.sd_w1 == pytest.approx(math.sqrt(2)) and effect.sd_w0 == pytest.approx(math.sqrt(0.5))
+    assert effect.pooled_sd == pytest.approx(math.sqrt(1.25))
+    assert effect.cohens_d == pytest.approx(2.5 / math.sqrt(1.25))
+    assert effect.diff_ci95 == (pytest.approx(2.0 + 0.05 * 0.5), pytest.approx(2.5 + 0.95 * 0.5))
+
+
+def test_side_effect_matrix_shape_and_a_hand_checked_entry():
+    grid = direction_grid("corners") + [Direction.uniform(DEFAULT_OBJECTIVES)]
+    weights = np.array([d.weights for d in grid] * 2)  # (8, 3): the same four directions for two prompts
+    scores = np.array([[4.0, 1.0, 9.0], [1.0, 5.0, 9.0], [2.0, 1.0, 9.0], [3.0, 2.0, 9.0]] * 2)  # (8, 3)
+    matrix = st.side_effect_matrix([0, 0, 0, 0, 1, 1, 1, 1], weights, scores)
+    assert matrix.shape == (3, 3)
+    # realised helpfulness (4, 1, 2, 3) against the creativity weight (0, 1, 0, 1/3):
+    # ranks (4, 1, 2, 3) and (1.5, 4, 1.5, 3): cov -3, variances 5 and 4.5 -> -3 / sqrt(22.5)
+    assert matrix[0, 1] == pytest.approx(-3 / math.sqrt(22.5))
+    assert matrix[1, 1] == pytest.approx(1.0)  # creativity (1, 5, 1, 2) ranks exactly like its weight
+    assert (matrix[2] == 0.0).all()  # conciseness never moved: counted as 0 against every weight
 
 
 # ------------------------------------------------------------------------------------ directions
@@ -66,6 +148,7 @@ def test_default_grid_is_corners_uniform_and_pairwise_mixes():
     assert [direction_label(d) for d in grid] == [
         "helpfulness", "creativity", "conciseness", "uniform", "h.50 cr.50", "h.50 co.50", "cr.50 co.50",
     ]
+    assert len(grid) == 7
     assert grid[4].as_dict() == {"helpfulness": 0.5, "creativity": 0.5, "conciseness": 0.0}
 
 
@@ -105,7 +188,7 @@ def test_shipped_prompt_sets_are_valid_disjoint_and_large_enough():
             assert set(row) == {"prompt", "category"}, f"{path}:{lineno}"
             assert row["prompt"].strip() and row["category"].strip(), f"{path}:{lineno}"
     train, heldout = load_prompts(train_path), load_prompts(heldout_path)
-    assert len(train) >= 300 and len(heldout) >= 40
+    assert len(train) >= 300 and len(heldout) == 52  # the evaluation's default: all 52 held-out prompts
 
     def norm(p):
         return " ".join(p.prompt.casefold().split())
@@ -133,30 +216,66 @@ def test_load_prompts_names_file_and_line(tmp_path):
     assert [(p.prompt, p.category) for p in load_prompts(path)] == [("Say hi.", "greeting")]
 
 
+# ------------------------------------------------------------------------- held-out follow-ups
+
+
+def _sentences(text):
+    return {" ".join(s.casefold().split()) for s in re.split(r"(?<=[.!?])\s+|,\s*", text) if s.strip(" .!?")}
+
+
+def _ngrams(text, n=4):
+    words = re.findall(r"[a-z']+", text.casefold())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_heldout_followups_share_no_sentence_with_the_training_sets():
+    assert set(HELDOUT_FOLLOWUPS) == {"helpfulness", "creativity"}  # conciseness is judged by token count
+    training = [f for sets in BUILTIN_FOLLOWUPS.values() for f in (*sets.positive, *sets.negative)]
+    train_sentences = set().union(*map(_sentences, training))
+    train_ngrams = set().union(*map(_ngrams, training))
+    for objective, sets in HELDOUT_FOLLOWUPS.items():
+        assert len(sets.positive) >= 8 and len(sets.negative) >= 8, objective
+        held = [*sets.positive, *sets.negative]
+        assert len(set(held)) == len(held), objective
+        for f in held:
+            assert not _sentences(f) & train_sentences, (objective, f)  # no sentence or clause in common
+            assert not _ngrams(f) & train_ngrams, (objective, f)  # and no run of four words
+
+
+def test_heldout_followups_are_a_valid_flr_config():
+    from steer.rewards.flr import FLRConfig
+
+    config = FLRConfig(objectives=("helpfulness", "creativity"), followups=HELDOUT_FOLLOWUPS, calibration="none")
+    assert config.followups_for("creativity") is HELDOUT_FOLLOWUPS["creativity"]
+
+
 # ------------------------------------------------- the pipeline with policies of known steerability
 
 PROMPTS = ["Name a fruit.", "Tell me a joke about owls.", "How do I boil an egg?"]
 MARKERS = {"helpfulness": "apple", "creativity": "banana", "conciseness": "cherry"}
+FILLER = "the"  # one token, like every marker: a response's length is its word count
 
 
 class FakePolicy:
     """Stands in for a causal LM inside the real generate_batch: it decodes each left-padded prompt,
-    reads the direction line the conditioning wrote into it, and answers with marker words whose
-    counts ``respond(prompt_index, direction)`` chooses."""
+    reads the direction line the conditioning wrote into it (None for a plain prompt), and answers
+    with marker words; ``respond(prompt_index, direction)`` returns (marker counts, filler count)."""
 
     def __init__(self, tokenizer, respond):
         self.tokenizer = tokenizer
         self.respond = respond
+        self.calls = 0
 
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kwargs):
+        self.calls += 1
         rows = []
         for ids, mask in zip(input_ids, attention_mask):
             text = self.tokenizer.decode(ids[mask.bool()])
-            direction = parse_direction(text)
+            direction = parse_direction(text) if PREFIX in text else None
             (index,) = [i for i, p in enumerate(PROMPTS) if p in text]
-            counts = self.respond(index, direction)
-            words = " ".join(MARKERS[o] for o, c in zip(direction.objectives, counts) for _ in range(c))
-            rows.append(self.tokenizer(" " + words, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id])
+            counts, filler = self.respond(index, direction)
+            words = [m for m, c in zip(MARKERS.values(), counts) for _ in range(c)] + [FILLER] * filler
+            rows.append(self.tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id])
         width = max(len(r) for r in rows)
         new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])  # (B, T_new)
         return torch.cat([input_ids, new], dim=1)
@@ -165,9 +284,8 @@ class FakePolicy:
 class MarkerScorer(Scorer):
     """Reward for an objective = how often its marker word appears; remembers what it was shown."""
 
-    objectives = DEFAULT_OBJECTIVES
-
-    def __init__(self):
+    def __init__(self, objectives=DEFAULT_OBJECTIVES):
+        self.objectives = tuple(objectives)
         self.seen = []
 
     def raw_scores(self, conversations, responses):
@@ -178,53 +296,122 @@ class MarkerScorer(Scorer):
         return "markers"
 
 
-def run_fake(tokenizer, respond, grid="default", num_samples=1):
-    scorer = MarkerScorer()
-    result = steerability(
-        FakePolicy(tokenizer, respond), tokenizer, scorer, PROMPTS, direction_grid(grid), SamplingParams(max_new_tokens=32),
-        num_samples=num_samples, batch_size=4, score_batch_size=5,
-    )
-    return result, scorer
+def steerable(i, d):
+    """Markers follow the weights; length falls as the conciseness weight rises."""
+    if d is None:
+        return [1, 1, 1], 3
+    return [round(6 * w) for w in d.weights], round(6 * (1 - d.weights[2]))
 
 
-def test_a_perfectly_steerable_policy_scores_plus_one(tokenizer):
-    result, scorer = run_fake(tokenizer, lambda i, d: [round(6 * w) for w in d.weights], num_samples=2)
-    assert result.spearman == pytest.approx({o: 1.0 for o in DEFAULT_OBJECTIVES}, abs=1e-12)
-    assert len(result.records) == len(PROMPTS) * 7 * 2
-    for s in result.summaries:  # every generation under a direction realises exactly round(6 w)
-        assert s.n == len(PROMPTS) * 2
-        assert s.mean == pytest.approx({o: round(6 * w) for o, w in s.direction.as_dict().items()})
-        assert all(se == 0 for se in s.se.values())
-        # Responses written for v beat the average response by v's own measure; every response
-        # here carries 6 markers in all, so by the uniform direction's measure all tie.
-        if direction_label(s.direction) == "uniform":
-            assert s.vr_gain == pytest.approx(0.0, abs=1e-12)
-        else:
-            assert s.vr_gain > 0
-    # the judge sees the user's request only: no system prompt, no direction line
-    assert len(scorer.seen) == len(result.records)
-    assert all(c == [{"role": "user", "content": PROMPTS[r.prompt_index]}] for c, r in zip(scorer.seen, result.records))
+def deaf(i, d):
+    """Ignores the direction: the answer depends on the prompt only."""
+    return [i + 1, 2 * i, 3 - i], i
+
+
+def marker_judges():
+    held = HeldoutJudge(MarkerScorer(("helpfulness", "creativity")), DEFAULT_OBJECTIVES)
+    return {HELDOUT: held, TRAINING: ScorerJudge(MarkerScorer())}
+
+
+def run_fake(tokenizer, policy_respond, base_respond=None, *, seeds=(0, 1), **kwargs):
+    policy = FakePolicy(tokenizer, policy_respond)
+    base = policy if base_respond is None else FakePolicy(tokenizer, base_respond)
+    judges = marker_judges()
+    result = evaluate(policy, base, tokenizer, PROMPTS, direction_grid("default"), SamplingParams(max_new_tokens=32), judges,
+                      seeds=seeds, batch_size=4, bootstrap=200, **kwargs)
+    return result, judges, policy, base
+
+
+def test_a_steerable_policy_against_a_deaf_base(tokenizer):
+    result, judges, _, _ = run_fake(tokenizer, steerable, deaf)
+    policy, base = result.systems[POLICY], result.systems[BASE]
+    assert not result.policy_is_base and result.headline == HELDOUT
+    for judge in (HELDOUT, TRAINING):
+        for o in DEFAULT_OBJECTIVES:
+            assert policy.spearman[judge][o].mean == pytest.approx(1.0)
+            assert policy.spearman[judge][o].ci95 == (pytest.approx(1.0), pytest.approx(1.0))
+            # the base's answers never move within a prompt: every prompt counts 0
+            assert base.spearman[judge][o].mean == 0.0 and base.spearman[judge][o].num_flat == len(PROMPTS)
+            assert result.comparison["spearman_gain"][judge][o]["mean"] == pytest.approx(1.0)
+        assert np.diag(policy.side_effects[judge]) == pytest.approx([1.0, 1.0, 1.0])
+    # held-out conciseness is minus the token count: 6 markers + round(6 (1 - w)) fillers
+    e = policy.effect[HELDOUT]["conciseness"]
+    assert (e.mean_w1, e.mean_w0, e.diff) == (-6.0, -12.0, 6.0)
+    assert policy.effect[HELDOUT]["helpfulness"].diff == 6.0  # six apples at weight 1, none at weight 0
+    # 3 prompts x 7 directions x 2 seeds per system; the base also answers each prompt plainly per seed
+    assert len(result.samples[POLICY]) == 42 and len(result.samples[BASE]) == 42 + 6
+    assert [d.label for d in base.directions][-1] == "plain" and base.plain().n == 6 and policy.plain() is None
+    assert base.plain().mean_tokens == pytest.approx((4 + 7 + 10) / 3)  # deaf: 3i + 4 words for prompt i
+    assert result.comparison["at_weight_1"][HELDOUT]["helpfulness"] == {
+        POLICY: 6.0, BASE: pytest.approx((1 + 2 + 3) / 3), "base_plain": pytest.approx((1 + 2 + 3) / 3),
+    }
+    # the judges see the user's request only: no system prompt, no direction line
+    for judge in judges.values():
+        scorer = judge.flr if isinstance(judge, HeldoutJudge) else judge.scorer
+        assert scorer.seen and all(c == [{"role": "user", "content": c[0]["content"]}] and c[0]["content"] in PROMPTS for c in scorer.seen)
+
+
+def test_without_an_adapter_policy_and_base_are_one_run(tokenizer):
+    result, _, policy, _ = run_fake(tokenizer, steerable, seeds=(5,))
+    assert result.policy_is_base and result.systems[POLICY] is result.systems[BASE]
+    assert policy.calls == 6 + 1  # 21 conditioned rows in batches of 4, then 3 plain prompts: generated once
+    assert result.comparison["spearman_gain"][HELDOUT]["helpfulness"]["mean"] == 0.0
+    assert {s.seed for s in result.samples[BASE]} == {5}
 
 
 def test_a_contrary_policy_scores_minus_one(tokenizer):
-    result, _ = run_fake(tokenizer, lambda i, d: [round(6 * (1 - w)) for w in d.weights])
-    assert result.spearman == pytest.approx({o: -1.0 for o in DEFAULT_OBJECTIVES}, abs=1e-12)
-    assert all(s.vr_gain < 0 for s in result.summaries if direction_label(s.direction) != "uniform")
+    result, _, _, _ = run_fake(tokenizer, lambda i, d: ([round(6 * (1 - w)) for w in d.weights], round(6 * d.weights[2])) if d else ([0] * 3, 0),
+                               plain=False)
+    for o in DEFAULT_OBJECTIVES:
+        assert result.systems[POLICY].spearman[HELDOUT][o].mean == pytest.approx(-1.0)
 
 
-def test_a_policy_that_ignores_the_direction_scores_zero(tokenizer):
-    # Output depends on the prompt only; with every prompt asked under every direction the rank
-    # covariance factorises into (prompt term) x (direction term summing to zero): exactly 0.
-    result, _ = run_fake(tokenizer, lambda i, d: [i + 1, 2 * i, 3 - i], grid="simplex:3")
-    assert result.spearman == pytest.approx({o: 0.0 for o in DEFAULT_OBJECTIVES}, abs=1e-12)
-    assert all(s.vr_gain == pytest.approx(0.0, abs=1e-12) for s in result.summaries)
-    assert result.mean_spearman == pytest.approx(0.0, abs=1e-12)
+class RandomPolicy(FakePolicy):
+    """Random marker counts per row, drawn from torch's generator (which generate_batch seeds)."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, lambda i, d: ([int(v) for v in torch.randint(0, 6, (3,))], 0))
 
 
-def test_summarise_rejects_directions_over_other_objectives():
-    other = Direction.from_weights({"a": 1.0}, ("a", "b"))
-    with pytest.raises(InvalidInput, match="directions: direction over"):
-        summarise(DEFAULT_OBJECTIVES, [other], [0], [[0.0, 0.0, 0.0]])
+class RecordingJudge(ScorerJudge):
+    def __init__(self, scorer):
+        super().__init__(scorer)
+        self.returned = []
+
+    def score(self, conversations, texts, num_tokens=None):
+        out = super().score(conversations, texts, num_tokens)
+        self.returned.append(out)
+        return out
+
+
+def test_rerank_keeps_the_candidate_with_the_best_weighted_reward(tokenizer):
+    judge = RecordingJudge(MarkerScorer())
+    grid = direction_grid("default")
+    samples = generate_samples(RandomPolicy(tokenizer), tokenizer, PROMPTS, grid, SamplingParams(max_new_tokens=16),
+                               seeds=(0,), strategy="rerank", rerank_judge=judge, candidates=4, batch_size=8)
+    (scores,) = judge.returned  # (3 prompts x 7 directions x 4 candidates, k), prompt-major
+    scores = scores.reshape(len(PROMPTS) * len(grid), 4, 3)
+    assert len(samples) == len(PROMPTS) * len(grid)
+    assert len({s.candidate for s in samples}) > 1  # the winner is not always the first sample
+    for job, s in enumerate(samples):
+        vr = scores[job] @ np.array(grid[s.direction_index].weights)  # (4,)
+        assert vr[s.candidate] == vr.max()
+        assert judge.score([[{"role": "user", "content": PROMPTS[s.prompt_index]}]], [s.text])[0] == pytest.approx(scores[job, s.candidate])
+
+
+def test_rerank_steers_a_random_policy_that_conditioned_sampling_cannot(tokenizer):
+    def helpfulness(strategy):
+        policy = RandomPolicy(tokenizer)
+        result = evaluate(policy, policy, tokenizer, PROMPTS, direction_grid("default"), SamplingParams(max_new_tokens=16),
+                          marker_judges(), seeds=(0, 1, 2, 3), strategy=strategy, rerank_judge=ScorerJudge(MarkerScorer()),
+                          candidates=8, plain=False, batch_size=8, bootstrap=100)
+        system = result.systems[POLICY]
+        return system.spearman[HELDOUT]["helpfulness"].mean, system.effect[HELDOUT]["helpfulness"].mean_w1
+
+    (rho_conditioned, at1_conditioned), (rho_rerank, at1_rerank) = helpfulness("conditioned"), helpfulness("rerank")
+    assert rho_rerank > rho_conditioned + 0.3
+    assert at1_rerank > at1_conditioned + 1.5  # best of 8 draws of 0..5 apples versus one draw (mean 2.5)
+    assert helpfulness("rerank") == (rho_rerank, at1_rerank)  # deterministic given the seeds
 
 
 # --------------------------------------------------------------------- the real tiny model + CLI
@@ -241,87 +428,137 @@ def _tiny_adapter(tiny_model_dir, path):
     return path
 
 
-def test_the_judge_is_the_base_model_when_an_adapter_is_given(tiny_model_dir, tiny_loaded, tmp_path):
+def test_the_base_is_the_model_without_the_adapter(tiny_model_dir, tiny_loaded, tmp_path):
     adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
-    policy, judge = load_policy_and_judge(str(tiny_model_dir), str(adapter))
+    policy, base = load_policy_and_judge(str(tiny_model_dir), str(adapter))
     ids = tiny_loaded.tokenizer("Tell me about owls.", return_tensors="pt").input_ids
     with torch.inference_mode():
-        base, p, j = (m(ids).logits for m in (tiny_loaded.model, policy.model, judge.model))
-    assert not torch.allclose(p, base, atol=1e-3)
-    assert torch.equal(j, base)
+        reference, p, b = (m(ids).logits for m in (tiny_loaded.model, policy.model, base.model))
+    assert not torch.allclose(p, reference, atol=1e-3)
+    assert torch.equal(b, reference)
     alone, same = load_policy_and_judge(str(tiny_model_dir))
     assert alone is same
 
 
+def test_samples_are_deterministic_per_seed_and_differ_between_seeds(tiny_loaded):
+    params = SamplingParams(max_new_tokens=5, temperature=1.0)
+    grid = direction_grid("corners")
+
+    def texts(seeds):
+        samples = generate_samples(tiny_loaded.model, tiny_loaded.tokenizer, PROMPTS[:2], grid, params, seeds=seeds, plain=True, batch_size=4)
+        return {(s.prompt_index, s.direction_index, s.seed): s.text for s in samples}
+
+    first = texts((0, 1))
+    assert len(first) == 2 * (3 + 1) * 2 and {k[1] for k in first} == {0, 1, 2, PLAIN}
+    assert texts((0, 1)) == first
+    pairs = [(first[(p, d, 0)], first[(p, d, 1)]) for p in range(2) for d in (0, 1, 2, PLAIN)]
+    assert all(a != b for a, b in pairs)
+
+
 def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path, monkeypatch, capsys):
     from steer.rewards.build import build_scorer
+    from steer.rewards.flr import FLRConfig, FLRScorer
 
     monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))  # the tiny model's FLR calibration lands here
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "category": "test"}) + "\n" for p in PROMPTS))
     adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
     out = tmp_path / "eval"
-    rc = main([
-        "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", str(prompts), "--limit", "2",
-        "--grid", "corners", "--num-samples", "2", "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3",
-        "--output", str(out), "--no-progress",
-    ])
+    args = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", str(prompts), "--limit", "2",
+            "--seeds", "2", "--seed", "3", "--max-new-tokens", "6", "--temperature", "1.0", "--bootstrap", "200",
+            "--output", str(out), "--no-progress"]
+    rc = main(args)
     stdout = capsys.readouterr().out
     assert rc == 0
     doc = json.loads((out / "steerability.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert (out / "steerability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert doc["num_prompts"] == 2 and doc["num_generations"] == len(rows) == 2 * 3 * 2
-    assert doc["config"]["adapter"] == str(adapter) and doc["config"]["grid"] == "corners"
-    assert [d["label"] for d in doc["directions"]] == list(DEFAULT_OBJECTIVES)
+    assert doc["command"].startswith("python -m steer.eval --model") and "--seeds 2" in doc["command"]
+    assert doc["config"]["adapter"] == str(adapter) and doc["config"]["strategy"] == "conditioned"
+    assert doc["num_prompts"] == 2 and doc["seeds"] == [3, 4] and len(doc["directions"]) == 7
+    assert set(doc["systems"]) == {POLICY, BASE} and doc["policy_is_base"] is False
+    assert doc["headline_judge"] == HELDOUT and set(doc["judges"]) == {HELDOUT, TRAINING}
+    assert "held-out follow-ups" in doc["judges"][HELDOUT] and "conciseness: -tokens" in doc["judges"][HELDOUT]
+    assert set(doc["definitions"]) >= {"spearman", "effect", "side_effects", HELDOUT, TRAINING}
+    # 2 prompts x 7 directions x 2 seeds per system, plus the base's plain answers per prompt and seed
+    assert len(rows) == 2 * 7 * 2 * 2 + 2 * 2
+    assert sum(r["direction"] == "plain" for r in rows) == 4 and all(r["system"] == BASE for r in rows if r["weights"] is None)
+    assert doc["systems"][BASE]["plain"]["n"] == 4 and doc["systems"][POLICY]["plain"] is None
     assert {r["prompt"] for r in rows} == set(PROMPTS[:2])
-    assert set(doc["timing"]) >= {"load_s", "generate_s", "score_s", "total_s", "generated_tokens"}
+    assert all(r["scores"][HELDOUT]["conciseness"] == -r["num_tokens"] for r in rows)
 
-    # The report's numbers are the statistics of the generations it wrote.
-    for d in doc["directions"]:
-        mine = [r for r in rows if r["direction"] == d["weights"]]
-        assert len(mine) == d["n"] == 4
-        for o in DEFAULT_OBJECTIVES:
-            assert d["mean"][o] == pytest.approx(sum(r["scaled"][o] for r in mine) / 4)
-            assert d["se"][o] == pytest.approx(mean_and_se([r["scaled"][o] for r in mine])[1])
-    for o in DEFAULT_OBJECTIVES:
-        expected = spearman([r["direction"][o] for r in rows], [r["scaled"][o] for r in rows])
-        assert doc["spearman"][o] == (None if math.isnan(expected) else pytest.approx(expected))
-    assert "spearman(w, r)" in stdout and str(out / "steerability.json") in stdout
+    for system in (POLICY, BASE):
+        mine = [r for r in rows if r["system"] == system and r["weights"] is not None]
+        report = doc["systems"][system]
+        assert report["num_generations"] == len(mine) + (4 if system == BASE else 0)
+        for judge in (HELDOUT, TRAINING):
+            assert np.array(report["side_effects"][judge]["matrix"]).shape == (3, 3)
+            for o in DEFAULT_OBJECTIVES:
+                # the report's numbers are the statistics of the generations it wrote
+                per = st.per_prompt_spearman([r["prompt_index"] for r in mine], [r["weights"][o] for r in mine],
+                                             [r["scores"][judge][o] for r in mine], 2)
+                stat = report["spearman"][judge][o]
+                expected = float(st.nanmean(per))
+                assert stat["mean"] == (None if math.isnan(expected) else pytest.approx(expected))
+                assert stat["per_prompt"] == [None if math.isnan(v) else pytest.approx(v) for v in per]
+                at1 = [r["scores"][judge][o] for r in mine if r["weights"][o] == 1.0]
+                assert report["effect"][judge][o]["mean_w1"] == pytest.approx(sum(at1) / len(at1))
+        tokens = {d["label"]: d["mean_tokens"] for d in report["directions"]}
+        assert tokens["helpfulness"] == pytest.approx(np.mean([r["num_tokens"] for r in mine if r["direction"] == "helpfulness"]))
+    h = doc["comparison"]["at_weight_1"][HELDOUT]["helpfulness"]
+    assert h["base_plain"] == pytest.approx(np.mean([r["scores"][HELDOUT]["helpfulness"] for r in rows if r["weights"] is None]))
+    assert "spearman heldout" in stdout and "helpfulness (heldout) at helpfulness=1" in stdout
+    assert "spearman gain" in stdout and str(out / "steerability.json") in stdout
 
-    # Judged by the base model, not the adapted policy: rescoring the texts with a base-model
-    # scorer reproduces the stored rewards, and a policy-model scorer would not.
-    conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
-    texts = [r["text"] for r in rows]
-    stored = torch.tensor([[r["raw"][o] for o in DEFAULT_OBJECTIVES] for r in rows])
-    # raw rewards do not depend on calibration; skipping it keeps the test fast
-    base_raw = build_scorer("default", tiny_loaded, DEFAULT_OBJECTIVES, calibration="none").rewards(conversations, texts).raw
+    # Judged by the base model, not the adapted policy: a base-model FLR with the held-out sets
+    # reproduces the stored held-out scores; the policy model would not.
+    policy_rows = [r for r in rows if r["system"] == POLICY]
+    conversations = [[{"role": "user", "content": r["prompt"]}] for r in policy_rows]
+    texts = [r["text"] for r in policy_rows]
+    stored = torch.tensor([[r["scores"][HELDOUT][o] for o in ("helpfulness", "creativity")] for r in policy_rows])
+    config = FLRConfig(followups=HELDOUT_FOLLOWUPS, calibration="none")
+    base_raw = FLRScorer(tiny_loaded.model, tiny_loaded.tokenizer, config).rewards(conversations, texts).raw
     assert torch.allclose(stored, base_raw, atol=1e-4)
     policy, _ = load_policy_and_judge(str(tiny_model_dir), str(adapter))
-    policy_raw = build_scorer("default", policy, DEFAULT_OBJECTIVES, calibration="none").rewards(conversations, texts).raw
-    assert not torch.allclose(stored[:, :2], policy_raw[:, :2], atol=1e-4)  # FLR columns move with the model
+    assert not torch.allclose(stored, FLRScorer(policy.model, policy.tokenizer, config).rewards(conversations, texts).raw, atol=1e-4)
+    # the held-out judge is not the training judge: other follow-ups, other values
+    training_raw = build_scorer("flr", tiny_loaded, ("helpfulness", "creativity"), calibration="none").rewards(conversations, texts).raw
+    assert not torch.allclose(stored, training_raw, atol=1e-3)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(num_samples=0), "num_samples"),
-    (dict(limit=0), "limit"),
-    (dict(batch_size=True), "batch_size"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(grid="simplex:99"), "grid"),
-    (dict(model=""), "model"),
-    (dict(objectives=("helpfulness", "helpfulness")), "objectives"),
+@pytest.mark.parametrize("overrides, field, message", [
+    (dict(seeds=0), "seeds", "must be an integer >= 1"),
+    (dict(limit=0), "limit", "must be an integer >= 1"),
+    (dict(batch_size=True), "batch_size", "must be an integer"),
+    (dict(bootstrap=0), "bootstrap", "must be an integer >= 1"),
+    (dict(candidates=0), "candidates", "must be an integer >= 1"),
+    (dict(temperature=-1.0), "temperature", "finite and >= 0"),
+    (dict(temperature=0.0), "temperature", "use --seeds 1"),  # greedy: both seeds would give one answer
+    (dict(top_p=0.0), "top_p", "(0, 1]"),
+    (dict(grid="simplex:99"), "grid", "integer N"),
+    (dict(model=""), "model", "non-empty"),
+    (dict(objectives=("helpfulness", "helpfulness")), "objectives", "duplicate"),
+    (dict(strategy="mixture"), "strategy", "'mixture' cannot be evaluated offline"),
+    (dict(strategy="beam"), "strategy", "expected one of conditioned, rerank"),
+    (dict(strategy="rerank", scorer="none"), "scorer", "needs a scorer"),
 ])
-def test_bad_config_names_the_field(overrides, field):
-    with pytest.raises(InvalidInput) as e:
+def test_bad_config_names_the_field(overrides, field, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)) as e:
         EvalConfig(**overrides)
     assert e.value.field == field
 
 
+def test_greedy_with_one_seed_is_allowed():
+    assert EvalConfig(temperature=0.0, seeds=1).seed_list == (0,)
+    assert EvalConfig(seed=7, seeds=3).seed_list == (7, 8, 9)
+
+
 def test_cli_reports_bad_arguments(capsys, tmp_path):
-    assert main(["--num-samples", "0"]) == 2
-    assert "steer.eval: error: num_samples: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["--seeds", "0"]) == 2
+    assert "steer.eval: error: seeds: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["--strategy", "mixture", "--output", str(tmp_path / "out")]) == 2
+    assert "strategy: 'mixture' cannot be evaluated offline" in capsys.readouterr().err
     assert main(["--prompts", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out")]) == 2
     assert "prompts: cannot read" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -333,7 +570,7 @@ def test_help_is_instant_and_shows_examples():
 
     out = subprocess.run([sys.executable, "-m", "steer.eval", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "Examples:" in out.stdout and "--grid" in out.stdout
+    assert "Examples:" in out.stdout and all(flag in out.stdout for flag in ("--grid", "--seeds", "--strategy", "--bootstrap"))
     # heavy libraries load inside main, so --help never pays for torch
     probe = "import sys, steer.eval; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "[]"
