@@ -734,7 +734,7 @@ def load_policy_and_judge(model: str, adapter: str | None = None):
     from steer.models import load_model
 
     policy = load_model(model, adapter=adapter)
-    base = load_model(model) if adapter is not None else policy
+    base = load_model(model) if policy.adapter is not None else policy  # 'none' loads no adapter either
     return policy, base
 
 
@@ -765,12 +765,12 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
         progress=progress,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
-    title = (f"{policy.model_id}" + (f" + {config.adapter}" if config.adapter else " (no adapter)")
+    title = (f"{policy.model_id}" + (f" + {config.adapter}" if policy.adapter else " (no adapter)")
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(
         result, config.output, prompts,
         command=command, config={**asdict(config), "objectives": list(config.objectives)}, prompts_file=str(prompts_path),
-        model_id=policy.model_id, adapter=config.adapter, title=title,
+        model_id=policy.model_id, adapter=policy.adapter, title=title,
     )
     return result, paths
 
@@ -782,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = EvalConfig()
     p.add_argument("--model", default=d.model, help="policy: 'default' (embedded SmolLM2-135M-Instruct), a model directory or a .gguf file")
-    p.add_argument("--adapter", default=None, help="PEFT adapter for the policy; the base system and the judges use the model without it")
+    p.add_argument("--adapter", default=None, help="policy adapter: a PEFT directory, 'default' (the one shipped for the default model) or "
+                   "'none' (unset: the bare model, then policy and base are one system); the base system and the judges never carry it")
     p.add_argument("--scorer", default=d.scorer, help="training judge (and rerank's ranker): 'default' (FLR + length), 'flr', a reward model directory, parts joined by '+', or 'none'")
     p.add_argument("--scorer-model", default=None, help="run both FLR judges on this model instead of the base model")
     p.add_argument("--prompts", default=None, help="JSONL prompt set (default: the shipped held-out split, 52 prompts)")

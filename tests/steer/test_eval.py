@@ -436,8 +436,9 @@ def test_the_base_is_the_model_without_the_adapter(tiny_model_dir, tiny_loaded, 
         reference, p, b = (m(ids).logits for m in (tiny_loaded.model, policy.model, base.model))
     assert not torch.allclose(p, reference, atol=1e-3)
     assert torch.equal(b, reference)
-    alone, same = load_policy_and_judge(str(tiny_model_dir))
-    assert alone is same
+    for bare in (None, "none"):  # no adapter: one model, one system
+        alone, same = load_policy_and_judge(str(tiny_model_dir), bare)
+        assert alone is same
 
 
 def test_samples_are_deterministic_per_seed_and_differ_between_seeds(tiny_loaded):
@@ -475,7 +476,7 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
     assert (out / "steerability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert doc["command"].startswith("python -m steer.eval --model") and "--seeds 2" in doc["command"]
-    assert doc["config"]["adapter"] == str(adapter) and doc["config"]["strategy"] == "conditioned"
+    assert doc["config"]["adapter"] == doc["adapter"] == str(adapter) and doc["config"]["strategy"] == "conditioned"
     assert doc["num_prompts"] == 2 and doc["seeds"] == [3, 4] and len(doc["directions"]) == 7
     assert set(doc["systems"]) == {POLICY, BASE} and doc["policy_is_base"] is False
     assert doc["headline_judge"] == HELDOUT and set(doc["judges"]) == {HELDOUT, TRAINING}
@@ -525,6 +526,23 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
     # the held-out judge is not the training judge: other follow-ups, other values
     training_raw = build_scorer("flr", tiny_loaded, ("helpfulness", "creativity"), calibration="none").rewards(conversations, texts).raw
     assert not torch.allclose(stored, training_raw, atol=1e-3)
+
+
+def test_cli_rerank_on_the_tiny_model_without_an_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    out = tmp_path / "eval"
+    assert main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--grid", "corners", "--seeds", "1",
+                 "--strategy", "rerank", "--candidates", "3", "--max-new-tokens", "4", "--temperature", "1.0",
+                 "--output", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "steerability.json").read_text())
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert doc["strategy"] == "rerank" and doc["policy_is_base"] is True and doc["adapter"] is None
+    assert doc["systems"][POLICY] == doc["systems"][BASE]  # one run, reported for both
+    assert len(rows) == 3 + 1 and all(r["system"] == BASE for r in rows)  # 3 corners + 1 plain answer
+    assert all(0 <= r["candidate"] < 3 for r in rows) and [r["candidate"] for r in rows if r["weights"] is None] == [0]
+    assert "(= policy: no adapter)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, field, message", [
