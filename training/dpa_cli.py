@@ -1,11 +1,16 @@
 """Directional Preference Alignment: sample directions and responses, score them, pair, train; repeat.
 
 Each iteration draws prompts and directions (a share of corners, the rest Dirichlet mixes),
-samples several responses per (prompt, direction) from the current policy, scores them with the
-reward vector r, pairs the best and worst by v . r, and trains on the direction-conditioned prompt.
+builds a candidate pool per (prompt, direction): samples of the current policy under the direction
+line, and (principle-guided) samples of the base model under plain-language instructions for and
+against the direction; scores every candidate with the reward vector r, pairs the best and worst
+by v . r, and trains on the prompt that carries the direction line only.
 
 Examples:
-  python -m steer.train dpa --output runs/dpa                                   # packaged prompts, FLR + length
+  python -m steer.train dpa --output runs/dpa                                   # packaged prompts and principles, FLR + length
+  python -m steer.train dpa --config training/recipes/default-adapter.yaml --output runs/default-adapter   # the shipped adapter
+  python -m steer.train dpa --guided-samples 0 --contrast-samples 0 --samples 4 --output runs/plain   # plain on-policy DPA
+  python -m steer.train dpa --principles my_principles.json --guided-samples 3 --output runs/dpa   # your own principles
   python -m steer.train dpa --scorer flr --iterations 4 --samples 4 --output runs/dpa-flr
   python -m steer.train dpa --scorer runs/rm --loss ipo --output runs/dpa-rm    # a trained reward model
   python -m steer.train dpa --loss sft --samples 8 --output runs/rft            # rejection-sampling fine-tuning

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -104,7 +105,14 @@ def test_metrics_and_request_ids(start_tiny_server):
         assert dict(call.trailing_metadata())["x-request-id"]  # generated when the client sends none
         with pytest.raises(grpc.RpcError):
             stub.Generate(pb.GenerateRequest(prompt="hi", weights={"x": 1}), timeout=10)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    # context.abort() sends the status to the client before the interceptor's bookkeeping runs, so
+    # the failed call is counted a moment after the client sees it: read until it is (or 10 s pass).
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if 'code="INVALID_ARGUMENT"' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert 'steer_requests_total{code="OK",method="/steer.v1.Steer/Generate"} 2.0' in text
     assert 'steer_requests_total{code="INVALID_ARGUMENT",method="/steer.v1.Steer/Generate"} 1.0' in text
     assert "steer_generated_tokens_total 4.0" in text

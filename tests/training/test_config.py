@@ -57,9 +57,12 @@ def test_bad_values_name_the_field(argv, field, capsys):
 
 
 def test_dpa_validation_and_choices(capsys):
-    with pytest.raises(InvalidInput, match="^samples:"):
-        DPAConfig(output="o", samples=1)
-    assert DPAConfig(output="o", samples=1, loss="sft").samples == 1
+    with pytest.raises(InvalidInput, match="^samples:.*pool"):  # a preference pair needs two candidates
+        DPAConfig(output="o", samples=1, guided_samples=0, contrast_samples=0)
+    assert DPAConfig(output="o", samples=1, guided_samples=0, contrast_samples=0, loss="sft").pool_size == 1
+    assert DPAConfig(output="o", samples=0, guided_samples=1, contrast_samples=1).pool_size == 2
+    with pytest.raises(InvalidInput, match="^guided_samples:"):
+        DPAConfig(output="o", guided_samples=-1)
     with pytest.raises(InvalidInput, match=r"^objectives\[0\]"):
         DPAConfig(output="o", objectives=("not valid!",))
     with pytest.raises(SystemExit):  # argparse choices
