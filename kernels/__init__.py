@@ -4,6 +4,12 @@
   logits; Triton on CUDA, chunked torch elsewhere, STEER_KERNELS=torch|triton|auto forces one.
 - `naive_linear_logprob`: the full-logits reference it is tested and benchmarked against.
 - `preference_loss`: DPO / IPO / hinge / SimPO / ORPO / KTO on per-sequence log-probs.
+- `mixture_lora.mixture_lora`: the LoRA delta of k per-objective adapters mixed per row by that
+  row's weights, scale * ((x A_cat^T) * w_rep) B_cat^T; Triton on CUDA, torch elsewhere
+  (`mixture_lora_delta`), the same STEER_KERNELS switch; `stack_lora_adapters` builds A_cat and
+  B_cat from PEFT's A_i / B_i. Import these from `steer.kernels.mixture_lora`: they are not
+  package exports because the submodule of that name would shadow a function `mixture_lora`
+  here as soon as it is imported.
 
 Exports resolve lazily, so `python -m steer.kernels.bench --help` does not import torch.
 """
