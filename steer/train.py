@@ -4,12 +4,14 @@ Commands:
   reward   train a multi-objective reward model (k-output head on a base LM, + LoRA)
   dpo      preference-optimise a policy on pairs (sigmoid | ipo | hinge | simpo | orpo | kto)
   dpa      Directional Preference Alignment: sample directions and responses, score, pair, train
+  export   an adapter for shipping: bf16 weights, base named by model id, metadata.json
 
 Examples:
   python -m steer.train reward --data ratings.jsonl --output runs/rm
   python -m steer.train dpo --data pairs.jsonl --loss sigmoid --output runs/dpo
   python -m steer.train dpa --scorer flr --iterations 2 --output runs/dpa
   python -m steer.train dpa --help
+  python -m steer.train export --adapter runs/dpa/adapter --output dist/dpa-adapter
 
 Each command also reads --config file.yaml (flags override it). Under
 `torchrun --nproc_per_node N` the same commands train with DDP.
@@ -26,6 +28,7 @@ COMMANDS = {
     "reward": ("steer.training.reward_cli", "train a multi-objective reward model"),
     "dpo": ("steer.training.dpo_cli", "preference-optimise a policy on pairs"),
     "dpa": ("steer.training.dpa_cli", "Directional Preference Alignment loop"),
+    "export": ("steer.training.export_cli", "export an adapter for shipping (bf16, base named by id, metadata)"),
 }
 
 

@@ -338,7 +338,7 @@ def run_dpa(config: DPAConfig) -> dict:
         shutdown(ctx)
 
 
-def _build_scorer(config: DPAConfig, base, frozen):
+def _build_scorer(config: DPAConfig, base, frozen, show_progress: bool = True):
     """The scorer, built on the *base* weights before any adapter is attached (FLR calibration is
     keyed by the weights it sees). Returns ``(scorer, shares_policy_weights)``."""
     from steer.models import LoadedModel
@@ -349,7 +349,7 @@ def _build_scorer(config: DPAConfig, base, frozen):
                          context_length=int(getattr(lm.config, "max_position_embeddings", 2048) or 2048))
     try:
         scorer = build_scorer(config.scorer, loaded, config.objectives, scorer_model=config.scorer_model,
-                              calibration=config.scorer_calibration, field="scorer")
+                              calibration=config.scorer_calibration, field="scorer", progress=config.progress and show_progress)
     except ValueError as e:  # InvalidInput included: name the flag
         raise e if isinstance(e, InvalidInput) else InvalidInput("scorer", str(e)) from e
     return scorer, frozen is None and config.scorer_model is None
@@ -374,7 +374,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     if config.full:
         frozen = load_base(str(base[2]), config.dtype, ctx.device)
         frozen[0].eval().requires_grad_(False)
-    scorer, scorer_shares_policy = _build_scorer(config, base, frozen)
+    scorer, scorer_shares_policy = _build_scorer(config, base, frozen, show_progress=ctx.is_main)
     policy = build_policy(config.policy_spec(), ctx.device, base=base)
     encoder = Encoder(policy.tokenizer, config.max_length, config.max_prompt_length)
     manager = CheckpointManager(output, ctx, config.keep_checkpoints)

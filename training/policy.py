@@ -59,11 +59,14 @@ def lora_targets(spec: str):
 class Policy:
     """The trainable model (``model``: a PeftModel, or the causal LM itself for full fine-tuning)."""
 
-    def __init__(self, model: nn.Module, tokenizer, base_dir: Path, lora: bool):
+    def __init__(self, model: nn.Module, tokenizer, base_dir: Path, lora: bool, base_name: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.base_dir = base_dir
         self.lora = lora
+        # What saved configs name as their base: the model id for the default model (the converted
+        # directory is a cache path of this machine), else the resolved directory the user gave.
+        self.base_name = base_name or str(base_dir)
 
     @property
     def base_model(self) -> nn.Module:
@@ -97,12 +100,12 @@ class Policy:
         output = Path(output)
         if self.lora:
             def write(tmp: Path):
-                self.model.peft_config["default"].base_model_name_or_path = str(self.base_dir)
+                self.model.peft_config["default"].base_model_name_or_path = self.base_name
                 self.model.save_pretrained(str(tmp))
             return atomic_directory_write(output / ADAPTER_DIR, write)
 
         def write_full(tmp: Path):
-            self.model.config._name_or_path = str(self.base_dir)
+            self.model.config._name_or_path = self.base_name
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         return atomic_directory_write(output / MODEL_DIR, write_full)
@@ -139,7 +142,7 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
         for p in lm.parameters():
             p.requires_grad_(True)
         lm.train()
-        return Policy(lm, tokenizer, base_dir, lora=False)
+        return Policy(lm, tokenizer, base_dir, lora=False, base_name=base_model_name(spec.model, base_dir))
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -153,10 +156,20 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
             peft_model = get_peft_model(lm, config)
         except ValueError as e:  # peft names the target modules it could not find
             raise InvalidInput("lora_target", str(e)) from e
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    name = base_model_name(spec.model, base_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = name
     peft_model.to(device)
     peft_model.train()
-    return Policy(peft_model, tokenizer, base_dir, lora=True)
+    return Policy(peft_model, tokenizer, base_dir, lora=True, base_name=name)
+
+
+def base_model_name(model: str, base_dir: Path) -> str:
+    """The base a saved adapter or model names: the hub id for ``--model default`` (so the file means
+    the same on every machine, and ``steer.serve`` accepts it as a shipped adapter), else the resolved
+    directory of the ``--model`` the run was given."""
+    from steer.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if model == DEFAULT_MODEL else str(base_dir)
 
 
 @contextlib.contextmanager

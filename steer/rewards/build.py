@@ -36,8 +36,11 @@ def build_scorer(
     scorer_model: str | None = None,
     calibration: str = "auto",
     field: str = "scorer",
+    progress: bool = False,
 ) -> Scorer | None:
-    """The scorer ``spec`` names, over ``objectives`` (``loaded``: the served LoadedModel)."""
+    """The scorer ``spec`` names, over ``objectives`` (``loaded``: the served LoadedModel).
+
+    ``progress`` shows a bar while FLR parts score (offline jobs; a server keeps it off)."""
     from steer.rewards.reward_model import is_reward_model_dir
 
     spec = (spec or NONE).strip()
@@ -97,7 +100,7 @@ def build_scorer(
             else:
                 scorer_loaded = loaded
         parts[i] = FLRScorer(
-            scorer_loaded.model, scorer_loaded.tokenizer, FLRConfig(objectives=tuple(names), calibration=calibration),
+            scorer_loaded.model, scorer_loaded.tokenizer, FLRConfig(objectives=tuple(names), calibration=calibration, progress=progress),
             model_id=scorer_loaded.model_id if scorer_loaded is not loaded else "", context_length=scorer_loaded.context_length,
         )
     scored = [o for p in parts for o in p.objectives]

@@ -1,0 +1,111 @@
+"""Export a trained LoRA adapter for shipping: smaller dtype, base named by id, a description.
+
+Reads a PEFT adapter directory (``<run>/adapter`` of ``dpo``/``dpa``), writes a new one with the
+weights cast to ``--dtype`` (bf16 by default: half the bytes, and LoRA deltas lose nothing that
+matters at inference), ``base_model_name_or_path`` set to ``--base-name`` (a model id, never a
+path of the machine that trained it), ``metadata.json`` (``description`` is what ``Describe``
+reports, plus the source run's summary when it has one) and, with ``--readme``, a README.md copied
+in. The output is written to a temporary directory and renamed into place, so an interrupted
+export leaves the old adapter (or nothing), never half of one.
+
+Examples:
+  python -m steer.train export --adapter runs/default-adapter/adapter --output steer/adapters/default \\
+      --description "principle-guided DPA, LoRA r16, SmolLM2-135M-Instruct" --readme training/recipes/default-adapter.md
+  python -m steer.train export --adapter runs/dpa/adapter --output /tmp/dpa-bf16
+  python -m steer.train export --adapter runs/dpa/adapter --output out --dtype float16 --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+PROG = "python -m steer.train export"
+DTYPES = ("bfloat16", "float16", "float32")
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base_name: str | None = None,
+                   description: str = "", readme: Path | None = None, force: bool = False) -> Path:
+    """Write the exported adapter to ``output`` (see the module docstring); returns ``output``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from steer.errors import InvalidInput
+    from steer.models import DEFAULT_MODEL_NAME
+    from steer.training.checkpoint import atomic_directory_write
+
+    adapter, output = Path(adapter), Path(output)
+    for name in (CONFIG, WEIGHTS):
+        if not (adapter / name).is_file():
+            raise InvalidInput("adapter", f"{adapter} has no {name} (expected a PEFT adapter directory, e.g. <run>/adapter)")
+    if dtype not in DTYPES:
+        raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if readme is not None and not Path(readme).is_file():
+        raise InvalidInput("readme", f"no such file: {readme}")
+    if output.exists() and not output.is_dir():
+        raise InvalidInput("output", f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise InvalidInput("output", f"{output} is not empty; pass --force to replace it")
+    try:
+        config = json.loads((adapter / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidInput("adapter", f"{adapter / CONFIG}:{e.lineno}: not valid JSON ({e.msg})") from None
+    config["base_model_name_or_path"] = base_name or config.get("base_model_name_or_path") or DEFAULT_MODEL_NAME
+    if "/" in config["base_model_name_or_path"] and Path(config["base_model_name_or_path"]).is_absolute():
+        raise InvalidInput("base_name", f"the adapter names its base by a local path ({config['base_model_name_or_path']}); "
+                                        "pass --base-name with the model id")
+    tensors = load_file(str(adapter / WEIGHTS))
+    cast = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata = {"description": description or f"LoRA r{config.get('r', '?')} for {config['base_model_name_or_path']}",
+                "dtype": dtype, "tensors": len(cast), "parameters": int(sum(v.numel() for v in cast.values()))}
+    summary = adapter.parent / "summary.json"
+    if summary.is_file():
+        try:
+            metadata["training"] = json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            pass  # a run's summary is informative only
+
+    def write(tmp: Path) -> None:
+        save_file(cast, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        if readme is not None:
+            shutil.copyfile(readme, tmp / "README.md")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_directory_write(output, write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steer.errors import InvalidInput
+
+    parts = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="PEFT adapter directory to export (e.g. runs/dpa/adapter)")
+    parser.add_argument("--output", required=True, help="directory to write (replaced atomically with --force)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default: bfloat16)")
+    parser.add_argument("--base-name", default=None, help="model id for base_model_name_or_path (default: keep the adapter's, "
+                                                          "which steer writes as the model id for --model default)")
+    parser.add_argument("--description", default="", help="one line for metadata.json (what Describe reports)")
+    parser.add_argument("--readme", default=None, help="a Markdown file copied in as README.md")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    args = parser.parse_args(argv)
+    try:
+        out = export_adapter(Path(args.adapter), Path(args.output), dtype=args.dtype, base_name=args.base_name,
+                             description=args.description, readme=Path(args.readme) if args.readme else None, force=args.force)
+    except InvalidInput as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"exported {args.adapter} -> {out} ({args.dtype}, {size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
