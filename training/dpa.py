@@ -237,56 +237,96 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
 
     local, at = [], 0
     for a, s in enumerate(mine):
-        v = torch.tensor(directions[s].weights, dtype=torch.float32)  # (k,)
         rows = slice(at, at + len(pool[a]))
         at += len(pool[a])
         scaled, raw = rewards.scaled[rows], rewards.raw[rows]  # (pool, k)
-        scores = (scaled @ v).tolist()  # (pool,) v . r
-        local.append({"slot": s, "cands": [tuple(c.__dict__.values()) for c in pool[a]],
-                      "scaled": scaled.tolist(), "raw": raw.tolist(), "scores": scores})
+        local.append({"slot": s, "prompt_index": slots[s], "weights": list(directions[s].weights),
+                      "cands": [tuple(c.__dict__.values()) for c in pool[a]], "scaled": scaled.tolist(), "raw": raw.tolist()})
     merged = sorted((item for part in all_gather_object(ctx, local) for item in part), key=lambda x: x["slot"])
+    return pair_pool(config, iteration, prompts, merged, {"seconds/sample": round(t1 - t0, 3), "seconds/score": round(t2 - t1, 3)})
 
+
+def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
+    """The scored pools in ``samples_file`` when they fit this config (same slots and pool size), else None."""
+    if not samples_file.is_file():
+        return None
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    try:
+        pools = pool_from_samples(rows, config.objectives)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("%s does not hold scored pools (%s); sampling again", samples_file, e)
+        return None
+    slots = config.prompts_per_iteration * config.directions_per_prompt
+    if len(pools) != slots or any(len(p["cands"]) != config.pool_size for p in pools):
+        log.warning("%s holds %d pools of sizes %s, this config asks for %d of %d; sampling again", samples_file, len(pools),
+                    sorted({len(p["cands"]) for p in pools}), slots, config.pool_size)
+        return None
+    return pools
+
+
+def pool_from_samples(rows: list[dict], objectives: tuple[str, ...]) -> list[dict]:
+    """The scored pools of an iteration, rebuilt from its ``samples.jsonl`` rows (what :func:`collect`
+    gathers before pairing): ``--resume`` re-pairs a sampled iteration instead of sampling it again."""
+    by_slot: dict[int, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["slot"], r["sample"])):
+        item = by_slot.setdefault(r["slot"], {"slot": r["slot"], "prompt_index": r["prompt_index"],
+                                              "weights": [float(r["direction"][o]) for o in objectives],
+                                              "cands": [], "scaled": [], "raw": []})
+        item["cands"].append((r["response"], r["finished"], r["tokens"], r["source"], r["instruction"]))
+        item["scaled"].append([float(r["rewards"][o]) for o in objectives])
+        item["raw"].append([float(r["rewards_raw"][o]) for o in objectives])
+    return [by_slot[s] for s in sorted(by_slot)]
+
+
+def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], timings: dict) -> IterationData:
+    """Step 4: score every candidate of every (prompt, direction) pool by ``v . r`` (minus
+    ``missing_eos_penalty`` when it was cut at ``max_new_tokens``), pick the pairs, and describe them."""
     objectives = config.objectives
     pairs, samples = [], []
     skipped = {"margin": 0, "equal": 0}
     chosen_from = {POLICY: 0, GUIDED: 0, CONTRAST: 0}
     rejected_from = dict(chosen_from)
     all_scores, best, worst, margins, lengths, finished = [], [], [], [], [], []
+    chosen_finished, corner = [], []
     for item in merged:
         s = item["slot"]
-        d = directions[s]
-        conv = list(prompts[slots[s]])
-        scores = item["scores"]
+        d = Direction.from_weights(dict(zip(objectives, item["weights"])), objectives)
+        conv = list(prompts[item["prompt_index"]])
         cands = [Candidate(*c) for c in item["cands"]]
+        v = torch.tensor(d.weights, dtype=torch.float32)  # (k,)
+        scores = (torch.tensor(item["scaled"], dtype=torch.float32) @ v).tolist()  # (pool,) v . r
+        ranked = [sc - (0.0 if c.finished else config.missing_eos_penalty) for sc, c in zip(scores, cands)]
         for j, c in enumerate(cands):
-            samples.append({"iteration": iteration, "slot": s, "prompt_index": slots[s], "direction": _weights(d), "sample": j,
+            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"], "direction": _weights(d), "sample": j,
                             "source": c.source, "instruction": c.instruction,
                             "response": c.text, "finished": c.finished, "tokens": c.tokens,
                             "rewards": dict(zip(objectives, item["scaled"][j])), "rewards_raw": dict(zip(objectives, item["raw"][j])),
-                            "score": scores[j]})
+                            "score": scores[j], "pair_score": ranked[j]})
             lengths.append(c.tokens)
             finished.append(c.finished)
         all_scores.extend(scores)
-        hi, lo, reason = choose_pair(scores, [c.text for c in cands], config.min_margin, config.loss == "sft")
+        if max(d.weights) == 1.0:
+            corner.extend(scores)
+        hi, lo, reason = choose_pair(ranked, [c.text for c in cands], config.min_margin, config.loss == "sft")
         best.append(scores[hi])
         worst.append(scores[lo])
         if reason is not None:
             skipped[reason] += 1
             continue
-        margin = scores[hi] - scores[lo]
+        margin = ranked[hi] - ranked[lo]
         margins.append(margin)
         chosen_from[cands[hi].source] += 1
         rejected_from[cands[lo].source] += 1
+        chosen_finished.append(cands[hi].finished)
         pairs.append({
             "prompt": condition_messages(conv, d), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
             "direction": _weights(d), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
             "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": scores[hi],
             "rejected_score": scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
             "chosen_source": cands[hi].source, "rejected_source": cands[lo].source,
-            "iteration": iteration, "slot": s, "prompt_index": slots[s],
+            "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
         })
     reward_means = torch.tensor([r for it in merged for r in it["scaled"]]).mean(0).tolist()  # (k,)
-    corner = [sc for it in merged for sc in it["scores"] if max(directions[it["slot"]].weights) == 1.0]
     by_source = {}
     for src in (POLICY, GUIDED, CONTRAST):
         toks = [r["tokens"] for r in samples if r["source"] == src]
@@ -294,15 +334,15 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
             by_source[f"tokens/{src}"] = float(np.mean(toks))
             by_source[f"finished/{src}"] = float(np.mean([r["finished"] for r in samples if r["source"] == src]))
     stats = {
-        "slots": len(slots), "samples": len(all_scores), "pairs": len(pairs),
+        "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs),
         "skipped/margin": skipped["margin"], "skipped/equal": skipped["equal"],
         **{f"chosen/{k}": v for k, v in chosen_from.items()}, **{f"rejected/{k}": v for k, v in rejected_from.items()},
         "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)), "score/worst": float(np.mean(worst)),
         "score/corner_mean": float(np.mean(corner)) if corner else None,
         "margin/mean": float(np.mean(margins)) if margins else None,
         **{f"reward/{o}": m for o, m in zip(objectives, reward_means)},
-        "finished": float(np.mean(finished)), "response_tokens": float(np.mean(lengths)), **by_source,
-        "seconds/sample": round(t1 - t0, 3), "seconds/score": round(t2 - t1, 3),
+        "finished": float(np.mean(finished)), "chosen_finished": float(np.mean(chosen_finished)) if chosen_finished else None,
+        "response_tokens": float(np.mean(lengths)), **by_source, **timings,
     }
     return IterationData(pairs, samples, stats)
 
@@ -405,12 +445,18 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     for k in range(start, config.iterations):
         it_dir = output / ITERATIONS / f"{k:03d}"
         pairs_file = it_dir / "pairs.jsonl"
+        samples_file = it_dir / "samples.jsonl"
         if cursor != (0, 0) and pairs_file.is_file():  # resuming inside iteration k: train on the same pairs
             rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
         else:
             cursor = (0, 0)
-            got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx, principles=principles,
-                          base_model=frozen[0] if frozen is not None else None)
+            saved = _saved_pool(config, samples_file) if config.resume else None
+            if saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
+                log.info("iteration %d: re-pairing the %d scored samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)
+                got = pair_pool(config, k, prompts, saved, {"seconds/sample": 0.0, "seconds/score": 0.0, "resampled": False})
+            else:
+                got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx, principles=principles,
+                              base_model=frozen[0] if frozen is not None else None)
             rows = got.pairs
             if ctx.is_main:
                 it_dir.mkdir(parents=True, exist_ok=True)

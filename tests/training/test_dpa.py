@@ -94,13 +94,17 @@ def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
         for s in samples:
             d = Direction.from_weights(s["direction"], ("helpfulness", "conciseness"))
             assert s["score"] == pytest.approx(d.dot(s["rewards"]), abs=1e-5)
+            assert s["pair_score"] == pytest.approx(s["score"] - (0.0 if s["finished"] else 1.0), abs=1e-6)  # missing_eos_penalty 1
         for p in pairs:
             d = parse_direction(p["prompt"][0]["content"], ("helpfulness", "conciseness"))  # the conditioning line
             assert d.as_dict() == pytest.approx(p["direction"])
             assert p["prompt"][-1]["role"] == "user" and p["prompt"][-1]["content"] in PROMPTS
             assert p["chosen_score"] == pytest.approx(d.dot(p["chosen_rewards"]), abs=1e-5)
-            slot = [s["score"] for s in samples if s["slot"] == p["slot"]]
-            assert p["chosen_score"] == pytest.approx(max(slot)) and p["rejected_score"] == pytest.approx(min(slot))
+            slot = [s for s in samples if s["slot"] == p["slot"]]
+            ranked = [s["pair_score"] for s in slot]
+            hi, lo = slot[int(np.argmax(ranked))], slot[int(np.argmin(ranked))]
+            assert (p["chosen"], p["rejected"]) == (hi["response"], lo["response"])
+            assert (p["chosen_score"], p["rejected_score"]) == pytest.approx((hi["score"], lo["score"]))
             assert p["chosen"] != p["rejected"]
         if pairs:  # TRL format: the dpo command reads the pairs back
             assert len(read_examples([out / "iterations" / f"{k:03d}" / "pairs.jsonl"])) == len(pairs)
@@ -215,8 +219,9 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
                 text = text[len(match[0]):].lstrip()
             assert text == ""
         # v . r by hand from the text alone.
-        scores = [d["helpfulness"] * len(r["response"]) / 10 - d["conciseness"] * len(r["response"].split()) for r in rows]
-        assert [r["score"] for r in rows] == pytest.approx(scores, abs=1e-5)
+        vr = [d["helpfulness"] * len(r["response"]) / 10 - d["conciseness"] * len(r["response"].split()) for r in rows]
+        assert [r["score"] for r in rows] == pytest.approx(vr, abs=1e-5)
+        scores = [x - (0.0 if r["finished"] else config.missing_eos_penalty) for x, r in zip(vr, rows)]  # cut answers lose
         hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
         pair = [p for p in got.pairs if p["slot"] == slot]
         if rows[hi]["response"] == rows[lo]["response"] or scores[hi] - scores[lo] < min_margin:
@@ -236,3 +241,40 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
         assert n_pairs >= 4
     else:
         assert got.stats["skipped/margin"] >= 1
+
+
+def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
+    """Pairing by hand: a cut answer loses to an ended one unless its v . r leads by more than the
+    penalty; the pools rebuilt from samples.jsonl pair exactly like the originals (--resume)."""
+    from steer.training.dpa import pair_pool, pool_from_samples
+    from steer.training.settings import DPAConfig
+
+    objectives = ("helpfulness", "conciseness")
+    prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
+    merged = [  # slot 0: v = (1, 0); slot 1: v = (0.25, 0.75)
+        {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
+         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."), ("bad", True, 5, "contrast", "Be vague.")],
+         "scaled": [[0.9, -2.0], [0.5, -1.0], [-1.0, 0.5]], "raw": [[0.0, 0.0]] * 3},
+        {"slot": 1, "prompt_index": 0, "weights": [0.25, 0.75],
+         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."), ("c", True, 30, "contrast", "Long.")],
+         "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
+    ]
+    def run(penalty):
+        config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
+                           contrast_samples=1, min_margin=0.1, missing_eos_penalty=penalty, progress=False)
+        return pair_pool(config, 0, prompts, merged, {})
+
+    # v . r: slot 0 = (0.9, 0.5, -1.0); slot 1 = (0, 2.0, -0.8). Penalty 1 on the cut ones: (-0.1, 0.5, -1.0), (0, 1.0, -0.8).
+    got = run(1.0)
+    assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("ended", "bad"), ("b", "c")]
+    assert [p["margin"] for p in got.pairs] == pytest.approx([1.5, 1.8])
+    assert got.stats["chosen_finished"] == 0.5 and got.stats["finished"] == pytest.approx(4 / 6)
+    got = run(3.0)  # now the cut answer of slot 1 is the worst: -1.0 against 0 and -0.8
+    assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("ended", "long cut"), ("a", "b")]
+    got = run(0.0)
+    assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("long cut", "bad"), ("b", "c")]
+    assert got.pairs[0]["prompt"][-1]["content"] == "q1" and parse_direction(got.pairs[1]["prompt"][0]["content"], objectives).weights == (0.25, 0.75)
+
+    again = pair_pool(DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
+                                contrast_samples=1, min_margin=0.1, progress=False), 0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
+    assert again.pairs == run(1.0).pairs and again.samples == run(1.0).samples
