@@ -3,18 +3,30 @@
 Callers (strategies, via the servicer) hand it token ids and :class:`SamplingParams` and read back
 an async stream of :class:`TextDelta` events ending with one :class:`Finished`.
 
-Scheduling is iteration-level ("continuous") batching on one worker thread:
+Scheduling is iteration-level ("continuous") batching on one worker thread. Every iteration:
 
-* every iteration first admits waiting requests into free batch slots and prefills them together
-  (left-padded to a common length, within a token budget), then runs one decode step for every
-  running sequence; sequences join and leave between steps, so a long generation never holds
-  up a short one and a new request waits at most one step to start;
-* each sequence keeps its own sampling parameters, seeded generator, stop strings, token limit
-  and deadline; its KV cache lives in a slot of :class:`~steer.server.kv_cache.SlotKVCache`;
-* a request whose caller goes away (cancelled call: the event stream is closed) or whose
-  deadline passes leaves the batch at the next step;
-* beyond ``max_concurrent`` running and ``max_queue`` waiting, :class:`Overloaded` is raised at
-  once (the servicer maps it to ``RESOURCE_EXHAUSTED``).
+1. admits waiting requests into free batch slots (``max_concurrent``) and retires sequences whose
+   caller went away (cancelled call: the event stream is closed) or whose deadline passed, whether
+   they are decoding or halfway through their prompt;
+2. prefills prompts within the token budget ``max_prefill_tokens`` (see
+   :meth:`Engine._plan_prefill`): whole prompts, shortest first, left-padded together in one
+   forward; a prompt too long to share the budget is read in chunks, one such prompt at a time,
+   in a second forward. It is promised a quarter of every iteration's budget, so shorter prompts
+   overtake it but cannot starve it, and between its chunks come cancellation and deadline
+   checks and a decode step for everyone else;
+3. runs one decode step for every sequence whose prompt is in the cache.
+
+So an iteration computes at most ``max_prefill_tokens`` prompt tokens (padding included) plus one
+token per decoding sequence: that bounds how long a stream waits between two tokens, whatever the
+prompts of other requests, and a short prompt gets its first token in the iteration that admits
+it unless other short prompts already fill the budget.
+
+Each sequence keeps its own sampling parameters, seeded generator, stop strings, token limit and
+deadline; its keys and values live in :class:`~steer.server.kv_cache.PagedKVCache`, whose memory
+follows the tokens that are running. A failure while sampling or emitting one sequence's token
+fails only that sequence (its caller gets :class:`SequenceFailed`); a failed forward fails only
+the sequences in that forward. Beyond ``max_concurrent`` running and ``max_queue`` waiting,
+:class:`Overloaded` is raised at once (the servicer maps it to ``RESOURCE_EXHAUSTED``).
 
 All model calls go through :meth:`Engine._forward`, the one place a per-row adapter mixture would
 hook in.
@@ -36,7 +48,7 @@ import torch
 from steer.models import LoadedModel
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
 
-from steer.server.kv_cache import SlotKVCache
+from steer.server.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +65,16 @@ class Overloaded(Exception):
     """No room for another request right now (queue full or engine shutting down)."""
 
 
+class SequenceFailed(RuntimeError):
+    """Generating this one request failed (the message says where and why); others went on."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
-    max_concurrent: int = 32  # sequences in the running batch
+    max_concurrent: int = 32  # sequences in the running batch (decoding or prefilling)
     max_new_tokens: int = 1024  # upper bound a request may ask for
-    max_prefill_tokens: int = 2048  # padded prompt tokens prefilled per iteration (>= 1 request)
+    max_prefill_tokens: int = 2048  # prompt tokens (padding included) computed per iteration; longer prompts are chunked
 
     def __post_init__(self):
         for name, low in (("max_queue", 0), ("max_concurrent", 1), ("max_new_tokens", 1), ("max_prefill_tokens", 1)):
@@ -103,17 +119,26 @@ class _Job:
 
 @dataclass
 class _Sequence:
-    """A running sequence: its job, decoding state and place in the KV cache."""
+    """A running sequence: its job, decoding state and slot in the KV cache."""
 
     job: _Job
+    slot: int
     generator: torch.Generator
     detok: StopStringDetokenizer
     limit: int  # completion tokens allowed (max_new_tokens, capped by the context)
-    offset: int  # left-padding positions before the prompt in its cache slot
-    length: int = 0  # cache positions used (padding + prompt + generated so far)
+    length: int = 0  # cache positions written: prompt tokens prefilled, then + tokens fed back
     last_token: int = 0
     started: float = 0.0
     first_token_at: float | None = None
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet in the cache (0 once the sequence decodes)."""
+        return max(0, len(self.job.prompt_ids) - self.length)
+
+
+# One prefill forward: (sequence, number of its next prompt tokens to compute).
+_Chunks = list[tuple[_Sequence, int]]
 
 
 class Engine:
@@ -126,17 +151,17 @@ class Engine:
         self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._eos = loaded.eos_token_ids
         dtype = next(model.parameters()).dtype
-        # Left padding can push a slot past the context by at most the padding, hence 2x.
-        self.cache = SlotKVCache.for_model(model.config, config.max_concurrent, dtype, 2 * loaded.context_length)
+        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         self._mask_dtype = dtype
-        self._running: list[_Sequence] = []  # index == cache slot
+        self._running: list[_Sequence] = []  # admitted: prefilling or decoding, in admission order
         self._waiting: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        # Counters for metrics and benchmarks (read without the lock: monotonic ints).
+        # Counters for metrics, benchmarks and tests (read without the lock: monotonic ints).
         self.generated_tokens = 0
-        self.steps = 0
+        self.steps = 0  # decode forwards
+        self.prefill_forwards = 0
         self.on_finish = None  # optional callable(Finished), called on the worker thread (metrics)
         self._worker = threading.Thread(target=self._run, name="steer-engine", daemon=True)
         self._worker.start()
@@ -156,7 +181,10 @@ class Engine:
             return {"waiting": len(self._waiting), "running": len(self._running)}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> AsyncIterator[TextDelta | Finished]:
-        """Stream the generation for ``prompt_ids``. Leaving the loop early cancels the sequence."""
+        """Stream the generation for ``prompt_ids``. Leaving the loop early cancels the sequence.
+
+        Raises :class:`Overloaded` when there is no room, :class:`SequenceFailed` when generating
+        this request failed (other requests are not affected)."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         if len(prompt_ids) >= self.context_length:
@@ -172,7 +200,7 @@ class Engine:
                 if isinstance(event, Finished):
                     return
         finally:
-            job.cancelled.set()  # no-op once finished; otherwise the sequence leaves at the next step
+            job.cancelled.set()  # no-op once finished; otherwise the sequence leaves at the next iteration
 
     def _admit(self, job: _Job) -> None:
         with self._cond:
@@ -195,7 +223,7 @@ class Engine:
             self._cond.notify()
         self._worker.join(timeout=30)
 
-    # -- worker thread ---------------------------------------------------------------------------
+    # -- worker thread: one iteration ------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -205,45 +233,89 @@ class Engine:
                         self._cond.wait()
                     if self._closed:
                         break
-                    admitted = self._take_admissible()
+                    self._start_waiting()
                 try:
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._running:
-                        self._decode_step()
-                except Exception as exc:  # a failed step fails its sequences, never the worker
-                    log.exception("generation step failed")
-                    for seq in self._running:
-                        seq.job.emit(exc)
-                    for job in admitted:
-                        job.emit(exc)
-                    self._running.clear()
+                    self._iterate()
+                except Exception as exc:  # a scheduling bug: fail what runs, never the worker
+                    log.exception("engine iteration failed")
+                    for seq in list(self._running):
+                        self._fail(seq, exc, "scheduling", traceback=False)
         with self._cond:
             leftovers = list(self._waiting)
             self._waiting.clear()
         for job in leftovers:
             job.cancelled.set()
             self._finish_unstarted(job, FinishReason.CANCELLED)
-        for seq in self._running:
-            self._finish(seq, FinishReason.CANCELLED)
-        self._running.clear()
+        for seq in list(self._running):
+            self._retire(seq, FinishReason.CANCELLED)
 
-    def _take_admissible(self) -> list[_Job]:
-        """Pop waiting jobs that fit in free slots and the prefill budget (called with the lock)."""
-        taken: list[_Job] = []
-        longest = 0
-        while self._waiting and len(self._running) + len(taken) < self.config.max_concurrent:
-            job = self._waiting[0]
-            longest_if = max(longest, len(job.prompt_ids))
-            if taken and longest_if * (len(taken) + 1) > self.config.max_prefill_tokens:
-                break
-            self._waiting.popleft()
+    def _iterate(self) -> None:
+        for seq in list(self._running):  # between chunks and steps: callers gone, deadlines passed
+            if seq.job.cancelled.is_set():
+                self._retire(seq, FinishReason.CANCELLED)
+            elif self._expired(seq.job):
+                self._retire(seq, FinishReason.TIME_LIMIT)
+        for chunks in self._plan_prefill():
+            self._guarded([s for s, _ in chunks], "prefill", self._prefill, chunks)
+        decoding = [s for s in self._running if s.prompt_left == 0]
+        if decoding:
+            self._guarded(decoding, "decode", self._decode, decoding)
+
+    def _guarded(self, seqs: list[_Sequence], stage: str, step, *args) -> None:
+        """Run one forward; if it raises, fail the sequences in it (and only those)."""
+        try:
+            step(*args)
+        except Exception as exc:
+            log.exception("%s forward failed for %d sequence(s)", stage, len(seqs))
+            for seq in seqs:
+                self._fail(seq, exc, stage, traceback=False)
+
+    def _start_waiting(self) -> None:
+        """Move waiting jobs into free slots (called with the lock)."""
+        while self._waiting and len(self._running) < self.config.max_concurrent:
+            job = self._waiting.popleft()
             if job.cancelled.is_set() or self._expired(job):
                 self._finish_unstarted(job, FinishReason.CANCELLED if job.cancelled.is_set() else FinishReason.TIME_LIMIT)
                 continue
-            taken.append(job)
-            longest = longest_if
-        return taken
+            self._running.append(_Sequence(
+                job=job, slot=self.cache.open(), generator=job.params.make_generator(),
+                detok=StopStringDetokenizer(self.loaded.tokenizer, job.params.stop),
+                limit=min(job.params.max_new_tokens, self.context_length - len(job.prompt_ids)),
+                started=time.monotonic(),
+            ))
+
+    def _plan_prefill(self) -> list[_Chunks]:
+        """This iteration's prefill forwards, within ``max_prefill_tokens`` padded tokens in all.
+
+        A prompt too long to share the budget (over three quarters of it) is read in chunks, one at
+        a time, oldest first; it is promised a quarter of every iteration's budget, so it always
+        progresses. The rest goes to whole prompts, shortest first, left-padded to the longest of
+        them in one forward (rows x width within what is left); whatever they leave over also goes
+        to the chunked prompt, in a second forward.
+        """
+        budget = self.config.max_prefill_tokens
+        pending = [s for s in self._running if s.prompt_left > 0]  # admission order
+        if not pending:
+            return []
+        quarter = max(1, budget // 4)
+        chunked = next((s for s in pending if s.length > 0), None)  # at most one is part-way
+        if chunked is None:
+            chunked = next((s for s in pending if s.prompt_left > budget - quarter), None)
+        promised = min(chunked.prompt_left, quarter) if chunked else 0
+        whole: _Chunks = []
+        width = 0
+        for seq in sorted((s for s in pending if s is not chunked), key=lambda s: (s.prompt_left, s.job.arrived)):
+            grown = max(width, seq.prompt_left)
+            if (len(whole) + 1) * grown > budget - promised:
+                break
+            whole.append((seq, seq.prompt_left))
+            width = grown
+        plan = [whole] if whole else []
+        if chunked is not None:
+            plan.append([(chunked, min(chunked.prompt_left, budget - len(whole) * width))])
+        return plan
+
+    # -- forwards --------------------------------------------------------------------------------
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The engine's only model call: logits of the last position of each row, ``(rows, V)``."""
@@ -260,90 +332,123 @@ class Engine:
         zero = torch.zeros((), dtype=self._mask_dtype)
         return torch.where(allowed, zero, torch.finfo(self._mask_dtype).min)
 
-    def _prefill(self, jobs: list[_Job]) -> None:
-        first_slot = len(self._running)
-        t = max(len(j.prompt_ids) for j in jobs)
-        m = len(jobs)
-        input_ids = torch.full((m, t), self._pad_id, dtype=torch.long)  # (m, T), left-padded
-        offsets = torch.tensor([t - len(j.prompt_ids) for j in jobs])  # (m,)
-        for i, job in enumerate(jobs):
-            input_ids[i, int(offsets[i]):] = torch.tensor(job.prompt_ids)
-        q = torch.arange(t)
-        causal = q[None, :] <= q[:, None]  # (T, T): key <= query
-        allowed = causal[None] & (q[None, None, :] >= offsets[:, None, None])  # (m, T, T)
-        # A padding query would see no key at all (NaN rows in SDPA); let it see itself. Real
-        # queries never see padding keys, so this changes nothing they compute.
-        allowed = allowed | torch.eye(t, dtype=torch.bool)[None]
-        positions = (q[None, :] - offsets[:, None]).clamp(min=0)  # (m, T): RoPE positions from 0
-        self.cache.prepare_prefill(first_slot, m, t)
-        now = time.monotonic()
-        seqs = []
-        for i, job in enumerate(jobs):
-            seqs.append(_Sequence(
-                job=job, generator=job.params.make_generator(),
-                detok=StopStringDetokenizer(self.loaded.tokenizer, job.params.stop),
-                limit=min(job.params.max_new_tokens, self.context_length - len(job.prompt_ids)),
-                offset=int(offsets[i]), length=t, started=now,
-            ))
-        logits = self._forward(input_ids, positions, allowed[:, None])  # (m, V)
-        self._running.extend(seqs)
-        self._advance(seqs, logits, first_row=first_slot)
+    def _prefill(self, chunks: _Chunks) -> None:
+        """One forward over the next ``count`` prompt tokens of each sequence, left-padded to a common
+        width so that every row's last real token is the last column (whose logits we keep)."""
+        m = len(chunks)
+        width = max(count for _, count in chunks)
+        input_ids = torch.full((m, width), self._pad_id, dtype=torch.long)  # (m, W)
+        write = torch.full((m, width), -1, dtype=torch.long)  # (m, W): cache position per column, -1 = padding
+        for i, (seq, count) in enumerate(chunks):
+            start = seq.length
+            input_ids[i, width - count:] = torch.tensor(seq.job.prompt_ids[start:start + count])
+            write[i, width - count:] = torch.arange(start, start + count)
+            self.cache.reserve(seq.slot, start + count)
+        view = int(write.max()) + 1
+        real = write >= 0  # (m, W)
+        keys = torch.arange(view)
+        allowed = (keys[None, None, :] <= write[:, :, None]) & real[:, :, None]  # (m, W, L): causal, earlier chunks included
+        # A padding query would see no key at all (NaN rows in SDPA); let it see position 0, which
+        # every row has. Nothing real reads a padding column, and padding is never stored.
+        allowed[:, :, 0] |= ~real
+        self.cache.prepare([s.slot for s, _ in chunks], write, view)
+        logits = self._forward(input_ids, write.clamp(min=0), allowed[:, None])  # (m, V); RoPE position = cache position
+        self.prefill_forwards += 1
+        for seq, count in chunks:
+            seq.length += count
+        done = [i for i, (seq, _) in enumerate(chunks) if seq.prompt_left == 0]
+        if done:
+            self._advance([chunks[i][0] for i in done], logits[done])
 
-    def _decode_step(self) -> None:
-        n = len(self._running)
-        lengths = torch.tensor([s.length for s in self._running])  # (n,) next write position
-        offsets = torch.tensor([s.offset for s in self._running])
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        """One token for each sequence: its last sampled token goes in at position ``length``."""
+        for s in seqs:
+            self.cache.reserve(s.slot, s.length + 1)
+        lengths = torch.tensor([s.length for s in seqs])  # (n,) next write position
         view = int(lengths.max()) + 1
-        k = torch.arange(view)
-        allowed = (k[None, :] >= offsets[:, None]) & (k[None, :] <= lengths[:, None])  # (n, L)
-        input_ids = torch.tensor([[s.last_token] for s in self._running])  # (n, 1)
-        positions = (lengths - offsets)[:, None]  # (n, 1)
-        self.cache.prepare_decode(lengths)
-        logits = self._forward(input_ids, positions, allowed[:, None, None, :])  # (n, V)
-        for s in self._running:
+        allowed = torch.arange(view)[None, :] <= lengths[:, None]  # (n, L)
+        input_ids = torch.tensor([[s.last_token] for s in seqs])  # (n, 1)
+        self.cache.prepare([s.slot for s in seqs], lengths[:, None], view)
+        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None, :])  # (n, V)
+        for s in seqs:
             s.length += 1
         self.steps += 1
-        self._advance(list(self._running), logits, first_row=0)
+        self._advance(seqs, logits)
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, first_row: int) -> None:
-        """Sample one token for each sequence (rows of ``logits``), emit text, retire finished ones."""
-        tokens = sample_tokens(logits, [s.job.params for s in seqs], [s.generator for s in seqs])
+    # -- tokens, per sequence --------------------------------------------------------------------
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample one token for each sequence (rows of ``logits``), emit text, retire finished ones.
+
+        Whatever goes wrong for one sequence here (sampling, detokenising, stop strings) fails
+        that sequence alone."""
+        tokens = self._sample(seqs, logits)
         now = time.monotonic()
-        done: list[tuple[_Sequence, FinishReason]] = []
         for seq, token in zip(seqs, tokens):
+            if isinstance(token, Exception):
+                self._fail(seq, token, "sampling")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            reason = None
-            if token in self._eos:
-                reason = FinishReason.STOP
-            else:
-                self.generated_tokens += 1
-                seq.last_token = token
-                delta = seq.detok.push(token)
-                if delta:
-                    seq.job.emit(TextDelta(delta))
-                if seq.detok.stopped:
-                    reason = FinishReason.STOP_SEQUENCE
-                elif len(seq.detok.ids) >= seq.limit:
-                    reason = FinishReason.LENGTH
-            if reason is None:
-                if seq.job.cancelled.is_set():
-                    reason = FinishReason.CANCELLED
-                elif self._expired(seq.job):
-                    reason = FinishReason.TIME_LIMIT
+            try:
+                reason = self._accept(seq, token)
+            except Exception as exc:
+                self._fail(seq, exc, "detokenizing")
+                continue
             if reason is not None:
-                done.append((seq, reason))
-        for seq, reason in done:
-            self._finish(seq, reason)
-            self._release(seq)
+                self._retire(seq, reason)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """Tokens for all rows in one call; if that raises, row by row, so one bad row fails alone.
+        (``sample_tokens`` raises before advancing any generator, so the retry draws the same.)"""
+        params, generators = [s.job.params for s in seqs], [s.generator for s in seqs]
+        try:
+            return sample_tokens(logits, params, generators)
+        except Exception:
+            out: list[int | Exception] = []
+            for i in range(len(seqs)):
+                try:
+                    out.append(sample_tokens(logits[i:i + 1], params[i:i + 1], generators[i:i + 1])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+    def _accept(self, seq: _Sequence, token: int) -> FinishReason | None:
+        """Take one sampled token: emit its text; say why the sequence ends, if it does."""
+        if token in self._eos:
+            return FinishReason.STOP
+        self.generated_tokens += 1
+        seq.last_token = token
+        delta = seq.detok.push(token)
+        if delta:
+            seq.job.emit(TextDelta(delta))
+        if seq.detok.stopped:
+            return FinishReason.STOP_SEQUENCE
+        if len(seq.detok.ids) >= seq.limit:
+            return FinishReason.LENGTH
+        return None
 
     def _release(self, seq: _Sequence) -> None:
-        """Free ``seq``'s slot, moving the last running sequence into it to keep slots contiguous."""
-        slot = self._running.index(seq)
-        last = self._running.pop()
-        if last is not seq:
-            self.cache.move(len(self._running), slot, last.length)
-            self._running[slot] = last
+        """Give ``seq``'s cache blocks and slot back, then take it out of the batch (so that a
+        batch seen without it has its memory back)."""
+        self.cache.close(seq.slot)
+        self._running.remove(seq)
+
+    def _retire(self, seq: _Sequence, reason: FinishReason) -> None:
+        """Free the slot, then tell the caller: a finished call never holds a slot."""
+        self._release(seq)
+        self._finish(seq, reason)
+
+    def _fail(self, seq: _Sequence, exc: Exception, stage: str, traceback: bool = True) -> None:
+        """End ``seq`` with :class:`SequenceFailed` (unless it already ended), freeing its slot."""
+        if seq not in self._running:
+            return
+        log.error("request failed while %s (%d prompt tokens): %s: %s", stage, len(seq.job.prompt_ids),
+                  type(exc).__name__, exc, exc_info=exc if traceback else None)
+        error = SequenceFailed(f"generation failed while {stage} for this request: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        self._release(seq)
+        seq.job.emit(error)
 
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         if reason is not FinishReason.CANCELLED:

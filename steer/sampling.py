@@ -17,6 +17,11 @@ from steer.errors import InvalidInput
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
+# Temperatures below this decode greedily, as vLLM does (its _SAMPLING_EPS): the tempered
+# distribution is then the argmax up to exact ties, and an explicit argmax needs no random draw.
+# Unlike vLLM we do not raise temperatures in [1e-5, 1e-2) to 1e-2: the sampler is exact there.
+GREEDY_TEMPERATURE = 1e-5
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # a larger Python float temperature would become inf
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class SamplingParams:
     """How to pick tokens. Errors name the request field (``sampling.<name>``)."""
 
     max_new_tokens: int = 256  # generated tokens at most (the end-of-turn token not counted)
-    temperature: float = 0.7  # 0 = greedy; otherwise logits are divided by it
+    temperature: float = 0.7  # logits are divided by it; 0 (or < GREEDY_TEMPERATURE) = greedy
     top_p: float = 0.9  # nucleus mass kept, in (0, 1]; 1 disables
     top_k: int = 0  # keep the k most likely tokens; 0 disables
     seed: int | None = None  # same seed + same request -> same text; None = fresh entropy
@@ -53,7 +58,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature 0, or so small (< GREEDY_TEMPERATURE) that it is the same."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def with_overrides(self, **overrides) -> SamplingParams:
         """A copy with the given fields replaced (``None`` values are ignored: they mean 'default')."""
@@ -72,8 +78,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf.
 
     The plain full-sort reference; :func:`sample_tokens` computes the same kept set faster.
+    ``temperature`` must be > 0 (greedy is an argmax, not a distribution). The row is shifted so
+    its maximum is 0 before dividing: the result is <= 0 everywhere and cannot overflow for any
+    positive temperature (softmax and the kept set do not change under a shift).
     """
-    logits = logits.float() / temperature
+    if not temperature > 0:
+        raise ValueError(f"filter_logits needs temperature > 0, got {temperature!r} (greedy decoding is an argmax)")
+    logits = logits.float()
+    logits = (logits - logits.max()) / min(temperature, _FLOAT32_MAX)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(logits, top_k).values[-1]
@@ -99,8 +111,22 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     Every sampled row draws exactly one uniform number from its generator per call and inverts the
     CDF of its filtered distribution (tokens in descending probability order), so a sequence gets
     the same tokens whether it is sampled alone or in a batch (up to float noise in the logits).
+    Greedy rows (``params.greedy``) take the argmax and draw nothing.
+
+    Safe for every temperature the params admit: each row is shifted so its maximum is exactly 0
+    before it is divided by the temperature, so the scaled row is <= 0 and holds no inf/NaN at any
+    temperature (a tiny one sends the rest to -inf, a huge one flattens the row to uniform); the
+    top-k/top-p order is taken from the unscaled row, which division cannot reorder or tie.
+    Raises ``ValueError`` naming the row when a row has NaN, +inf or no finite logit; it raises
+    before any generator is advanced, so a caller can retry the healthy rows alone.
     """
     n, vocab = logits.shape
+    row_max = logits.max(dim=-1).values  # (n,): NaN if the row has one, +inf if it has one
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        what = "NaN" if bool(torch.isnan(logits[i]).any()) else "+inf" if float(row_max[i]) > 0 else "no finite value"
+        raise ValueError(f"the model's logits for row {i} of {n} contain {what}: no token can be sampled from them")
     out = [0] * n
     rows = [i for i in range(n) if not params[i].greedy]
     for i in range(n):
@@ -108,21 +134,24 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
             out[i] = int(torch.argmax(logits[i]))
     if not rows:
         return out
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)
-    scaled = logits[rows].float() / temps[:, None]  # (m, V)
-    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (m, 1): the full normaliser
+    # Temperatures >= GREEDY_TEMPERATURE here; a Python float beyond float32 would round to inf.
+    temps = torch.tensor([min(params[i].temperature, _FLOAT32_MAX) for i in rows], dtype=torch.float32)[:, None]  # (m, 1)
+    raw = logits[rows].float()  # (m, V)
+    shift = row_max[rows].float()[:, None]  # (m, 1)
+    lse = torch.logsumexp((raw - shift) / temps, dim=-1, keepdim=True)  # (m, 1): the full normaliser, in [0, log V]
     top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
     k = min(vocab, max(_CANDIDATES, int(top_k[top_k < vocab].max()) if (top_k < vocab).any() else 0))
-    vals, order = torch.topk(scaled, k, dim=-1)  # (m, k), descending
-    probs, cum = _nucleus_probs(vals, lse, top_k, vocab)
+    raw_vals, order = torch.topk(raw, k, dim=-1)  # (m, k), descending
+    probs, cum = _nucleus_probs((raw_vals - shift) / temps, lse, top_k, vocab)
     # Rows whose kept set may extend past the k candidates need the whole sorted vocabulary.
     covered = (cum[:, -1] >= top_p) | (top_k <= k)
     if k < vocab and not bool(covered.all()):
-        vals, order = torch.sort(scaled, dim=-1, descending=True)
+        raw_vals, order = torch.sort(raw, dim=-1, descending=True)
         k = vocab
-        probs, cum = _nucleus_probs(vals, lse, top_k, vocab)
+        probs, cum = _nucleus_probs((raw_vals - shift) / temps, lse, top_k, vocab)
     position = torch.arange(k)[None, :]
+    # The first candidate is always kept (position 0 < top_k, and no mass lies before it).
     keep = (position < top_k[:, None]) & ((cum - probs) < top_p[:, None])  # (m, k)
     kept = torch.where(keep, probs, torch.zeros_like(probs)).cumsum(dim=-1)  # (m, k)
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (m,)

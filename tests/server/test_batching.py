@@ -45,10 +45,10 @@ def test_batched_engine_logprobs_match_single_sequence_forward(tiny_loaded):
     seen = {}
 
     class Recording(Engine):
-        def _advance(self, seqs, logits, first_row):
+        def _advance(self, seqs, logits):
             for s, row in zip(seqs, logits):
                 seen.setdefault(tuple(s.job.prompt_ids), []).append(torch.log_softmax(row.float(), -1))
-            super()._advance(seqs, logits, first_row)
+            super()._advance(seqs, logits)
 
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [4, 4, 4, 4]]
 

@@ -121,3 +121,93 @@ def test_batched_rows_equal_rows_sampled_alone():
     alone = [sample_token(logits[i], params[i], params[i].make_generator()) for i in range(5)]
     assert batch == alone
     assert batch[0] == int(logits[0].argmax())
+
+
+# -- temperatures at the edges of what the contract admits -------------------------------------------
+
+from steer.sampling import GREEDY_TEMPERATURE  # noqa: E402
+
+TINY = [1e-45, 1e-40, 1e-38, 1e-30, 1e-300, 1e-8, 1e-6, 9.99e-6]  # below GREEDY_TEMPERATURE (subnormal float32 too)
+SMALL = [GREEDY_TEMPERATURE, 2e-5, 1e-4, 1e-3]  # sampled, but a logit gap of 1 leaves only the argmax
+HUGE = [1e4, 1e30, 3.4e38, 1e300]  # the last two are at and past float32's largest value
+
+
+def gapped_logits(rows=4, vocab=300, seed=0):
+    """Random logits whose best token beats the second by at least 1 (so tiny temperatures are argmax)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    best = logits.argmax(dim=-1)
+    logits[torch.arange(rows), best] = logits.max(dim=-1).values + 1.0
+    return logits
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (5, 0.5), (1, 1.0), (0, 1e-6), (300, 0.9)])
+def test_extreme_temperatures_sample_valid_tokens(top_k, top_p):
+    """Every temperature the contract admits gives a token; tiny ones give the argmax (the T -> 0
+    limit); huge ones stay inside the top-k set. Rows of all kinds share one batch."""
+    logits = gapped_logits()
+    rows, vocab = logits.shape
+    temperatures = TINY + SMALL + HUGE
+    params = [SamplingParams(temperature=t, top_k=top_k, top_p=top_p, seed=j) for j, t in enumerate(temperatures)]
+    batch = logits.repeat_interleave(len(temperatures), dim=0)  # (rows * temps, V)
+    tokens = sample_tokens(batch, params * rows, [p.make_generator() for p in params * rows])
+    argmax = logits.argmax(dim=-1).tolist()
+    for r in range(rows):
+        allowed = set(torch.topk(logits[r], top_k).indices.tolist()) if 0 < top_k < vocab else set(range(vocab))
+        for j, t in enumerate(temperatures):
+            token = tokens[r * len(temperatures) + j]
+            assert 0 <= token < vocab and token in allowed, (t, token)
+            if t < 1e-2:
+                assert token == argmax[r], f"temperature {t}: got {token}, argmax is {argmax[r]}"
+
+
+@pytest.mark.parametrize("temperature", [1e30, 3.4e38, 1e300])
+def test_huge_temperatures_are_uniform_over_the_kept_set(temperature):
+    logits = gapped_logits(rows=1, vocab=20)[0]
+    for top_k, support in ((0, 20), (4, 4)):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0)
+        draws = 4000
+        tokens = sample_tokens(logits.expand(draws, -1), [params] * draws, [torch.Generator().manual_seed(s) for s in range(draws)])
+        counts = torch.bincount(torch.tensor(tokens), minlength=20)
+        kept = torch.topk(logits, support).indices
+        assert counts.sum() == counts[kept].sum() == draws
+        expected = draws / support  # binomial sd <= sqrt(draws/support) ~ 14..32: allow ~5 sd
+        assert (counts[kept].float() - expected).abs().max() < 5 * expected ** 0.5
+
+
+def test_tiny_temperature_is_greedy_and_draws_nothing():
+    assert SamplingParams(temperature=9e-6).greedy and not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+    logits = gapped_logits(rows=1)[0]
+    params = SamplingParams(temperature=1e-38, top_k=5, top_p=0.5, seed=3)
+    g = params.make_generator()
+    before = g.get_state()
+    assert sample_token(logits, params, g) == int(logits.argmax())
+    assert torch.equal(g.get_state(), before)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-8, 1.0, 1e30, 1e300])
+def test_filter_logits_reference_is_finite_at_any_positive_temperature(temperature):
+    logits = gapped_logits(rows=1)[0]
+    filtered = filter_logits(logits, temperature, 5, 0.9)
+    assert not torch.isnan(filtered).any() and not torch.isposinf(filtered).any()
+    probs = torch.softmax(filtered, dim=-1)
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-5
+    if temperature < 1e-5:
+        assert int(probs.argmax()) == int(logits.argmax()) and float(probs.max()) == 1.0
+    with pytest.raises(ValueError, match="temperature > 0"):
+        filter_logits(logits, 0.0, 0, 1.0)
+
+
+@pytest.mark.parametrize("poison, what", [(float("nan"), "NaN"), (float("inf"), r"\+inf")])
+def test_non_finite_logits_name_the_row_and_advance_no_generator(poison, what):
+    logits = gapped_logits(rows=3)
+    logits[1, 7] = poison
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(3)]
+    gens = [p.make_generator() for p in params]
+    before = [g.get_state() for g in gens]
+    with pytest.raises(ValueError, match=f"row 1 of 3 contain {what}"):
+        sample_tokens(logits, params, gens)
+    assert all(torch.equal(g.get_state(), b) for g, b in zip(gens, before))
+    all_masked = torch.full((1, 10), float("-inf"))
+    with pytest.raises(ValueError, match="no finite value"):
+        sample_tokens(all_masked, [SamplingParams(temperature=0.0)], [torch.Generator()])
