@@ -1,10 +1,30 @@
-"""Assemble and run the gRPC server: servicer, health, reflection, graceful shutdown."""
+"""Assemble and run the gRPC server: servicer, health, reflection, graceful shutdown.
+
+Shutdown (SIGTERM or SIGINT, :meth:`RunningServer.stop`) goes in three steps:
+
+1. **drain** (``drain_seconds``): health says NOT_SERVING for every service while the listener
+   still accepts and answers calls, so load balancers that poll or watch health move traffic
+   away before anything is refused;
+2. **grace** (``grace_seconds``): new calls are refused (UNAVAILABLE); calls in flight finish.
+   Shortly before grace runs out (:data:`FINAL_CHUNK_SECONDS` before, at most a fifth of it) the
+   engine stops generating, so every stream still open ends with its final chunk
+   (``FINISH_REASON_CANCELLED``, usage and timing) and status OK instead of being cut off, and
+   scoring still running ends with UNAVAILABLE;
+3. **stop**: calls still open after grace (a health Watch) are cancelled, and the engine's worker
+   gets :data:`ENGINE_STOP_SECONDS` to leave its current model step.
+
+So a server exits within drain + grace + ENGINE_STOP_SECONDS. :func:`serve` reports whether the
+engine's worker stopped in that time; if a model step outlasted it, ``python -m steer.serve``
+leaves without interpreter teardown (tearing down under a thread that is inside torch can abort
+the process) -- every call was answered by then.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +32,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from steer.chat_tokens import ChatTokenizer, text_byte_limit
 from steer.models import LoadedModel
 from steer.objectives import DEFAULT_OBJECTIVES
-from steer.rewards.service import ScoringService
+from steer.rewards.service import ScoringConfig, ScoringService
 from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
@@ -27,13 +48,17 @@ from steer.server.strategies import build_strategies
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = steer_pb2.DESCRIPTOR.services_by_name["Steer"].full_name  # "steer.v1.Steer"
+FINAL_CHUNK_SECONDS = 1.0  # before grace ends, streams get this long to send their final chunk
+ENGINE_STOP_SECONDS = 3.0  # the engine worker's time to leave its current step (< Engine.close's own 30 s join)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing the server is an explicit choice
     port: int = 50051  # 0 picks a free port (tests)
-    grace_seconds: float = 5.0  # in-flight calls get this long to finish on SIGTERM/SIGINT
+    grace_seconds: float = 5.0  # in-flight calls get this long to finish on SIGTERM/SIGINT (after the drain)
+    drain_seconds: float = 2.0  # on SIGTERM/SIGINT, health says NOT_SERVING this long while calls are still served
+    max_input_bytes: int | None = None  # UTF-8 bytes of text per conversation / Score response; None: context x longest token
     max_message_bytes: int = 4 * 1024 * 1024
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
@@ -43,12 +68,17 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
     tls_key: str | None = None  # PEM private key file
     metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (same host); None = off
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)  # Score admission and chunking
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
-        if self.grace_seconds < 0:
-            raise ValueError(f"ServerConfig.grace_seconds must be >= 0, got {self.grace_seconds!r}")
+        for name in ("grace_seconds", "drain_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"ServerConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.max_input_bytes is not None and (not isinstance(self.max_input_bytes, int) or self.max_input_bytes < 1):
+            raise ValueError(f"ServerConfig.max_input_bytes must be an integer >= 1 or None, got {self.max_input_bytes!r}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -66,11 +96,51 @@ class RunningServer:
     engine: Engine
     health: health.aio.HealthServicer
     metrics: Metrics
+    scoring: ScoringService | None = None
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, drain: float = 0.0) -> bool:
+        """Drain, stop within ``grace`` and close the engine (module docstring). True when the engine's worker stopped."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        self.engine.close()
+        if drain > 0:
+            log.info("draining: health says NOT_SERVING; still serving for %.1fs", drain)
+            await asyncio.sleep(drain)
+        grace = grace or 0.0
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        if grace > 0:
+            await asyncio.wait({stopping}, timeout=grace - min(FINAL_CHUNK_SECONDS, 0.2 * grace))
+        if self.scoring is not None:
+            self.scoring.close()
+        engine_stopped = await _call_in_daemon_thread(self.engine.close, ENGINE_STOP_SECONDS)
+        await stopping
+        if not engine_stopped:
+            log.warning("the engine is still inside a model step %.1fs after it was told to stop", ENGINE_STOP_SECONDS)
+        return engine_stopped
+
+
+async def _call_in_daemon_thread(fn, timeout: float) -> bool:
+    """Run ``fn`` in a daemon thread; True if it returned within ``timeout`` seconds.
+
+    Not ``asyncio.to_thread``: a call that hangs must not hold up the process's exit (the loop's
+    executor is joined when ``asyncio.run`` ends).
+    """
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def run():
+        try:
+            fn()
+        finally:
+            try:
+                loop.call_soon_threadsafe(done.set)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                pass
+
+    threading.Thread(target=run, name=f"steer-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
 
 
 def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DEFAULT_OBJECTIVES):
@@ -109,7 +179,11 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     if scorer is None and config.scorer != "none":
         # Off the loop: FLR may load the base model and calibrate itself on first use (a few model forwards).
         scorer = await asyncio.to_thread(build_server_scorer, loaded, config, objectives)
-    scoring = ScoringService(scorer) if scorer is not None else None
+    scoring = ScoringService(scorer, config.scoring) if scorer is not None else None
+    chat = await asyncio.to_thread(ChatTokenizer, loaded.tokenizer)
+    max_input_bytes = config.max_input_bytes
+    if max_input_bytes is None:
+        max_input_bytes = await asyncio.to_thread(text_byte_limit, loaded.tokenizer, loaded.context_length)
     engine = Engine(loaded, config.engine)
     info = ServiceInfo(
         model_id=loaded.model_id,
@@ -119,6 +193,7 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
         max_message_bytes=config.max_message_bytes,
         scorer=scoring.describe() if scoring is not None else "",
         version=steer_version,
+        max_input_bytes=max_input_bytes,
     )
     metrics = Metrics()
     metrics.watch_engine(engine)
@@ -132,7 +207,7 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine, scoring), info, scoring), server)
+    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine, scoring, chat), info, scoring), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -155,11 +230,11 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
         "serving %s (adapter: %s) on %s:%d (tls=%s, auth=%s)",
         loaded.model_id, loaded.adapter or "none", config.host, port, bool(config.tls_cert), bool(config.auth_token),
     )
-    return RunningServer(server, port, engine, health_servicer, metrics)
+    return RunningServer(server, port, engine, health_servicer, metrics, scoring)
 
 
-async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully (health goes NOT_SERVING first)."""
+async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> bool:
+    """Run until SIGTERM/SIGINT, then drain and stop (module docstring). True when everything stopped."""
     running = await start_server(loaded, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -168,5 +243,5 @@ async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> N
     adapter = f" + adapter {loaded.adapter}" if loaded.adapter else ""
     print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port} (Ctrl-C to stop)", flush=True)
     await stop.wait()
-    log.info("shutting down (grace %.1fs)", config.grace_seconds)
-    await running.stop(config.grace_seconds)
+    log.info("shutting down: drain %.1fs, then grace %.1fs", config.drain_seconds, config.grace_seconds)
+    return await running.stop(config.grace_seconds, drain=config.drain_seconds)

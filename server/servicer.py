@@ -7,11 +7,23 @@ this module maps domain errors to status codes:
 ====================  =====================
 InvalidInput          INVALID_ARGUMENT
 Overloaded            RESOURCE_EXHAUSTED
+ScoringOverloaded     RESOURCE_EXHAUSTED
 StrategyUnavailable   UNIMPLEMENTED
+ScoringStopped        DEADLINE_EXCEEDED (deadline) / UNAVAILABLE (server shutting down)
 ====================  =====================
 
+A refusal sets the status and returns (never ``context.abort()``, which sends the status before
+the interceptor has counted the call). The interceptor (:mod:`steer.server.observability`) cuts
+status details to ``MAX_DETAILS_BYTES`` (1,024 UTF-8 bytes) and turns anything unexpected into ``INTERNAL``.
+
+Text limits are checked before any rendering or tokenising: the conversation (and each Score
+response) may hold at most ``ServiceInfo.max_input_bytes`` bytes of UTF-8 text
+(:func:`steer.chat_tokens.text_byte_limit`: more cannot fit the context).
+
 Score (and the rewards in Generate/GenerateStream) go through the server's
-:class:`~steer.rewards.service.ScoringService`; without one, Score is UNIMPLEMENTED.
+:class:`~steer.rewards.service.ScoringService`; without one, Score is UNIMPLEMENTED. Score is
+admitted only while fewer than ``ScoringConfig.max_pending_responses`` responses wait to be
+scored, and a cancelled call (or one past its deadline) stops scoring before the next chunk.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from steer.conditioning import FORMAT as CONDITIONING_FORMAT
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
-from steer.rewards.service import ScoringService
+from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
 from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
@@ -52,11 +64,12 @@ _FINISH = {
     FinishReason.CANCELLED: steer_pb2.FINISH_REASON_CANCELLED,
     FinishReason.TIME_LIMIT: steer_pb2.FINISH_REASON_TIME_LIMIT,
 }
+_SCORING_STOPPED = {"deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "closed": grpc.StatusCode.UNAVAILABLE, "cancelled": grpc.StatusCode.CANCELLED}
 
 
 @dataclass(frozen=True)
 class ServiceInfo:
-    """What Describe reports beyond the engine's own limits."""
+    """What Describe reports beyond the engine's own limits, and the servicer's own limits."""
 
     model_id: str
     adapter: str | None
@@ -66,9 +79,10 @@ class ServiceInfo:
     max_candidates: int = 16
     scorer: str = ""
     version: str = ""
+    max_input_bytes: int | None = None  # UTF-8 bytes of text per conversation (and per Score response); None: no check
 
 
-class _Abort(Exception):
+class _Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
@@ -76,15 +90,23 @@ class _Abort(Exception):
 
 @contextlib.contextmanager
 def _domain_errors():
-    """Map domain exceptions to gRPC status codes (raised as _Abort, aborted by the caller)."""
+    """Map domain exceptions to gRPC status codes (raised as _Refusal, answered by the caller)."""
     try:
         yield
     except InvalidInput as e:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-    except Overloaded as e:
-        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+        raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+    except (Overloaded, ScoringOverloaded) as e:
+        raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
     except StrategyUnavailable as e:
-        raise _Abort(grpc.StatusCode.UNIMPLEMENTED, str(e)) from e
+        raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, str(e)) from e
+    except ScoringStopped as e:
+        raise _Refusal(_SCORING_STOPPED[e.reason], str(e)) from e
+
+
+def _refuse(context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
+    """Set the call's status; it is sent when the handler returns (after the interceptor counted it)."""
+    context.set_code(refusal.code)
+    context.set_details(str(refusal))
 
 
 class SteerServicer(steer_pb2_grpc.SteerServicer):
@@ -101,8 +123,9 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             with _domain_errors():
                 steer_request = self._steer_request(request, context)
                 result: SteerResult = await self._strategy(steer_request.strategy).run(steer_request)
-        except _Abort as e:
-            await context.abort(e.code, str(e))
+        except _Refusal as e:
+            _refuse(context, e)
+            return steer_pb2.GenerateResponse()  # not sent: the status is not OK
         fin = result.finished
         response = steer_pb2.GenerateResponse(
             text=result.text,
@@ -139,7 +162,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                         chunk = steer_pb2.GenerateChunk(
                             finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
                         )
-                        if self.scoring is not None:
+                        if self.scoring is not None and event.finish_reason is not FinishReason.CANCELLED:
                             chunk.rewards.update((await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
                     else:
                         continue
@@ -147,21 +170,22 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                         chunk.direction.update(steer_request.direction.as_dict())
                         first = False
                     yield chunk
-        except _Abort as e:
-            await context.abort(e.code, str(e))
+        except _Refusal as e:
+            _refuse(context, e)
 
     async def Score(self, request: steer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> steer_pb2.ScoreResponse:
-        if self.scoring is None:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Score is not available: this server runs no reward scorer (Describe.scorer is empty; "
-                "start it with --scorer default, flr or a reward model directory)",
-            )
         try:
             with _domain_errors():
+                if self.scoring is None:
+                    raise _Refusal(
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        "Score is not available: this server runs no reward scorer (Describe.scorer is empty; "
+                        "start it with --scorer default, flr or a reward model directory)",
+                    )
                 conversation = build_conversation(
                     request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
                 )
+                self._check_text_bytes([m["content"] for m in conversation], "messages" if request.messages else "prompt")
                 responses = list(request.responses)
                 if not responses:
                     raise InvalidInput("responses", "is empty: give at least one response to score")
@@ -170,11 +194,13 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                 for i, text in enumerate(responses):
                     if not text.strip():
                         raise InvalidInput(f"responses[{i}]", "is empty")
+                    self._check_text_bytes([text], f"responses[{i}]")
                 objectives = self.scoring.objectives
                 direction = Direction.from_weights(dict(request.weights), objectives) if request.weights else None
-                rewards = await self.scoring.rewards_for(conversation, responses)
-        except _Abort as e:
-            await context.abort(e.code, str(e))
+                rewards = await self.scoring.rewards_for(conversation, responses, deadline=_deadline(context), admit=True)
+        except _Refusal as e:
+            _refuse(context, e)
+            return steer_pb2.ScoreResponse()  # not sent: the status is not OK
         response = steer_pb2.ScoreResponse(objectives=list(objectives))
         if direction is not None:
             response.direction.update(direction.as_dict())
@@ -225,6 +251,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         conversation = build_conversation(
             request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
         )
+        input_field = "messages" if request.messages else "prompt"
+        self._check_text_bytes([m["content"] for m in conversation], input_field)
         direction = Direction.from_weights(dict(request.weights), self.info.objectives)
         if request.strategy not in _STRATEGY_NAMES:
             raise InvalidInput("strategy", f"unknown value {request.strategy}")
@@ -245,8 +273,17 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             candidates=request.candidates,
             return_candidates=request.return_candidates,
             deadline=None if remaining is None else time.monotonic() + remaining,
-            input_field="messages" if request.messages else "prompt",
+            input_field=input_field,
         )
+
+    def _check_text_bytes(self, texts: list[str], field: str) -> None:
+        """Refuse text that cannot fit the context before any CPU is spent rendering or tokenising it."""
+        limit = self.info.max_input_bytes
+        if limit is None:
+            return
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        if size > limit:
+            raise InvalidInput(field, f"is {size} bytes of text; this server takes at most {limit} bytes here; shorten it")
 
     def _sampling(self, request: steer_pb2.GenerateRequest) -> SamplingParams:
         s = request.sampling
@@ -261,6 +298,11 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         if params.max_new_tokens > limit:
             raise InvalidInput("sampling.max_new_tokens", f"must be <= {limit} (this server's limit), got {params.max_new_tokens}")
         return params
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _usage(fin: Finished) -> steer_pb2.Usage:

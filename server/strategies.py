@@ -12,7 +12,12 @@ exists only once every candidate is finished and scored, so streaming it would o
 delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE`` is a
 reserved name until per-objective adapters are available.
 
-Whenever a scorer is loaded every strategy reports the reward vector of the text it returns.
+Whenever a scorer is loaded every strategy reports the reward vector of the text it returns,
+except for a generation the server cut short (``CANCELLED``: shutting down), which it returns at once.
+
+Prompts are rendered and tokenised in a worker thread (a prompt can be hundreds of kilobytes;
+the event loop keeps answering other calls meanwhile), through :class:`steer.chat_tokens.ChatTokenizer`:
+control-token strings typed into a message stay plain text.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
-from steer.conditioning import render_prompt
+from steer.chat_tokens import ChatTokenizer
+from steer.conditioning import condition_messages
 from steer.errors import InvalidInput
 from steer.objectives import Direction
 from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 
-from steer.server.engine import Engine, Finished, TextDelta
+from steer.server.engine import Engine, Finished, FinishReason, TextDelta
 
 CONDITIONED = "conditioned"
 RERANK = "rerank"
@@ -77,14 +83,15 @@ class ConditionedStrategy:
 
     name = CONDITIONED
 
-    def __init__(self, engine: Engine, scoring: ScoringService | None = None):
+    def __init__(self, engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None):
         self.engine = engine
         self.scoring = scoring
+        self.chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
 
     def prompt_ids(self, request: SteerRequest) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        text = render_prompt(tokenizer, request.conversation, request.direction)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The conditioned conversation's prompt ids (CPU work: call it off the event loop)."""
+        messages = condition_messages(request.conversation, request.direction)
+        ids = self.chat(messages, fields=_message_fields(request, len(messages)))
         context = self.engine.context_length
         if len(ids) >= context:
             raise InvalidInput(
@@ -95,14 +102,15 @@ class ConditionedStrategy:
         return ids
 
     async def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | Finished]:
-        ids = self.prompt_ids(request)  # validates before admission
+        ids = await asyncio.to_thread(self.prompt_ids, request)  # validates before admission
         async for event in self.engine.generate(ids, request.params, request.deadline):
             yield event
 
     async def run(self, request: SteerRequest) -> SteerResult:
         async for event in self.stream(request):
             if isinstance(event, Finished):
-                return SteerResult(text=event.text, direction=request.direction, finished=event, rewards=await self.rewards(request, event.text))
+                rewards = None if event.finish_reason is FinishReason.CANCELLED else await self.rewards(request, event.text)
+                return SteerResult(text=event.text, direction=request.direction, finished=event, rewards=rewards)
         raise RuntimeError("engine stream ended without a Finished event")
 
     async def rewards(self, request: SteerRequest, text: str) -> dict[str, float] | None:
@@ -117,16 +125,16 @@ class RerankStrategy:
 
     name = RERANK
 
-    def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES):
+    def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES, chat: ChatTokenizer | None = None):
         self.engine = engine
         self.scoring = scoring
         self.default_candidates = default_candidates
-        self._conditioned = ConditionedStrategy(engine)  # same prompt as CONDITIONED
+        self._conditioned = ConditionedStrategy(engine, chat=chat)  # same prompt as CONDITIONED
 
     async def run(self, request: SteerRequest) -> SteerResult:
         started = time.monotonic()
         n = request.candidates or self.default_candidates
-        ids = self._conditioned.prompt_ids(request)
+        ids = await asyncio.to_thread(self._conditioned.prompt_ids, request)
         params = request.params
         per_candidate = [params if params.seed is None else params.with_overrides(seed=(params.seed + i) % 2**64) for i in range(n)]
         finished = await _all_or_none([self._sample(ids, p, request.deadline) for p in per_candidate])
@@ -167,9 +175,18 @@ async def _all_or_none(calls: list[Awaitable[Finished]]) -> list[Finished]:
         raise
 
 
-def build_strategies(engine: Engine, scoring: ScoringService | None = None) -> dict[str, object]:
-    """The strategies this server offers, by name (RERANK only with a scorer)."""
-    strategies: dict[str, object] = {CONDITIONED: ConditionedStrategy(engine, scoring)}
+def _message_fields(request: SteerRequest, n: int) -> list[str]:
+    """Request field of each conditioned message, for errors (a system turn may have been added first)."""
+    if request.input_field == "prompt":
+        return ["system prompt"] * (n - 1) + ["prompt"]
+    own = [f"{request.input_field}[{i}].content" for i in range(len(request.conversation))]
+    return own if n == len(own) else ["system prompt"] + own
+
+
+def build_strategies(engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None) -> dict[str, object]:
+    """The strategies this server offers, by name (RERANK only with a scorer); they share one ChatTokenizer."""
+    chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
+    strategies: dict[str, object] = {CONDITIONED: ConditionedStrategy(engine, scoring, chat)}
     if scoring is not None:
-        strategies[RERANK] = RerankStrategy(engine, scoring)
+        strategies[RERANK] = RerankStrategy(engine, scoring, chat=chat)
     return strategies

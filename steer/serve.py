@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent", type=int, default=32, help="sequences in the running batch")
     p.add_argument("--max-prefill-tokens", type=int, default=2048, help="padded prompt tokens prefilled per engine step")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT")
+    p.add_argument("--drain", type=float, default=2.0, help="on SIGTERM/SIGINT, seconds health says NOT_SERVING while calls are still served (load balancers move away)")
+    p.add_argument("--grace", type=float, default=5.0, help="then, seconds in-flight calls get to finish; open streams end with a final chunk")
     p.add_argument(
         "--scorer", default="default",
         help="reward scorer for Score, RERANK and GenerateResponse.rewards: 'default' (FLR on the scorer model for "
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request/response message")
+    p.add_argument("--max-input-bytes", type=int, default=None, help="UTF-8 bytes of text a conversation (or a Score response) may hold, checked before tokenising (default: the context x the longest token's bytes, 663,552 for the default model)")
+    p.add_argument("--max-score-pending", type=int, default=128, help="responses waiting or being scored before Score answers RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -63,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import asyncio
     import logging
+    import os
 
     from steer.errors import InvalidInput
     from steer.models import default_adapter_for, load_model
+    from steer.rewards.service import ScoringConfig
     from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig, serve
     from steer.server.engine import EngineConfig
@@ -78,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             grace_seconds=args.grace,
+            drain_seconds=args.drain,
             max_message_bytes=args.max_message_bytes,
+            max_input_bytes=args.max_input_bytes,
+            scoring=ScoringConfig(max_pending_responses=args.max_score_pending),
             auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -93,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
         loaded = load_model(args.model, adapter=adapter, dtype=args.dtype)
-        asyncio.run(serve(loaded, config))
+        stopped = asyncio.run(serve(loaded, config))
     except (InvalidInput, ValueError, FileNotFoundError, OSError) as e:
         print(f"steer.serve: error: {e}", file=sys.stderr)
         return 2
+    if stopped is False:
+        # The engine's worker is still inside a model step; every call has been answered. Tearing
+        # the interpreter down under a thread that is inside torch can abort the process: leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -49,13 +49,13 @@ def tiny_loaded(tiny_model_dir):
 class ServerThread:
     """A steer gRPC server on its own event loop thread."""
 
-    def __init__(self, loaded, config):
+    def __init__(self, loaded, config, scorer=None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         from steer.server.app import start_server
 
-        self.running = self.call(start_server(loaded, config))
+        self.running = self.call(start_server(loaded, config, scorer=scorer))
         self.target = f"127.0.0.1:{self.running.port}"
 
     def call(self, coro, timeout: float = 60):
@@ -69,13 +69,14 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def start_tiny_server(tiny_loaded):
-    """Factory: start a server (tiny model unless ``loaded`` is given) with a ServerConfig; stopped at session end."""
+    """Factory: start a server (tiny model unless ``loaded`` is given; ``scorer`` overrides the config's)
+    with a ServerConfig; stopped at session end."""
     started = []
 
-    def start(config=None, loaded=None):
+    def start(config=None, loaded=None, scorer=None):
         from steer.server.app import ServerConfig
 
-        server = ServerThread(loaded or tiny_loaded, config or ServerConfig(port=0))
+        server = ServerThread(loaded or tiny_loaded, config or ServerConfig(port=0), scorer)
         started.append(server)
         return server
 
@@ -104,3 +105,27 @@ def stub(tiny_server):
 
     with grpc.insecure_channel(tiny_server.target) as channel:
         yield steer_pb2_grpc.SteerStub(channel)
+
+
+class SlowModel:
+    """A model whose every forward takes at least ``delay`` seconds more (makes timing tests deterministic)."""
+
+    def __init__(self, model, delay: float):
+        self._model, self._delay = model, delay
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        time.sleep(self._delay)
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@pytest.fixture(scope="session")
+def slow_tiny_loaded(tiny_loaded):
+    """Factory: the tiny model with ``delay`` seconds added to every forward."""
+    import dataclasses
+
+    return lambda delay: dataclasses.replace(tiny_loaded, model=SlowModel(tiny_loaded.model, delay), model_id=f"slow-tiny-{delay}")

@@ -2,10 +2,15 @@
 (FLR for helpfulness and creativity, the length signal for conciseness)."""
 
 import math
+import threading
+import time
 
 import grpc
 import pytest
+import torch
 
+from steer.objectives import DEFAULT_OBJECTIVES
+from steer.rewards.scorer import Scorer
 from steer.v1 import steer_pb2 as pb
 from steer.v1 import steer_pb2_grpc
 
@@ -192,3 +197,101 @@ def test_a_response_longer_than_the_scorer_context_still_scores(stub):
     """FLR keeps the end of an over-long conversation (the tiny model's context is 512 tokens)."""
     reply = stub.Score(pb.ScoreRequest(prompt="hi", responses=["word " * 600]), timeout=60)
     assert all(math.isfinite(v) for v in reply.scores[0].raw_rewards.values())
+
+
+class GatedScorer(Scorer):
+    """A scorer over the default objectives whose calls wait for ``gate`` (and are counted)."""
+
+    objectives = tuple(DEFAULT_OBJECTIVES)
+
+    def __init__(self):
+        self.gate, self.entered, self.calls = threading.Event(), threading.Event(), 0
+        self.gate.set()
+
+    def raw_scores(self, conversations, responses):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(60), "gate never opened"
+        return torch.tensor([[float(len(r))] * len(self.objectives) for r in responses])  # (n, k)
+
+    def describe(self):
+        return "gated"
+
+
+@pytest.fixture(scope="module")
+def gated_server(start_tiny_server):
+    from steer.rewards.service import ScoringConfig
+    from steer.server.app import ServerConfig
+
+    scorer = GatedScorer()
+    server = start_tiny_server(ServerConfig(port=0, scoring=ScoringConfig(max_pending_responses=70, chunk_responses=4)), scorer=scorer)
+    server.scorer = scorer
+    return server
+
+
+def score_request(n):
+    return pb.ScoreRequest(prompt="hi", responses=[f"answer {i}" for i in range(n)])
+
+
+def wait_until(condition, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_score_admission_and_cancellation(gated_server):
+    """A Score beyond max_pending_responses is refused at once; cancelling a running Score stops its
+    scoring after the chunk in progress and frees its admission."""
+    scorer, scoring = gated_server.scorer, gated_server.running.scoring
+    scorer.gate.clear()
+    scorer.entered.clear()
+    scorer.calls = 0
+    with grpc.insecure_channel(gated_server.target) as channel:
+        stub = steer_pb2_grpc.SteerStub(channel)
+        abandoned = stub.Score.future(score_request(64), timeout=60)
+        assert scorer.entered.wait(30)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(score_request(7), timeout=10)  # 64 + 7 > 70
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_pending_responses=70" in e.value.details()
+        abandoned.cancel()
+        wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
+            "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "CANCELLED"}) == 1)
+        scorer.gate.set()
+        wait_until(lambda: scoring.pending_responses == 0)
+        assert scorer.calls == 1  # 1 of 16 chunks: the one running when the client left
+        reply = stub.Score(score_request(6), timeout=30)
+        assert [s.raw_rewards["helpfulness"] for s in reply.scores] == [len(f"answer {i}") for i in range(6)]
+
+
+def test_score_past_its_deadline_stops_scoring(gated_server):
+    scorer, scoring = gated_server.scorer, gated_server.running.scoring
+    scorer.gate.clear()
+    scorer.entered.clear()
+    scorer.calls = 0
+    with grpc.insecure_channel(gated_server.target) as channel:
+        stub = steer_pb2_grpc.SteerStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(score_request(40), timeout=1.0)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        scorer.gate.set()
+        wait_until(lambda: scoring.pending_responses == 0)
+        assert scorer.calls == 1
+    wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
+        "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "DEADLINE_EXCEEDED"}) == 1)
+
+
+def test_score_text_limits(gated_server, tokenizer):
+    from steer.chat_tokens import text_byte_limit
+
+    limit = text_byte_limit(tokenizer, 512)
+    with grpc.insecure_channel(gated_server.target) as channel:
+        stub = steer_pb2_grpc.SteerStub(channel)
+        for req, message in (
+            (pb.ScoreRequest(prompt="x" * (limit + 1), responses=["ok"]), f"prompt: is {limit + 1} bytes of text"),
+            (pb.ScoreRequest(prompt="hi", responses=["ok", "y" * (limit + 1)]), f"responses[1]: is {limit + 1} bytes of text"),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Score(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(message)
