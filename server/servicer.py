@@ -162,7 +162,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                         chunk = steer_pb2.GenerateChunk(
                             finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
                         )
-                        if self.scoring is not None and event.finish_reason is not FinishReason.CANCELLED:
+                        if steer_request.return_rewards and event.finish_reason is not FinishReason.CANCELLED:
                             chunk.rewards.update((await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
                     else:
                         continue
@@ -259,6 +259,12 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         strategy = _STRATEGY_NAMES[request.strategy]
         if request.candidates > self.info.max_candidates:
             raise InvalidInput("candidates", f"must be <= {self.info.max_candidates}, got {request.candidates}")
+        if request.return_rewards and self.scoring is None:
+            raise _Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "return_rewards: this server runs no reward scorer (Describe.scorer is empty; start it with "
+                "--scorer default, flr or a reward model directory), so it cannot measure rewards",
+            )
         params = self._sampling(request)
         remaining = context.time_remaining()
         if remaining is not None:
@@ -272,6 +278,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             strategy=strategy,
             candidates=request.candidates,
             return_candidates=request.return_candidates,
+            return_rewards=request.return_rewards,
             deadline=None if remaining is None else time.monotonic() + remaining,
             input_field=input_field,
         )

@@ -12,8 +12,10 @@ exists only once every candidate is finished and scored, so streaming it would o
 delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE`` is a
 reserved name until per-objective adapters are available.
 
-Whenever a scorer is loaded every strategy reports the reward vector of the text it returns,
-except for a generation the server cut short (``CANCELLED``: shutting down), which it returns at once.
+A request with ``return_rewards`` gets the reward vector of the text it returns (one scorer pass
+after generation); without it CONDITIONED pays nothing for scoring. RERANK scores its candidates
+anyway and always returns the winner's vector. A generation the server cut short (``CANCELLED``:
+shutting down) is returned at once, unscored.
 
 Prompts are rendered and tokenised in a worker thread (a prompt can be hundreds of kilobytes;
 the event loop keeps answering other calls meanwhile), through :class:`steer.chat_tokens.ChatTokenizer`:
@@ -55,6 +57,7 @@ class SteerRequest:
     strategy: str = CONDITIONED
     candidates: int = 0
     return_candidates: bool = False
+    return_rewards: bool = False  # measure the returned text's reward vector (a scorer pass; RERANK always has it)
     deadline: float | None = None  # time.monotonic() value
     input_field: str = "prompt"  # the request field the conversation came from, for errors
 
@@ -109,7 +112,8 @@ class ConditionedStrategy:
     async def run(self, request: SteerRequest) -> SteerResult:
         async for event in self.stream(request):
             if isinstance(event, Finished):
-                rewards = None if event.finish_reason is FinishReason.CANCELLED else await self.rewards(request, event.text)
+                wanted = request.return_rewards and event.finish_reason is not FinishReason.CANCELLED
+                rewards = await self.rewards(request, event.text) if wanted else None
                 return SteerResult(text=event.text, direction=request.direction, finished=event, rewards=rewards)
         raise RuntimeError("engine stream ended without a Finished event")
 

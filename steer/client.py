@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--strategy", default="conditioned", choices=["conditioned", "rerank", "mixture"])
     p.add_argument("--candidates", type=int, default=0, help="RERANK: samples to choose from")
+    p.add_argument("--rewards", action="store_true", help="also measure the answer's reward vector (a scorer pass after generation)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     setattr(sampling, name, getattr(args, name))
             request = steer_pb2.GenerateRequest(
                 prompt=args.prompt, weights=args.weights, sampling=sampling, candidates=args.candidates,
-                strategy=steer_pb2.Strategy.Value(f"STRATEGY_{args.strategy.upper()}"),
+                strategy=steer_pb2.Strategy.Value(f"STRATEGY_{args.strategy.upper()}"), return_rewards=args.rewards,
             )
             if args.stream:
                 direction, last = {}, None

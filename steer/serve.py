@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=5.0, help="then, seconds in-flight calls get to finish; open streams end with a final chunk")
     p.add_argument(
         "--scorer", default="default",
-        help="reward scorer for Score, RERANK and GenerateResponse.rewards: 'default' (FLR on the scorer model for "
+        help="reward scorer for Score, RERANK and return_rewards: 'default' (FLR on the scorer model for "
         "helpfulness and creativity + the length signal -ln(1+tokens) for conciseness, all standardised on the built-in "
         "calibration set), 'flr' (FLR for every objective), 'none', a reward model directory, or parts joined by '+' "
         "(flr:helpfulness+length:conciseness+rm:DIR)",

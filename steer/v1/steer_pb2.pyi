@@ -58,7 +58,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "weights", "strategy", "candidates", "sampling", "return_candidates")
+    __slots__ = ("prompt", "messages", "weights", "strategy", "candidates", "sampling", "return_candidates", "return_rewards")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class GenerateRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_REWARDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     weights: _containers.ScalarMap[str, float]
@@ -80,7 +81,8 @@ class GenerateRequest(_message.Message):
     candidates: int
     sampling: SamplingParams
     return_candidates: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., weights: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., candidates: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_candidates: _Optional[bool] = ...) -> None: ...
+    return_rewards: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., weights: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., candidates: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_candidates: _Optional[bool] = ..., return_rewards: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

@@ -68,7 +68,7 @@ class SteerServicer:
 
     def GenerateStream(self, request, context):
         """The same, streamed as text deltas. The first chunk carries the direction; the last
-        chunk carries finish_reason, usage, timing (and rewards when a scorer is loaded).
+        chunk carries finish_reason, usage, timing (and rewards when return_rewards is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

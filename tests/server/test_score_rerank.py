@@ -165,8 +165,8 @@ def test_rerank_candidates_run_as_one_batch(stub, scored_server):
     assert steps <= 8 + 2, steps
 
 
-def test_every_strategy_reports_rewards(stub, local_scorer):
-    req = pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 1},
+def test_rewards_are_measured_when_asked(stub, local_scorer):
+    req = pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 1}, return_rewards=True,
                              sampling=pb.SamplingParams(max_new_tokens=8, temperature=0.0))
     reply = stub.Generate(req, timeout=60)
     assert reply.strategy == pb.STRATEGY_CONDITIONED
@@ -175,6 +175,35 @@ def test_every_strategy_reports_rewards(stub, local_scorer):
     chunks = list(stub.GenerateStream(req, timeout=60))
     assert dict(chunks[-1].rewards) == pytest.approx(expected, abs=1e-4)
     assert all(not c.rewards for c in chunks[:-1])
+
+
+def test_rewards_cost_nothing_unless_asked(stub, monkeypatch):
+    from steer.rewards.service import ScoringService
+
+    async def refuse(*args, **kwargs):
+        raise AssertionError("scored a request that did not ask for rewards")
+
+    monkeypatch.setattr(ScoringService, "rewards_for", refuse)
+    req = pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 1},
+                             sampling=pb.SamplingParams(max_new_tokens=8, temperature=0.0))
+    reply = stub.Generate(req, timeout=60)
+    assert reply.text and not reply.rewards
+    chunks = list(stub.GenerateStream(req, timeout=60))
+    assert chunks[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED and not any(c.rewards for c in chunks)
+
+
+def test_return_rewards_without_a_scorer_is_a_failed_precondition(start_tiny_server):
+    from steer.server.app import ServerConfig
+
+    server = start_tiny_server(ServerConfig(port=0, scorer="none"))
+    with grpc.insecure_channel(server.target) as channel:
+        bare = steer_pb2_grpc.SteerStub(channel)
+        req = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=2))
+        assert bare.Generate(req, timeout=60).text is not None  # fine without the flag
+        req.return_rewards = True
+        with pytest.raises(grpc.RpcError) as err:
+            bare.Generate(req, timeout=60)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "return_rewards" in err.value.details()
 
 
 def test_rerank_does_not_stream_and_limits_candidates(stub):
