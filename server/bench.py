@@ -207,8 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: max(concurrency, 4))")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--scorer", default="none",
-                   help="server's --scorer; 'none' (default) measures generation alone, like the baseline")
+    p.add_argument("--scorer", default="default",
+                   help="server's --scorer (default: 'default', what make serve runs; requests do not ask for rewards, "
+                        "so generation is measured alone, like the baseline)")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
