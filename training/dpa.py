@@ -56,6 +56,7 @@ from .config import config_to_dict, write_config
 from .distributed import DistContext, all_gather_object, barrier, init_distributed, shutdown
 from .dpo import check_output, seed_everything
 from .metrics import MetricsLogger, plot_curves
+from .output_dir import check_output_dir
 from .pairs import Encoder, PairExample, encode_examples, parse_prompt, pairs_to_unpaired, read_rows
 from .policy import Policy, build_policy, load_base
 from .settings import DPAConfig
@@ -397,10 +398,7 @@ def _build_scorer(config: DPAConfig, base, frozen, show_progress: bool = True):
 
 def _run(config: DPAConfig, ctx: DistContext) -> dict:
     seed_everything(config.seed)
-    output = Path(config.output)
-    if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
+    output = check_output_dir(config.output)  # before the prompts and the model: creates nothing
     prompts = read_prompts(config.prompts_path)
     principles = None
     if config.uses_principles:
@@ -417,6 +415,9 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     scorer, scorer_shares_policy = _build_scorer(config, base, frozen, show_progress=ctx.is_main)
     policy = build_policy(config.policy_spec(), ctx.device, base=base)
     encoder = Encoder(policy.tokenizer, config.max_length, config.max_prompt_length)
+    if ctx.is_main:  # every input passed (the scorer spec included): a refused run leaves no empty directory
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
     manager = CheckpointManager(output, ctx, config.keep_checkpoints)
     ckpt = check_output(config, manager)
 

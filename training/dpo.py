@@ -26,6 +26,7 @@ from .checkpoint import CheckpointManager
 from .config import config_to_dict, write_config
 from .distributed import DistContext, barrier, init_distributed, shutdown
 from .metrics import MetricsLogger, plot_curves
+from .output_dir import check_output_dir
 from .pairs import Encoder, PairExample, encode_examples, pairs_to_unpaired, read_examples
 from .policy import Policy, build_policy
 from .settings import DPOConfig, TrainerConfig
@@ -106,21 +107,21 @@ def train_dpo(config: DPOConfig) -> dict:
 
 def _train(config: DPOConfig, ctx: DistContext) -> dict:
     seed_everything(config.seed)
-    output = Path(config.output)
-    if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
+    output = check_output_dir(config.output)  # before the data and the model: creates nothing
     examples = prepare_examples(config, read_examples(config.data))
     policy = build_policy(config.policy_spec(), ctx.device)
     encoder = Encoder(policy.tokenizer, config.max_length, config.max_prompt_length)
     data = encode_examples(examples, encoder, sft=config.loss == "sft")
-    manager = CheckpointManager(output, ctx, config.keep_checkpoints)
-    ckpt = check_output(config, manager)
-
     G = config.batch_size * config.grad_accum * ctx.world_size
     if len(data) < G:  # a batch made mostly of repeats is a mistake in a fixed data set
         raise InvalidInput("batch_size", f"{len(data)} examples cannot fill one global batch of {G} "
                            f"(batch_size x grad_accum x {ctx.world_size} ranks)")
+    if ctx.is_main:  # every input passed: a refused run leaves no empty directory behind
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+    manager = CheckpointManager(output, ctx, config.keep_checkpoints)
+    ckpt = check_output(config, manager)
+
     total = config.epochs * -(-len(data) // G)
     if config.max_steps:
         total = min(total, config.max_steps)

@@ -38,6 +38,7 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
     from steer.errors import InvalidInput
     from steer.models import DEFAULT_MODEL_NAME
     from steer.training.checkpoint import atomic_directory_write
+    from steer.training.output_dir import check_output_dir
 
     adapter, output = Path(adapter), Path(output)
     for name in (CONFIG, WEIGHTS):
@@ -47,8 +48,7 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if readme is not None and not Path(readme).is_file():
         raise InvalidInput("readme", f"no such file: {readme}")
-    if output.exists() and not output.is_dir():
-        raise InvalidInput("output", f"{output} exists and is not a directory")
+    check_output_dir(output, renamed_into_place=True)  # a file, or a place this process cannot write: refused before the weights are read
     if output.is_dir() and any(output.iterdir()) and not force:
         raise InvalidInput("output", f"{output} is not empty; pass --force to replace it")
     try:

@@ -13,8 +13,9 @@ Row formats (the ones TRL's DPO/KTO trainers read; other columns are ignored)::
 A plain-text prompt becomes one user turn and goes through the tokenizer's chat template like any
 conversation; a conversational prompt may carry a system message (a DPA direction line included).
 A bad row stops reading with ``InvalidInput("<file>:<line>", "<column>: <reason>")`` (Parquet:
-``<file>:row <n>``). Files are read with ``datasets`` (Arrow, memory-mapped); JSON syntax is
-checked line by line first so that an error names its line.
+``<file>:row <n>``); every completion (``chosen``, ``rejected``, ``completion``) must hold text.
+Files are read with ``datasets`` (Arrow, memory-mapped); UTF-8 and JSON syntax are checked line by
+line first so that an error names its line.
 
 Tokenisation: ``prompt_ids`` = the rendered conversation with the generation prompt (the
 assistant header); ``completion_ids`` = the completion text's tokens plus the end-of-turn token
@@ -91,16 +92,20 @@ def parse_prompt(value, column: str = "prompt") -> tuple[dict[str, str], ...]:
 
 
 def _completion(value, column: str) -> str:
-    """A completion is text, or a list holding exactly one assistant message."""
+    """A completion is non-blank text, or a list holding exactly one assistant message with such text."""
     if isinstance(value, str):
-        return value
-    messages = _messages(value, column)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        roles = [m["role"] for m in messages]
-        raise InvalidInput(column, f"a conversational completion is exactly one assistant message, got roles {roles}")
-    content = messages[0]["content"]
-    if not isinstance(content, str):
-        raise InvalidInput(f"{column}[0].content", f"must be a string, got {type(content).__name__}")
+        field, content = column, value
+    else:
+        messages = _messages(value, column)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            roles = [m["role"] for m in messages]
+            raise InvalidInput(column, f"a conversational completion is exactly one assistant message, got roles {roles}")
+        field, content = f"{column}[0].content", messages[0]["content"]
+        if not isinstance(content, str):
+            raise InvalidInput(field, f"must be a string, got {type(content).__name__}")
+    if not content.strip():
+        # An empty chosen answer teaches the policy to stop at once; an empty rejected one is no preference worth learning.
+        raise InvalidInput(field, f"is empty ({content!r}): every completion needs text; fill it in or drop the row")
     return content
 
 
@@ -146,16 +151,32 @@ def parse_row(row: Mapping, where: str) -> Example:
 
 # -- files ------------------------------------------------------------------------------------
 
-def json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed object)`` for each non-blank line of a JSONL file; syntax errors name file:line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line; bytes that are not UTF-8 stop with ``InvalidInput("<file>:<line>", ...)``.
+
+    Lines are split on bytes (``\\n`` never occurs inside a multi-byte UTF-8 character), so a bad byte
+    is reported on its own line rather than as a decoder traceback for the whole file."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"{path}:{lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[: e.start].decode("utf-8", "replace")) + 1
+                raise InvalidInput(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                                                        "save the file as UTF-8") from None
+            yield lineno, text
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file; encoding and syntax errors name file:line."""
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}:{lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, obj
 
 
 def _json_object_lines(path: Path) -> Iterator[tuple[int, dict]]:
@@ -182,6 +203,9 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise InvalidInput(str(path), "no such file")
     parsed = list(_json_object_lines(path)) if path.suffix.lower() == ".jsonl" else None
+    if builder == "json" and parsed is None:  # a .json file (one array): datasets would only say it could not decode
+        for _ in _utf8_lines(path):
+            pass
     if parsed == []:
         raise InvalidInput(str(path), "has no rows")
     datasets.disable_progress_bars()

@@ -44,6 +44,7 @@ from steer.rewards.reward_model import (
     save_reward_model,
 )
 
+from steer.training.output_dir import check_output_dir
 from steer.training.reward_cli import RewardTrainConfig
 from steer.training.reward_data import Example, PreferenceExample, RatingExample, read_reward_files
 
@@ -289,8 +290,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     """Train, evaluate, save; returns the final eval metrics (also stored in reward_model.json)."""
     from tqdm.auto import tqdm
 
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = check_output_dir(config.output)  # before the data and the model: creates nothing
     checkpoint = output / CHECKPOINT_FILE
     resumed = read_checkpoint(checkpoint, config) if config.resume else None  # a mismatch fails before any loading
     examples = read_reward_files(config.data, config.objectives)
@@ -303,6 +303,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     log.info("reward model: %d train rows, %d eval rows, objectives %s", len(train), len(held), ",".join(config.objectives))
 
     model, tokenizer, hidden = build_model(config)
+    output.mkdir(parents=True, exist_ok=True)  # every input passed: a refused run leaves no empty directory
     label_mean, label_std = label_statistics(train, len(config.objectives))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

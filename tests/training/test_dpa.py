@@ -150,6 +150,7 @@ def test_dpa_bad_prompt_row_and_bad_scorer_name_the_location(tmp_path, tiny_mode
     good.write_text('{"prompt": "fine"}\n')
     assert main(dpa_args(good, tiny_model_dir, tmp_path / "b") + ["--scorer", "flr:helpfulness"]) == 2
     assert "scorer:" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused runs create nothing
 
 
 # -- principle-guided pool ------------------------------------------------------------------------

@@ -217,6 +217,8 @@ def test_cli_bad_data_row_and_wrong_format_stop_with_location(tmp_path, tiny_mod
     assert "loss: 'sigmoid' needs preference pairs" in capsys.readouterr().err
     assert main(["--data", str(kto_file), "--output", str(tmp_path / "c"), "--batch-size", "64", "--loss", "kto", *common]) == 2
     assert "batch_size: 8 examples cannot fill one global batch of 64" in capsys.readouterr().err
+    # Refused runs, even one refused after the model was loaded, leave no output directory behind.
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model_dir, pairs_file):

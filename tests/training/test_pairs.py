@@ -53,9 +53,13 @@ def test_reads_kto_rows_and_parquet(tmp_path):
     import datasets
 
     path = tmp_path / "p.parquet"
-    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "", "rejected": "e"}]).to_parquet(str(path))
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "f", "rejected": "e"}]).to_parquet(str(path))
     parquet = read_examples([path])
-    assert parquet[1].chosen == "" and parquet[1].where == f"{path}:row 2"
+    assert parquet[1].chosen == "f" and parquet[1].where == f"{path}:row 2"
+    empty = tmp_path / "empty.parquet"
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "", "rejected": "e"}]).to_parquet(str(empty))
+    with pytest.raises(InvalidInput, match=rf"^{empty}:row 2: chosen: is empty"):
+        read_examples([empty])
 
 
 BAD_ROWS = [
@@ -69,6 +73,12 @@ BAD_ROWS = [
     ('{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}', "chosen: a conversational completion"),
     ('{"prompt": "a", "completion": "b", "label": "yes"}', "label: must be true or false"),
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}', "chosen: is empty"),
+    ('{"prompt": "a", "chosen": "b", "rejected": " \\n "}', "rejected: is empty"),
+    ('{"prompt": "a", "chosen": [{"role": "assistant", "content": ""}], "rejected": "c"}', "chosen[0].content: is empty"),
+    ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], '
+     '"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}]}', "chosen[0].content: is empty"),
+    ('{"prompt": "a", "completion": "", "label": true}', "completion: is empty"),
 ]
 
 
@@ -80,6 +90,19 @@ def test_bad_row_names_file_line_and_column(tmp_path, line, reason):
         read_examples([path])
     assert str(e.value).startswith(f"{path}:3: "), str(e.value)
     assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    good = b'{"prompt": "ok", "chosen": "x", "rejected": "y"}'
+    if suffix == ".jsonl":
+        path.write_bytes(good + b"\n\n" + b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}\n')
+    else:  # one JSON array over several lines
+        path.write_bytes(b"[\n" + good + b",\n" + b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}\n]\n')
+    with pytest.raises(InvalidInput) as e:
+        read_examples([path])
+    assert str(e.value) == f"{path}:3: not valid UTF-8 (byte 0xe9 at column 16); save the file as UTF-8"
 
 
 def test_mixed_formats_and_file_errors(tmp_path):

@@ -128,6 +128,7 @@ BAD_ROWS = [
     ('{"response": "ok", "helpfulness": 1}', "prompt: is empty"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "response": "ok", "helpfulness": 1}', "messages[1].role"),
     ("[1, 2]", "a row must be a JSON object"),
+    ('{"prompt": "hi", "chosen": "", "rejected": "b", "objective": "helpfulness"}', "chosen: a preference row needs non-empty"),
 ]
 
 
@@ -141,7 +142,7 @@ def test_a_bad_row_stops_with_file_and_line(tmp_path, tiny_model_dir, capsys, li
     err = capsys.readouterr().err
     assert code == 2
     assert f"{data}:4: " in err and message in err, err
-    assert not (tmp_path / "rm" / "reward_model.json").exists()
+    assert not (tmp_path / "rm").exists()  # a refused run creates nothing
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir):
