@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = steer_pb2.DESCRIPTOR.services_by_name["Steer"].full_name  # "steer.v1.Steer"
 FINAL_CHUNK_SECONDS = 1.0  # before grace ends, streams get this long to send their final chunk
-ENGINE_STOP_SECONDS = 3.0  # the engine worker's time to leave its current step (< Engine.close's own 30 s join)
+ENGINE_STOP_SECONDS = 3.0  # the engine worker's time to leave its current step (Engine.close's timeout)
 
 
 @dataclass(frozen=True)
@@ -110,37 +110,41 @@ class RunningServer:
             await asyncio.wait({stopping}, timeout=grace - min(FINAL_CHUNK_SECONDS, 0.2 * grace))
         if self.scoring is not None:
             self.scoring.close()
-        engine_stopped = await _call_in_daemon_thread(self.engine.close, ENGINE_STOP_SECONDS)
+        engine_stopped = await _in_own_thread(self.engine.close, ENGINE_STOP_SECONDS)
         await stopping
         if not engine_stopped:
             log.warning("the engine is still inside a model step %.1fs after it was told to stop", ENGINE_STOP_SECONDS)
         return engine_stopped
 
 
-async def _call_in_daemon_thread(fn, timeout: float) -> bool:
-    """Run ``fn`` in a daemon thread; True if it returned within ``timeout`` seconds.
+async def _in_own_thread(fn, *args):
+    """``fn(*args)`` in a daemon thread of its own; returns its result.
 
-    Not ``asyncio.to_thread``: a call that hangs must not hold up the process's exit (the loop's
-    executor is joined when ``asyncio.run`` ends).
+    Not ``asyncio.to_thread``: at shutdown the loop's executor may be busy (scoring chunks waiting
+    for the scorer), and this call must start at once. ``fn`` must bound its own time
+    (``Engine.close`` takes a timeout).
     """
     loop = asyncio.get_running_loop()
-    done = asyncio.Event()
+    future = loop.create_future()
+
+    def settle(method, value):
+        if not future.done():  # the awaiting task may have been cancelled meanwhile
+            method(value)
 
     def run():
         try:
-            fn()
-        finally:
-            try:
-                loop.call_soon_threadsafe(done.set)
-            except RuntimeError:  # the loop is gone: nobody waits any more
-                pass
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            outcome = (future.set_exception, e)
+        else:
+            outcome = (future.set_result, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone: nobody waits any more
+            pass
 
     threading.Thread(target=run, name=f"steer-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    try:
-        await asyncio.wait_for(done.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
+    return await future
 
 
 def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DEFAULT_OBJECTIVES):

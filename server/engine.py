@@ -26,7 +26,8 @@ deadline; its keys and values live in :class:`~steer.server.kv_cache.PagedKVCach
 follows the tokens that are running. A failure while sampling or emitting one sequence's token
 fails only that sequence (its caller gets :class:`SequenceFailed`); a failed forward fails only
 the sequences in that forward. Beyond ``max_concurrent`` running and ``max_queue`` waiting,
-:class:`Overloaded` is raised at once (the servicer maps it to ``RESOURCE_EXHAUSTED``).
+:class:`Overloaded` is raised at once (the servicer maps it to ``RESOURCE_EXHAUSTED``); a request
+whose caller left while it waited leaves the queue then, so it holds no place there.
 
 All model calls go through :meth:`Engine._forward`, the one place a per-row adapter mixture would
 hook in.
@@ -200,28 +201,45 @@ class Engine:
                 if isinstance(event, Finished):
                     return
         finally:
-            job.cancelled.set()  # no-op once finished; otherwise the sequence leaves at the next iteration
+            job.cancelled.set()  # no-op once finished; a running sequence leaves at the next iteration
+            self._forget(job)
 
     def _admit(self, job: _Job) -> None:
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down")
             free = max(0, self.config.max_concurrent - len(self._running))
-            if len(self._waiting) >= self.config.max_queue + free:
+            # A job whose caller left while it waited holds no place: _forget drops it at once, and
+            # one whose event loop died (emit could not reach it) is not counted until it is popped.
+            waiting = sum(not j.cancelled.is_set() for j in self._waiting)
+            if waiting >= self.config.max_queue + free:
                 raise Overloaded(
                     f"server is at capacity: {len(self._running)} running (max_concurrent="
-                    f"{self.config.max_concurrent}) and {len(self._waiting)} waiting "
+                    f"{self.config.max_concurrent}) and {waiting} waiting "
                     f"(max_queue={self.config.max_queue}); retry with backoff"
                 )
             self._waiting.append(job)
             self._cond.notify()
 
-    def close(self) -> None:
-        """Stop accepting work; waiting and running sequences end as CANCELLED."""
+    def _forget(self, job: _Job) -> None:
+        """Take ``job`` out of the waiting queue if it is still there (its caller left before it started)."""
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:  # started, finished, or already dropped
+                pass
+
+    def close(self, timeout: float = 30) -> bool:
+        """Stop accepting work; waiting and running sequences end as CANCELLED.
+
+        Waits up to ``timeout`` seconds for the worker thread to leave its current step and end
+        every sequence. True when it has stopped; False when it is still inside a model call (it
+        stops when that returns; a caller may then exit without waiting for it)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=timeout)
+        return not self._worker.is_alive()
 
     # -- worker thread: one iteration ------------------------------------------------------------
 

@@ -97,6 +97,53 @@ def test_queue_overflow_is_rejected_while_admitted_requests_complete(slow_loaded
     asyncio.run(main())
 
 
+def test_a_request_cancelled_while_waiting_gives_its_queue_place_back_at_once(slow_loaded):
+    async def main():
+        engine = Engine(slow_loaded, EngineConfig(max_concurrent=1, max_queue=1))
+        try:
+            long = engine.generate(PROMPT, SamplingParams(max_new_tokens=500, seed=0))
+            await long.__anext__()  # running: it holds the only slot for seconds
+            queued = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
+            await asyncio.sleep(0.05)
+            assert engine.stats() == {"waiting": 1, "running": 1}
+            with pytest.raises(Overloaded, match="1 waiting"):  # the queue's one place is taken
+                await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
+            queued.cancel()  # its caller leaves before it ever started
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+            # Gone from the queue now, not when the worker would have popped it (after the long one).
+            assert engine.stats() == {"waiting": 0, "running": 1}
+            replacement = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
+            await asyncio.sleep(0.05)
+            assert not replacement.done() and engine.stats() == {"waiting": 1, "running": 1}  # admitted, waiting
+            await long.aclose()
+            assert (await replacement)[-1].completion_tokens == 3
+        finally:
+            engine.close()
+
+    asyncio.run(main())
+
+
+def test_close_says_whether_the_worker_stopped(slow_tiny_loaded):
+    async def main():
+        idle = Engine(slow_tiny_loaded(0.0), EngineConfig())
+        assert idle.close(timeout=5) is True
+
+        engine = Engine(slow_tiny_loaded(1.0), EngineConfig())  # every forward takes a second
+        stream = engine.generate(PROMPT, SamplingParams(max_new_tokens=50, seed=0))
+        first = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0.3)  # the worker is inside the prefill forward
+        started = time.monotonic()
+        assert engine.close(timeout=0.1) is False  # still inside the model call
+        assert time.monotonic() - started < 0.5  # the timeout bounds the wait
+        assert engine.close(timeout=10) is True  # it stops once that call returns
+        events = [await first] + [e async for e in stream]
+        assert events[-1].finish_reason == FinishReason.CANCELLED
+        assert engine.stats() == {"waiting": 0, "running": 0} and engine.cache.blocks_in_use == 0
+
+    asyncio.run(main())
+
+
 def test_stream_sees_time_limit_before_the_call_deadline(start_tiny_server, slow_loaded):
     """Over gRPC, a stream whose deadline passes ends with a TIME_LIMIT chunk, then the server serves on."""
     from steer.server.app import ServerConfig
