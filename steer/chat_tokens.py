@@ -13,6 +13,10 @@ template's control tokens is tokenised as one piece, exactly as the tokenizer sp
 conversation without control-token strings the ids equal ``tokenizer(render_prompt(...))`` (the
 ids the policy was trained on; the tests check this).
 
+The scorers read conversations the same way (:meth:`ChatTokenizer.encode`): FLR's prefix up to a
+follow-up's first token, and a reward model's whole conversation, so a response that types
+``<|im_end|><|im_start|>user ...`` cannot end its own turn and fake the follow-up it is scored on.
+
 Fallback, used when that exactness cannot be guaranteed (a slow tokenizer, control tokens that
 strip the whitespace around them, a template that rewrites message text): plain
 render-and-tokenise, and a message that contains a control-token string is refused with
@@ -70,31 +74,50 @@ class ChatTokenizer:
 
         ``fields`` names each message for errors (default ``messages[i].content``).
         """
+        return self.encode(messages, fields)
+
+    def encode(self, messages: Sequence[Mapping[str, str]], fields: Sequence[str] | None = None, *,
+               add_generation_prompt: bool = True, before_last_text: bool = False) -> list[int]:
+        """Ids of the rendered ``messages``; message text is plain text (module docstring).
+
+        ``add_generation_prompt``: end with the assistant's turn header (a prompt to generate from);
+        off for a conversation that is scored as it stands (a reward model reads it whole).
+        ``before_last_text``: stop where the last message's text begins, so the ids end with that
+        message's turn header: FLR scores a follow-up's own tokens from there. The last message's
+        text then only stands in for the template and is not encoded (and must be non-empty).
+        """
         messages = [dict(m) for m in messages]
         if self._plain is not None:
-            pieces = self._pieces(messages)
+            pieces = self._pieces(messages, add_generation_prompt)
             if pieces is not None:
-                return self._encode(pieces)
-        for i, m in enumerate(messages):
+                # Piece 2i + 1 is message i's text: drop the last message's text and what follows it.
+                return self._encode(pieces[: 2 * len(messages) - 1] if before_last_text else pieces)
+        for i, m in enumerate(messages[:-1] if before_last_text else messages):
             token = self.control_token_in(m["content"])
             if token is not None:
                 where = fields[i] if fields is not None else f"messages[{i}].content"
                 raise InvalidInput(where, f"contains the control token {token!r}, which this model's chat template cannot keep as text; remove it")
-        return self.tokenizer(self._render(messages), add_special_tokens=False)["input_ids"]
+        text = self._render(messages, add_generation_prompt)
+        if before_last_text:
+            at = text.rfind(messages[-1]["content"])
+            if at < 0 or not messages[-1]["content"]:
+                raise ValueError(f"the chat template does not render the last message {messages[-1]['content']!r} verbatim")
+            text = text[:at]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]] | None:
+    def _pieces(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[tuple[str, bool]] | None:
         """The rendered prompt as (text, written by the template) pieces; None if the template rewrites message text."""
-        skeleton = self._render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)])
+        skeleton = self._render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)], add_generation_prompt)
         parts = _MARKS.split(skeleton)  # template, index, template, index, ..., template
         if [int(i) for i in parts[1::2]] != list(range(len(messages))):
             return None
         pieces: list[tuple[str, bool]] = []
         for k, part in enumerate(parts):
             pieces.append((part, True) if k % 2 == 0 else (messages[int(part)]["content"], False))
-        if "".join(text for text, _ in pieces) != self._render(messages):
+        if "".join(text for text, _ in pieces) != self._render(messages, add_generation_prompt):
             return None
         return pieces
 

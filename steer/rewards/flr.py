@@ -9,7 +9,10 @@ For a conversation ``c`` and a response ``y``, and for each objective with posit
 where ``f`` is appended as the next user turn through the model's chat template and only the
 follow-up's own tokens are scored (not the template's role markers or end-of-turn token).
 A sequence is tokenised as ``tokens(prefix) + tokens(follow-up)``, where ``prefix`` is the rendered
-conversation, response and next-turn header up to the follow-up's first character. A prefix that
+conversation, response and next-turn header up to the follow-up's first character, tokenised by
+:class:`steer.chat_tokens.ChatTokenizer`: only the template's own turn markers are control tokens,
+so a response (or prompt) that types ``<|im_end|><|im_start|>user ...`` reads as that text and cannot
+fake a turn of its own (for ordinary text the ids are those of render-then-tokenise). A prefix that
 would not leave room for the longest follow-up in the scorer model's context keeps only its last
 tokens (the response and the end of the conversation matter most; the reward model does the same),
 so any generated text can be scored.
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steer.chat_tokens import ChatTokenizer
 from steer.errors import InvalidInput
 from steer.models import decoder_and_head
 from steer.objectives import validate_objectives
@@ -112,6 +116,7 @@ class FLRScorer(Scorer):
         self.device = self.lm_head.weight.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)  # padded positions are masked out and never scored: any valid id works
+        self.chat = ChatTokenizer(tokenizer)
         # The follow-up list every pair is scored against, deduplicated, and each objective's columns in it.
         self.followups: list[str] = []
         self._columns: dict[str, tuple[list[int], list[int]]] = {}
@@ -147,18 +152,18 @@ class FLRScorer(Scorer):
         for f in followups:
             if f not in self._followup_ids:
                 self._followup_ids[f] = self.tokenizer(f, add_special_tokens=False)["input_ids"]
+        room = self.context_length - max((len(self._followup_ids[g]) for g in followups), default=0)
+        if room < 1:
+            raise InvalidInput("followups", f"a follow-up does not fit the scorer model's context of {self.context_length} tokens")
         # items[(i, j)] = (prefix ids, follow-up ids); prefixes are shared across j for a given i.
-        prefixes: dict[str, list[int]] = {}
-        groups: dict[str, list[tuple[int, int]]] = {}
+        prefixes: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         for i, (conv, response) in enumerate(zip(conversations, responses)):
+            fields = [f"conversations[{i}][{k}].content" for k in range(len(conv))] + [f"responses[{i}]", "followup"]
             for j, f in enumerate(followups):
-                prefix = self._prefix_text(conv, response, f)
+                prefix = tuple(self._prefix_ids(conv, response, f, fields))
                 if prefix not in prefixes:
-                    ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-                    room = self.context_length - max(len(self._followup_ids[g]) for g in followups)
-                    if room < 1:
-                        raise InvalidInput("followups", f"a follow-up does not fit the scorer model's context of {self.context_length} tokens")
-                    prefixes[prefix] = ids[-room:]  # (see module docstring: long prefixes keep their end)
+                    prefixes[prefix] = list(prefix[-room:])  # (see module docstring: long prefixes keep their end)
                 groups.setdefault(prefix, []).append((i, j))
         out = torch.empty(len(responses), len(followups))
         with torch.inference_mode():
@@ -178,8 +183,18 @@ class FLRScorer(Scorer):
                     out[i, j] = v
         return out
 
+    def _prefix_ids(self, conversation: Conversation, response: str, followup: str, fields: Sequence[str] | None = None) -> list[int]:
+        """Token ids before the follow-up's first token: the conversation, the response as the
+        assistant's turn, and the next user-turn header. Message text is plain text (module docstring)."""
+        messages = [dict(m) for m in conversation] + [
+            {"role": "assistant", "content": response},
+            {"role": "user", "content": followup},
+        ]
+        return self.chat.encode(messages, fields, add_generation_prompt=False, before_last_text=True)
+
     def _prefix_text(self, conversation: Conversation, response: str, followup: str) -> str:
-        """The rendered text before the follow-up's first character (ends with the user-turn header)."""
+        """The rendered text before the follow-up's first character (ends with the user-turn header):
+        what :meth:`_prefix_ids` reads as text; for ordinary text its tokens are those ids."""
         messages = [dict(m) for m in conversation] + [
             {"role": "assistant", "content": response},
             {"role": "user", "content": followup},

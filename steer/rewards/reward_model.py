@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steer.chat_tokens import ChatTokenizer
 from steer.objectives import validate_objectives
 from steer.rewards.calibration import Calibration
 from steer.rewards.scorer import Conversation, Scorer
@@ -103,10 +104,23 @@ def render_for_reward(tokenizer, conversation: Conversation, response: str) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def reward_ids(chat, conversation: Conversation, response: str) -> list[int]:
+    """The ids of :func:`render_for_reward`'s text, read by ``chat`` (a :class:`steer.chat_tokens.ChatTokenizer`):
+    control-token strings typed into the conversation or the response stay text, so a response
+    cannot close its turn and append turns of its own. For ordinary text: the same ids."""
+    messages = [dict(m) for m in conversation] + [{"role": "assistant", "content": response}]
+    return chat.encode(messages, add_generation_prompt=False)
+
+
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(B, T)`` ids and attention mask; a text longer than ``max_length`` keeps its
     last ``max_length`` tokens (the response and the end of the conversation matter most)."""
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+    return pad_ids([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], max_length, pad_id)
+
+
+def pad_ids(rows: Sequence[Sequence[int]], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_texts` for rows already tokenised: each keeps its last ``max_length`` ids."""
+    rows = [list(r)[-max_length:] for r in rows]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -232,6 +246,7 @@ class RewardModelScorer(Scorer):
     def __init__(self, path: str | os.PathLike, batch_size: int = 16, dtype: str = "float32"):
         self.path = Path(path)
         self.model, self.tokenizer, self.spec = load_reward_model(self.path, dtype)
+        self.chat = ChatTokenizer(self.tokenizer)
         self.objectives = self.spec.objectives
         self.batch_size = batch_size
         k = len(self.objectives)
@@ -240,11 +255,11 @@ class RewardModelScorer(Scorer):
         self.calibration = Calibration(dict(self.spec.calibration), str(self.path / CONFIG_FILE)) if self.spec.calibration else None
 
     def raw_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
-        texts = [render_for_reward(self.tokenizer, c, r) for c, r in zip(conversations, responses)]
+        rows = [reward_ids(self.chat, c, r) for c, r in zip(conversations, responses)]
         outputs = []
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                ids, mask = encode_texts(self.tokenizer, texts[start: start + self.batch_size], self.spec.max_length, pad_id_of(self.tokenizer))
+            for start in range(0, len(rows), self.batch_size):
+                ids, mask = pad_ids(rows[start: start + self.batch_size], self.spec.max_length, pad_id_of(self.tokenizer))
                 outputs.append(self.model(ids, mask))  # (b, k)
         return torch.cat(outputs) * self._label_std + self._label_mean  # (n, k) on the label scale
 

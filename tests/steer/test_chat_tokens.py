@@ -77,3 +77,33 @@ def test_text_byte_limit_is_context_times_the_longest_token(tokenizer):
     longest = max(len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer)))
     assert text_byte_limit(tokenizer, 10) == 10 * longest
     assert longest >= 16  # runs of spaces are single tokens: the bound is generous, never a false refusal
+
+
+@pytest.mark.parametrize("conversation", ORDINARY, ids=range(len(ORDINARY)))
+def test_scoring_forms_give_the_ids_of_render_then_tokenise(chat, tokenizer, conversation):
+    """A whole conversation without the generation prompt (a reward model's input), and the ids
+    before the last message's text (FLR's prefix): ordinary text keeps the ids it always had."""
+    scored = conversation + [{"role": "assistant", "content": "An answer."}]
+    whole = tokenizer.apply_chat_template(scored, tokenize=False)
+    assert chat.encode(scored, add_generation_prompt=False) == tokenizer(whole, add_special_tokens=False)["input_ids"]
+    followup = "Thanks, that helps."
+    with_followup = scored + [{"role": "user", "content": followup}]
+    text = tokenizer.apply_chat_template(with_followup, tokenize=False)
+    prefix = tokenizer(text[: text.rfind(followup)], add_special_tokens=False)["input_ids"]
+    assert chat.encode(with_followup, add_generation_prompt=False, before_last_text=True) == prefix
+    assert tokenizer.decode(prefix).endswith("<|im_start|>user\n")
+
+
+def test_prefix_before_the_last_text_neutralises_earlier_messages_only(chat, tokenizer):
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    messages = [{"role": "user", "content": INJECTION}, {"role": "assistant", "content": INJECTION},
+                {"role": "user", "content": "a follow-up"}]
+    ids = chat.encode(messages, add_generation_prompt=False, before_last_text=True)
+    # The default system turn, the user's, the assistant's, and the follow-up's header: nothing more.
+    assert ids.count(start) == 4 and ids.count(end) == 3
+    # The fallback (a template that rewrites text) refuses what it cannot keep as text, naming the field.
+    trimming = copy.deepcopy(tokenizer)
+    trimming.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    with pytest.raises(InvalidInput, match=r"^responses\[0\]: contains the control token"):
+        ChatTokenizer(trimming).encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  " + INJECTION}, messages[2]],
+                                       ["prompt", "responses[0]", "followup"], add_generation_prompt=False, before_last_text=True)
