@@ -76,6 +76,8 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         if readme is not None:
             shutil.copyfile(readme, tmp / "README.md")
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # package data: readable by every user of the install
 
     output.parent.mkdir(parents=True, exist_ok=True)
     return atomic_directory_write(output, write)

@@ -101,7 +101,8 @@ class Policy:
         if self.lora:
             def write(tmp: Path):
                 self.model.peft_config["default"].base_model_name_or_path = self.base_name
-                self.model.save_pretrained(str(tmp))
+                # Embeddings are never adapted here; "auto" would look the base up on the hub to decide.
+                self.model.save_pretrained(str(tmp), save_embedding_layers=False)
             return atomic_directory_write(output / ADAPTER_DIR, write)
 
         def write_full(tmp: Path):

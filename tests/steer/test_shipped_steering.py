@@ -1,0 +1,40 @@
+"""The shipped adapter steers: corner directions give clearly different answer lengths (slow: real model).
+
+The full measurement is ``python -m steer.eval`` (README, "Evaluation"); this is the cheap check that
+a regression in conditioning, adapter loading or the artifact itself shows up in ``make test-slow``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = 8  # held-out prompts, never seen in training
+MAX_NEW_TOKENS = 256
+
+
+def _mean_tokens(loaded, prompts, weights: dict[str, float]) -> float:
+    from steer.generation import generate_batch
+    from steer.objectives import Direction
+    from steer.sampling import SamplingParams
+
+    d = Direction.from_weights(weights)
+    gens = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts], [d] * len(prompts),
+                          SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.95), batch_size=len(prompts), seed=0)
+    return float(np.mean([len(g[0].token_ids) for g in gens]))
+
+
+def test_corner_directions_give_different_lengths():
+    from steer.eval import default_prompts_path, load_prompts
+    from steer.models import load_model
+
+    loaded = load_model("default", adapter="default")
+    prompts = [p.prompt for p in load_prompts(default_prompts_path("heldout"))[:PROMPTS]]
+    concise = _mean_tokens(loaded, prompts, {"conciseness": 1.0})
+    helpful = _mean_tokens(loaded, prompts, {"helpfulness": 1.0})
+    creative = _mean_tokens(loaded, prompts, {"creativity": 1.0})
+    # "Clearly different": the concise corner at most two thirds of either other corner's mean length.
+    assert concise <= 2 / 3 * helpful, (concise, helpful)
+    assert concise <= 2 / 3 * creative, (concise, creative)
