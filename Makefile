@@ -9,12 +9,13 @@ PORT ?= 50051
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-slow proto bench-kernels bench-serve bench-rerank loadtest clean help
+.PHONY: install serve test test-slow fuzz proto bench-kernels bench-serve bench-rerank loadtest clean help
 
 help:
 	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
 	@echo "make test         run the CPU test suite (self-installs first)"
 	@echo "make test-slow    also run the slow tests that load the real default model"
+	@echo "make fuzz         hostile requests against a tiny-model server (FUZZ_REQUESTS=2000, FUZZ_SEED=0)"
 	@echo "make proto        regenerate steer/v1/*_pb2*.py from proto/steer/v1/steer.proto"
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
 	@echo "make bench-serve  serving throughput/latency vs one-generate-per-request (writes JSON)"
@@ -42,6 +43,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The fuzz test of `make test` (250 requests) at a larger size; any seed gives a reproducible request list.
+fuzz: $(STAMP)
+	STEER_FUZZ_REQUESTS=$(or $(FUZZ_REQUESTS),2000) STEER_FUZZ_SEED=$(or $(FUZZ_SEED),0) $(PY) -m pytest tests/server/test_fuzz.py -s $(PYTEST_ARGS)
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/steer/v1/steer.proto

@@ -9,6 +9,8 @@ chunks the thread checks whether its caller is still there:
 
 * a caller that is cancelled (the client cancelled, or grpc gave up at the deadline) stops its
   work before the next chunk, so an abandoned 64-response Score costs at most one more chunk;
+  one cancelled while its work still waited for an executor thread gives its admission back at
+  once (that work never runs);
 * a ``deadline`` that passes ends the work with :class:`ScoringStopped` (``reason="deadline"``);
 * :meth:`ScoringService.close` (server shutdown) ends every call's work the same way
   (``reason="closed"``) and refuses new work.
@@ -26,7 +28,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +58,16 @@ class ScoringStopped(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass
+class _Work:
+    """One call's responses in the admission count, until they are settled (scored, stopped or dropped)."""
+
+    n: int
+    stop: threading.Event = field(default_factory=threading.Event)  # the caller left: stop before the next chunk
+    started: bool = False  # the worker thread began (guarded by ScoringService._count_lock)
+    settled: bool = False  # n was given back to the count
 
 
 class ScoringService:
@@ -105,23 +117,36 @@ class ScoringService:
                     f"max_pending_responses={self.config.max_pending_responses}; retry with backoff"
                 )
             self._pending += n
-        stop = threading.Event()
+        work = _Work(n)
         try:
-            return await asyncio.to_thread(self._score_in_chunks, conversations, responses, stop, deadline)
-        except asyncio.CancelledError:
-            stop.set()  # the thread finishes its current chunk and stops there
+            return await asyncio.to_thread(self._score_in_chunks, conversations, responses, work, deadline)
+        except BaseException:  # cancelled (the caller left) or never scheduled
+            work.stop.set()  # a thread that is running finishes its current chunk and stops there
+            with self._count_lock:
+                if not work.started:
+                    # Cancelled while it waited for an executor thread: it never runs (or, if it
+                    # starts after all, it stops at once), so nothing else gives its count back.
+                    self._settle(work)
             raise
 
     async def rewards_for(self, conversation: Conversation, responses: Sequence[str], **kwargs) -> Rewards:
         """Several responses to one conversation (keywords as :meth:`rewards`)."""
         return await self.rewards([conversation] * len(responses), responses, **kwargs)
 
-    def _score_in_chunks(self, conversations, responses, stop: threading.Event, deadline: float | None) -> Rewards:
+    def _settle(self, work: _Work) -> None:
+        """Give ``work``'s responses back to the admission count, once (called with ``_count_lock``)."""
+        if not work.settled:
+            work.settled = True
+            self._pending -= work.n
+
+    def _score_in_chunks(self, conversations, responses, work: _Work, deadline: float | None) -> Rewards:
+        with self._count_lock:
+            work.started = True
         parts: list[Rewards] = []
         try:
             step = self.config.chunk_responses
             for start in range(0, max(len(responses), 1), step):
-                if stop.is_set():
+                if work.stop.is_set():
                     raise ScoringStopped("cancelled", "the caller went away")
                 if self._closed.is_set():
                     raise ScoringStopped("closed", "the server is shutting down; retry on another replica")
@@ -131,7 +156,7 @@ class ScoringService:
                     parts.append(self.scorer.rewards(conversations[start: start + step], responses[start: start + step]))
         finally:
             with self._count_lock:
-                self._pending -= len(responses)
+                self._settle(work)
         if len(parts) == 1:
             return parts[0]
         return Rewards(parts[0].objectives, torch.cat([p.raw for p in parts]), torch.cat([p.scaled for p in parts]))  # (n, k)

@@ -91,6 +91,37 @@ def test_a_cancelled_caller_stops_its_work_before_the_next_chunk():
     assert scorer.calls == 1  # the chunk that was running, none after it
 
 
+def test_a_caller_cancelled_before_its_thread_started_gives_its_admission_back():
+    """Cancelled while its work waits for an executor thread: that work never runs, and its
+    responses must not stay counted against max_pending_responses for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer = GatedScorer()
+    service = ScoringService(scorer, ScoringConfig(max_pending_responses=8))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        release = threading.Event()
+        busy = loop.run_in_executor(None, release.wait, 30)  # the executor's only thread is taken
+        try:
+            task = asyncio.create_task(service.rewards_for(CONVERSATION, responses(8), admit=True))
+            await asyncio.sleep(0.05)
+            assert service.pending_responses == 8
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert service.pending_responses == 0  # at once, not when (or if) the thread runs
+        finally:
+            release.set()
+            await busy
+        assert len(await service.rewards_for(CONVERSATION, responses(8), admit=True)) == 8  # admitted again
+        assert service.pending_responses == 0
+
+    asyncio.run(main())
+    assert scorer.calls == 1  # only the second call's work ran
+
+
 def test_deadline_and_close_stop_work_between_chunks():
     scorer = GatedScorer()
     service = ScoringService(scorer, ScoringConfig(chunk_responses=2))
