@@ -308,25 +308,41 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
         all_scores.extend(scores)
         if max(d.weights) == 1.0:
             corner.extend(scores)
-        hi, lo, reason = choose_pair(ranked, [c.text for c in cands], config.min_margin, config.loss == "sft")
-        best.append(scores[hi])
-        worst.append(scores[lo])
-        if reason is not None:
-            skipped[reason] += 1
-            continue
-        margin = ranked[hi] - ranked[lo]
-        margins.append(margin)
-        chosen_from[cands[hi].source] += 1
-        rejected_from[cands[lo].source] += 1
-        chosen_finished.append(cands[hi].finished)
-        pairs.append({
-            "prompt": condition_messages(conv, d), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
-            "direction": _weights(d), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
-            "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": scores[hi],
-            "rejected_score": scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
-            "chosen_source": cands[hi].source, "rejected_source": cands[lo].source,
-            "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
-        })
+        # The pool's own direction, then (corner_pairs) every corner it is not: the reward vectors do
+        # not depend on the direction, so the same pool also says what each corner prefers.
+        targets = [(d, False)]
+        if config.corner_pairs:
+            for i in range(len(objectives)):
+                e = Direction.from_weights({objectives[i]: 1.0}, objectives)
+                if e != d:
+                    targets.append((e, True))
+        for e, relabeled in targets:
+            if relabeled:
+                ve = torch.tensor(e.weights, dtype=torch.float32)
+                e_scores = (torch.tensor(item["scaled"], dtype=torch.float32) @ ve).tolist()
+                e_ranked = [sc - (0.0 if c.finished else config.missing_eos_penalty) for sc, c in zip(e_scores, cands)]
+            else:
+                e_scores, e_ranked = scores, ranked
+            hi, lo, reason = choose_pair(e_ranked, [c.text for c in cands], config.min_margin, config.loss == "sft")
+            if not relabeled:
+                best.append(scores[hi])
+                worst.append(scores[lo])
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            margin = e_ranked[hi] - e_ranked[lo]
+            margins.append(margin)
+            chosen_from[cands[hi].source] += 1
+            rejected_from[cands[lo].source] += 1
+            chosen_finished.append(cands[hi].finished)
+            pairs.append({
+                "prompt": condition_messages(conv, e), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
+                "direction": _weights(e), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
+                "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": e_scores[hi],
+                "rejected_score": e_scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
+                "chosen_source": cands[hi].source, "rejected_source": cands[lo].source, "relabeled": relabeled,
+                "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
+            })
     reward_means = torch.tensor([r for it in merged for r in it["scaled"]]).mean(0).tolist()  # (k,)
     by_source = {}
     for src in (POLICY, GUIDED, CONTRAST):
@@ -335,7 +351,7 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
             by_source[f"tokens/{src}"] = float(np.mean(toks))
             by_source[f"finished/{src}"] = float(np.mean([r["finished"] for r in samples if r["source"] == src]))
     stats = {
-        "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs),
+        "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs), "pairs/relabeled": sum(p["relabeled"] for p in pairs),
         "skipped/margin": skipped["margin"], "skipped/equal": skipped["equal"],
         **{f"chosen/{k}": v for k, v in chosen_from.items()}, **{f"rejected/{k}": v for k, v in rejected_from.items()},
         "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)), "score/worst": float(np.mean(worst)),

@@ -279,3 +279,35 @@ def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
     again = pair_pool(DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
                                 contrast_samples=1, min_margin=0.1, progress=False), 0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
     assert again.pairs == run(1.0).pairs and again.samples == run(1.0).samples
+
+
+def test_corner_pairs_relabel_each_pool_for_every_other_corner(tmp_path):
+    from steer.training.dpa import pair_pool
+    from steer.training.settings import DPAConfig
+
+    objectives = ("helpfulness", "conciseness")
+    prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
+    merged = [
+        {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
+         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."), ("bad", True, 5, "contrast", "Be vague.")],
+         "scaled": [[0.9, -2.0], [0.5, -1.0], [-1.0, 0.5]], "raw": [[0.0, 0.0]] * 3},
+        {"slot": 1, "prompt_index": 0, "weights": [0.25, 0.75],
+         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."), ("c", True, 30, "contrast", "Long.")],
+         "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
+    ]
+    config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
+                       contrast_samples=1, min_margin=0.1, corner_pairs=True, progress=False)
+    got = pair_pool(config, 0, prompts, merged, {})
+    # By hand, penalty 1 on the cut answers. Slot 0 as conciseness=1: (-3.0, -1.0, 0.5) -> bad over long cut.
+    # Slot 1 as helpfulness=1: (0, 1.0, 0.4) -> b over a; as conciseness=1: (0, 1.0, -1.2) -> b over c.
+    got_pairs = [(p["slot"], p["direction"], p["chosen"], p["rejected"], p["relabeled"]) for p in got.pairs]
+    assert got_pairs == [
+        (0, {"helpfulness": 1.0, "conciseness": 0.0}, "ended", "bad", False),
+        (0, {"helpfulness": 0.0, "conciseness": 1.0}, "bad", "long cut", True),
+        (1, {"helpfulness": 0.25, "conciseness": 0.75}, "b", "c", False),
+        (1, {"helpfulness": 1.0, "conciseness": 0.0}, "b", "a", True),
+        (1, {"helpfulness": 0.0, "conciseness": 1.0}, "b", "c", True),
+    ]
+    for p in got.pairs:  # each prompt states the direction it was paired for
+        assert parse_direction(p["prompt"][0]["content"], objectives).as_dict() == pytest.approx(p["direction"])
+    assert got.stats["pairs/relabeled"] == 3 and len(got.samples) == 6  # samples are not duplicated
