@@ -7,6 +7,8 @@ merged as *dataclass defaults < ``--config file.yaml`` < flags given on the comm
 ``__post_init__`` validates the result and raises :class:`steer.errors.InvalidInput` naming the
 field. A YAML file uses the field names (``lora_r: 16``; ``lora-r`` is accepted too); an unknown
 key is an error that names the key and the file, so a typo never silently falls back to a default.
+TRL's names for the same options (:data:`TRL_NAMES`: ``learning_rate``, ``per_device_train_batch_size``,
+``output_dir``, ...) are accepted in YAML and as flags, so a TRL ``DPOConfig`` YAML file runs as it is.
 
 Used by ``dpo_cli`` and ``dpa_cli``; any command with a dataclass config can call
 :func:`parse_config`.
@@ -25,6 +27,42 @@ from pathlib import Path
 from steer.errors import InvalidInput
 
 CONFIG_FLAG = "--config"
+
+# TRL's names (DPOConfig / transformers.TrainingArguments) for options these commands call otherwise.
+# TRL names that are already ours (beta, max_length, max_prompt_length, max_steps, warmup_steps,
+# weight_decay, max_grad_norm, seed, gradient_checkpointing, label_smoothing) need no entry.
+TRL_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "output_dir": "output",
+    "loss_type": "loss",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_schedule",
+    "adam_epsilon": "adam_eps",
+}
+# TRL values that mean one of ours: our 'constant' schedule already warms up for warmup_steps.
+_TRL_VALUES = {("lr_schedule", "constant_with_warmup"): "constant"}
+
+
+def trl_names(cls) -> dict[str, str]:
+    """The TRL names that ``cls`` accepts: ``{trl_name: field}`` for the fields it has."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {trl: ours for trl, ours in TRL_NAMES.items() if ours in names}
+
+
+def _from_trl(name: str, value):
+    """A TRL-style value for our field ``name``: integral floats (``num_train_epochs: 3.0``) become ints,
+    a one-element ``loss_type`` list its element, TRL-only spellings of a value ours."""
+    if isinstance(value, list) and name == "loss" and len(value) == 1:
+        value = value[0]
+    if isinstance(value, float) and value.is_integer() and name in ("epochs", "save_every", "keep_checkpoints", "batch_size", "grad_accum"):
+        value = int(value)
+    if isinstance(value, str) and (name, value) in _TRL_VALUES:
+        value = _TRL_VALUES[(name, value)]
+    return value
 
 
 # -- validation helpers for __post_init__ ----------------------------------------------------
@@ -114,20 +152,28 @@ def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> 
     parser.add_argument(CONFIG_FLAG, metavar="FILE.yaml", help="read options from a YAML file (keys are the option "
                         "names with underscores); flags given on the command line override it")
     hints = _field_types(cls)
+    aliases: dict[str, list[str]] = {}
+    for trl, ours in trl_names(cls).items():
+        aliases.setdefault(ours, []).append(trl)
     for f in _help_order(cls):
         tp, optional = _unwrap_optional(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")  # argparse formats help
+        flags = [_flag(f.name)] + [form for trl in aliases.get(f.name, ()) for form in (_flag(trl), "--" + trl)]
+        if aliases.get(f.name):
+            help_text += f" [TRL: {', '.join(aliases[f.name])}]"
         kwargs: dict = {"dest": f.name, "help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif _is_tuple(tp):
-            parser.add_argument(_flag(f.name), nargs="+", type=_tuple_item(tp), metavar=f.metadata.get("metavar", "X"), **kwargs)
+            parser.add_argument(*flags, nargs="+", type=_tuple_item(tp), metavar=f.metadata.get("metavar", "X"), **kwargs)
         else:
             if "choices" not in kwargs:  # with choices, argparse shows them instead of a metavar
                 kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
-            parser.add_argument(_flag(f.name), type=tp if tp in (int, float, str) else str, **kwargs)
+            elif f.name == "lr_schedule":  # TRL's spelling of the constant schedule
+                kwargs["type"] = lambda v: _TRL_VALUES.get(("lr_schedule", v), v)
+            parser.add_argument(*flags, type=kwargs.pop("type", tp if tp in (int, float, str) else str), **kwargs)
     return parser
 
 
@@ -189,13 +235,21 @@ def read_config_file(cls, path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise InvalidInput("config", f"{path}: must be a mapping of option: value, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
+    trl = trl_names(cls)
+    out, given_as = {}, {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in trl:
+            value = _from_trl(trl[name], value)
+            name = trl[name]
         if name not in names:
-            close = [n for n in sorted(names) if n.startswith(name[:3])]
+            close = [n for n in sorted(names | set(trl)) if n.startswith(name[:3])]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise InvalidInput(f"{path}: {key}", f"unknown key (options are the command's flags with underscores){hint}")
+            raise InvalidInput(f"{path}: {key}", f"unknown key (options are the command's flags with underscores, "
+                               f"or TRL's names for them){hint}")
+        if name in given_as:
+            raise InvalidInput(f"{path}: {key}", f"sets {name} again (already set by {given_as[name]!r}); keep one of them")
+        given_as[name] = str(key)
         out[name] = _coerce(cls, name, value, f"{path}: {key}")
     return out
 

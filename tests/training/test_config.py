@@ -86,3 +86,37 @@ def test_help_is_fast_and_has_examples(command, expect):
     assert expect in out.stdout and "Examples:" in out.stdout and f"python -m steer.train {command}" in out.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "steer.training.settings" in imported and "torch" not in imported  # --help loads no torch
+
+
+def test_trl_names_in_yaml_and_flags(tmp_path):
+    # A TRL DPOConfig YAML file (TrainingArguments names) runs as it is.
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text("output_dir: runs/x\nlearning_rate: 5.0e-6\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 8\n"
+                   "loss_type: ipo\nbeta: 0.2\nsave_steps: 50\nmax_steps: 100\nmax_length: 256\nmax_prompt_length: 64\n"
+                   "num_train_epochs: 3.0\nlr_scheduler_type: constant_with_warmup\nsave_total_limit: 1\nadam_epsilon: 1.0e-6\n")
+    config = merge_config(DPOConfig, ["--config", str(cfg), "--data", "a.jsonl"], prog=PROG)
+    assert (config.output, config.lr, config.batch_size, config.grad_accum, config.loss, config.beta) == ("runs/x", 5e-6, 2, 8, "ipo", 0.2)
+    assert (config.save_every, config.max_steps, config.max_length, config.max_prompt_length) == (50, 100, 256, 64)
+    assert (config.epochs, config.lr_schedule, config.keep_checkpoints, config.adam_eps) == (3, "constant", 1, 1e-6)
+    # The same names as flags, dashed or as TRL spells them; ours still work beside them.
+    flags = merge_config(DPOConfig, ["--data", "a.jsonl", "--output_dir", "o", "--learning-rate", "0.001",
+                                     "--per_device_train_batch_size", "3", "--loss-type", "hinge", "--lr_scheduler_type", "cosine"], prog=PROG)
+    assert (flags.output, flags.lr, flags.batch_size, flags.loss, flags.lr_schedule) == ("o", 0.001, 3, "hinge", "cosine")
+    # dpa has no epochs field: num_train_epochs is unknown there, and says so.
+    cfg.write_text("output_dir: o\nnum_train_epochs: 2\n")
+    with pytest.raises(InvalidInput, match="num_train_epochs: unknown key"):
+        read_config_file(DPAConfig, cfg)
+
+
+def test_trl_name_and_own_name_together_is_an_error(tmp_path):
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text("lr: 0.001\nlearning_rate: 0.002\n")
+    with pytest.raises(InvalidInput) as e:
+        read_config_file(DPOConfig, cfg)
+    assert e.value.field == f"{cfg}: learning_rate" and "'lr'" in str(e.value)
+    cfg.write_text("num_train_epochs: 1.5\n")  # TRL allows fractional epochs; we do not, and say which key
+    with pytest.raises(InvalidInput, match="num_train_epochs: must be an integer"):
+        read_config_file(DPOConfig, cfg)
+    cfg.write_text("loss_type: [sigmoid, bco_pair]\n")  # TRL's multi-loss list: not a single loss
+    with pytest.raises(InvalidInput, match="loss_type"):
+        merge_config(DPOConfig, ["--config", str(cfg), "--data", "a", "--output", "o"], prog=PROG)
