@@ -49,6 +49,7 @@ import numpy as np
 
 from steer import eval_stats as st
 from steer.errors import InvalidInput
+from steer.logs import add_log_level_flag, configure_logging
 from steer.eval_stats import PLAIN, mean_and_se, rankdata, spearman  # noqa: F401  (re-exported)
 from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
@@ -804,16 +805,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-seed", type=int, default=d.bootstrap_seed)
     p.add_argument("--output", default=d.output, help="directory for steerability.json/.png and generations.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--log-level", default="WARNING")
+    add_log_level_flag(p, default="WARNING")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    import logging
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         config = EvalConfig(
             model=args.model, adapter=args.adapter, scorer=args.scorer, scorer_model=args.scorer_model,

@@ -45,6 +45,8 @@ TRL_NAMES = {
 }
 # TRL values that mean one of ours: our 'constant' schedule already warms up for warmup_steps.
 _TRL_VALUES = {("lr_schedule", "constant_with_warmup"): "constant"}
+# Flag values spelt another way that mean one of the choices (TRL's schedule name; log levels in any case).
+_FLAG_SPELLINGS = {"lr_schedule": lambda v: _TRL_VALUES.get(("lr_schedule", v), v), "log_level": str.upper}
 
 
 def trl_names(cls) -> dict[str, str]:
@@ -171,8 +173,8 @@ def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> 
         else:
             if "choices" not in kwargs:  # with choices, argparse shows them instead of a metavar
                 kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
-            elif f.name == "lr_schedule":  # TRL's spelling of the constant schedule
-                kwargs["type"] = lambda v: _TRL_VALUES.get(("lr_schedule", v), v)
+            elif f.name in _FLAG_SPELLINGS:
+                kwargs["type"] = _FLAG_SPELLINGS[f.name]
             parser.add_argument(*flags, type=kwargs.pop("type", tp if tp in (int, float, str) else str), **kwargs)
     return parser
 

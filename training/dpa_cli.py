@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parts = __doc__.split("\n\n")
     config = parse_config(DPAConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
+    from steer.logs import configure_logging
     from steer.training.dpa import run_dpa
 
+    configure_logging(config.log_level)
     try:
         summary = run_dpa(config)
     except InvalidInput as e:

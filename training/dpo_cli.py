@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_config(DPOConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    from steer.logs import configure_logging
     from steer.training.dpo import train_dpo
 
+    configure_logging(config.log_level)
     try:
         summary = train_dpo(config)
     except InvalidInput as e:

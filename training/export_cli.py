@@ -85,6 +85,7 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
 
 def main(argv: list[str] | None = None) -> int:
     from steer.errors import InvalidInput
+    from steer.logs import add_log_level_flag, configure_logging
 
     parts = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]),
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--description", default="", help="one line for metadata.json (what Describe reports)")
     parser.add_argument("--readme", default=None, help="a Markdown file copied in as README.md")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    add_log_level_flag(parser)
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     try:
         out = export_adapter(Path(args.adapter), Path(args.output), dtype=args.dtype, base_name=args.base_name,
                              description=args.description, readme=Path(args.readme) if args.readme else None, force=args.force)

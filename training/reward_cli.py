@@ -54,6 +54,7 @@ class RewardTrainConfig:
     seed: int = field(default=0, metadata={"help": "data order, eval split and head initialisation"})
     dtype: str = field(default="float32", metadata={"help": "backbone dtype", "choices": ("float32", "bfloat16")})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    log_level: str = field(default="INFO", metadata={"help": "what the command logs to stderr", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
 
     def __post_init__(self):
         for name in ("data", "eval_data", "objectives"):
@@ -109,13 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
-    import logging
-
+    from steer.logs import configure_logging
     from steer.training.reward_model import train_reward_model
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(argv)
+        configure_logging(config.log_level)
         metrics = train_reward_model(config)
     except (InvalidInput, FileNotFoundError, ValueError) as e:
         print(f"steer.train reward: error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge", "kto")
 LOSSES = PREFERENCE_LOSSES + ("sft",)
 LOGPROB_IMPLS = ("fused", "naive")  # steer.training.logprobs.IMPLS
 DEVICES = ("auto", "cpu", "cuda")  # steer.training.distributed.DEVICES
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # steer.logs.LEVELS
 
 
 # Per-loss beta when none is given: TRL's defaults (SimPO: the paper's 2.0; ORPO: lambda 0.1).
@@ -72,6 +73,7 @@ class TrainerConfig:
     device: str = field(default="auto", metadata=_f("auto (CUDA when present), cpu or cuda", choices=DEVICES))
     logprob_impl: str = field(default="fused", metadata=_f("log-probs: fused (linear_logprob, no N x V logits) or naive (full logits)", choices=LOGPROB_IMPLS))
     progress: bool = field(default=True, metadata=_f("tqdm progress bars (rank 0)"))
+    log_level: str = field(default="INFO", metadata=_f("what the command logs to stderr", choices=LOG_LEVELS))
 
     def __post_init__(self):
         if not isinstance(self.output, str) or not self.output.strip():
@@ -109,6 +111,9 @@ class TrainerConfig:
         require_choice("dtype", self.dtype, ("float32", "bfloat16"))
         require_choice("device", self.device, DEVICES)
         require_choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
+        if isinstance(self.log_level, str):
+            object.__setattr__(self, "log_level", self.log_level.upper())
+        require_choice("log_level", self.log_level, LOG_LEVELS)
 
     @property
     def effective_beta(self) -> float:

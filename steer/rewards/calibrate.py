@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from steer.logs import add_log_level_flag, configure_logging
+
 SHIPPED = Path(__file__).parent / "calibration" / "flr-smollm2-135m-instruct.json"
 
 
@@ -27,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="'default', a model directory or a .gguf file")
     p.add_argument("--objectives", default="helpfulness,creativity,conciseness", help="comma-separated, each with built-in follow-ups")
     p.add_argument("--output", default=None, help=f"JSON to write (default: the shipped file for the default model, else $STEER_CACHE/calibration/)")
+    add_log_level_flag(p)
     args = p.parse_args(argv)
 
-    import logging
     import time
 
     from steer.errors import InvalidInput
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from steer.rewards.calibration import cache_dir
     from steer.rewards.flr import FLRConfig, FLRScorer
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         loaded = load_model(args.model)
         config = FLRConfig(objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), calibration="none")

@@ -120,3 +120,30 @@ def test_trl_name_and_own_name_together_is_an_error(tmp_path):
     cfg.write_text("loss_type: [sigmoid, bco_pair]\n")  # TRL's multi-loss list: not a single loss
     with pytest.raises(InvalidInput, match="loss_type"):
         merge_config(DPOConfig, ["--config", str(cfg), "--data", "a", "--output", "o"], prog=PROG)
+
+
+def test_log_level_any_case_and_named_when_wrong(tmp_path):
+    assert merge_config(DPAConfig, ["--output", "o", "--log-level", "debug"], prog=PROG).log_level == "DEBUG"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output: o\nlog_level: warning\n")
+    assert merge_config(DPAConfig, ["--config", str(cfg)], prog=PROG).log_level == "WARNING"
+    cfg.write_text("output: o\nlog_level: chatty\n")
+    with pytest.raises(InvalidInput) as e:
+        merge_config(DPAConfig, ["--config", str(cfg)], prog=PROG)
+    assert e.value.field == "log_level" and "chatty" in str(e.value)
+
+
+def test_configure_logging_sets_the_level_and_refuses_unknown():
+    import logging
+
+    from steer.logs import configure_logging
+
+    before = logging.getLogger().level
+    try:
+        configure_logging("error")
+        assert logging.getLogger().level == logging.ERROR
+        with pytest.raises(InvalidInput) as e:
+            configure_logging("LOUD", field="log_level")
+        assert e.value.field == "log_level"
+    finally:
+        logging.getLogger().setLevel(before)
