@@ -111,7 +111,7 @@ class TrainerConfig:
         require_choice("dtype", self.dtype, ("float32", "bfloat16"))
         require_choice("device", self.device, DEVICES)
         require_choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
-        if isinstance(self.log_level, str):
+        if isinstance(self.log_level, str) and self.log_level.upper() in LOG_LEVELS:
             object.__setattr__(self, "log_level", self.log_level.upper())
         require_choice("log_level", self.log_level, LOG_LEVELS)
 
