@@ -57,6 +57,19 @@ def condition_messages(messages: Sequence[dict[str, str]], direction: Direction)
     return messages
 
 
+def strip_direction_line(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """A copy of ``messages`` without the direction line :func:`condition_messages` added (the system
+    message goes when nothing else is left in it, or when it is the default one)."""
+    messages = [dict(m) for m in messages]
+    if messages and messages[0]["role"] == "system" and PREFIX in messages[0]["content"]:
+        content = _LINE.sub("", messages[0]["content"]).rstrip()
+        if content and content != DEFAULT_SYSTEM:
+            messages[0]["content"] = content
+        else:
+            messages.pop(0)
+    return messages
+
+
 def render_prompt(tokenizer, messages: Sequence[dict[str, str]], direction: Direction | None) -> str:
     """The conditioned conversation through the tokenizer's chat template, ready for the reply."""
     if direction is not None:

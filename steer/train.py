@@ -4,6 +4,7 @@ Commands:
   reward   train a multi-objective reward model (k-output head on a base LM, + LoRA)
   dpo      preference-optimise a policy on pairs (sigmoid | ipo | hinge | simpo | orpo | kto)
   dpa      Directional Preference Alignment: sample directions and responses, score, pair, train
+  mixture  one LoRA adapter per objective, trained jointly over sampled directions (STRATEGY_MIXTURE)
   export   an adapter for shipping: bf16 weights, base named by model id, metadata.json
 
 Examples:
@@ -11,6 +12,7 @@ Examples:
   python -m steer.train dpo --data pairs.jsonl --loss sigmoid --output runs/dpo
   python -m steer.train dpa --scorer flr --iterations 2 --output runs/dpa
   python -m steer.train dpa --help
+  python -m steer.train mixture --data runs/dpa/iterations/000/pairs.jsonl --loss sft --output runs/mix
   python -m steer.train export --adapter runs/dpa/adapter --output dist/dpa-adapter
 
 Each command also reads --config file.yaml (flags override it). Under
@@ -28,6 +30,7 @@ COMMANDS = {
     "reward": ("steer.training.reward_cli", "train a multi-objective reward model"),
     "dpo": ("steer.training.dpo_cli", "preference-optimise a policy on pairs"),
     "dpa": ("steer.training.dpa_cli", "Directional Preference Alignment loop"),
+    "mixture": ("steer.training.mixture_cli", "per-objective adapters mixed per request"),
     "export": ("steer.training.export_cli", "export an adapter for shipping (bf16, base named by id, metadata)"),
 }
 

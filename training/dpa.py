@@ -336,7 +336,7 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
             rejected_from[cands[lo].source] += 1
             chosen_finished.append(cands[hi].finished)
             pairs.append({
-                "prompt": condition_messages(conv, e), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
+                "prompt": condition_messages(conv, e) if config.prompt_carries_direction else list(conv), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
                 "direction": _weights(e), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
                 "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": e_scores[hi],
                 "rejected_score": e_scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
@@ -364,14 +364,17 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
     return IterationData(pairs, samples, stats)
 
 
-def examples_from_pairs(rows: list[dict], loss: str) -> list[PairExample]:
-    """Training examples from pairs.jsonl rows (the direction is already in the prompt's system message).
+def examples_from_pairs(rows: list[dict], loss: str, objectives: tuple[str, ...] | None = None) -> list[PairExample]:
+    """Training examples from pairs.jsonl rows (for dpa the direction is already in the prompt's system
+    message; with ``objectives``, a mixture's, each example carries its direction's weights in that order).
     A response that ran out of tokens gets no end-of-turn token, so stopping there is not taught."""
     out = []
     for r in rows:
-        where = f"iteration {r['iteration']} slot {r['slot']}"
+        where = r.get("where") or f"iteration {r['iteration']} slot {r['slot']}"
         rejected = r["rejected"] if r["rejected"] is not None else ""
-        out.append(PairExample(tuple(r["prompt"]), r["chosen"], rejected, where, bool(r["chosen_finished"]), bool(r["rejected_finished"])))
+        direction = tuple(float(r["direction"][o]) for o in objectives) if objectives is not None else None
+        out.append(PairExample(tuple(r["prompt"]), r["chosen"], rejected, where, bool(r["chosen_finished"]), bool(r["rejected_finished"]),
+                               direction))
     return pairs_to_unpaired(out) if loss == "kto" else out
 
 
@@ -393,6 +396,15 @@ def run_dpa(config: DPAConfig) -> dict:
         return _run(config, ctx)
     finally:
         shutdown(ctx)
+
+
+def _given_pairs(config: DPAConfig) -> list[dict] | None:
+    """The pairs of ``--data`` (mixture only), read and checked; None when the run samples its own."""
+    if not getattr(config, "data", ()):
+        return None
+    from .mixture import read_pair_files
+
+    return read_pair_files(config.data, config.objectives)
 
 
 def _build_scorer(config: DPAConfig, base, frozen, show_progress: bool = True):
@@ -428,8 +440,14 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     if config.full:
         frozen = load_base(str(base[2]), config.dtype, ctx.device)
         frozen[0].eval().requires_grad_(False)
-    scorer, scorer_shares_policy = _build_scorer(config, base, frozen, show_progress=ctx.is_main)
-    policy = build_policy(config.policy_spec(), ctx.device, base=base)
+    given = _given_pairs(config)  # mixture --data: pairs to train on, no sampling
+    scorer, scorer_shares_policy = (None, False) if given is not None else _build_scorer(config, base, frozen, show_progress=ctx.is_main)
+    if config.prompt_carries_direction:
+        policy = build_policy(config.policy_spec(), ctx.device, base=base)
+    else:
+        from .mixture import build_mixture_policy
+
+        policy = build_mixture_policy(config.policy_spec(), config.objectives, ctx.device, base=base)
     encoder = Encoder(policy.tokenizer, config.max_length, config.max_prompt_length)
     if ctx.is_main:  # every input passed (the scorer spec included): a refused run leaves no empty directory
         output.mkdir(parents=True, exist_ok=True)
@@ -440,7 +458,11 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     G = config.batch_size * config.grad_accum * ctx.world_size
     slots = config.prompts_per_iteration * config.directions_per_prompt
     per_slot = 2 if config.loss == "kto" else 1
-    total = config.iterations * config.epochs_per_iteration * -(-slots * per_slot // G)  # at most; near-ties shrink it
+    if config.corner_pairs:
+        per_slot *= len(config.objectives)  # its own direction and the corners it is not
+    iterations = 1 if given is not None else config.iterations
+    per_iteration = len(given) if given is not None else slots * per_slot
+    total = iterations * config.epochs_per_iteration * -(-per_iteration // G)  # at most; near-ties shrink it
     logger = MetricsLogger(output, ctx.is_main, resume_lines=ckpt.state["metrics_lines"] if ckpt else None,
                            elapsed=ckpt.state.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = PreferenceTrainer(config, policy, ctx, total, manager, logger)
@@ -456,14 +478,16 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         if ctx.is_main:
             write_config(config, output / "config.yaml")
         logger.log({"type": "start", "step": 0, "prompts": len(prompts), "iterations": config.iterations,
-                    "global_batch": G, "world_size": ctx.world_size, "scorer": scorer.describe(),
+                    "global_batch": G, "world_size": ctx.world_size, "scorer": scorer.describe() if scorer is not None else None,
                     "trainable_parameters": sum(p.numel() for p in trainer.params)})
 
-    for k in range(start, config.iterations):
+    for k in range(start, iterations):
         it_dir = output / ITERATIONS / f"{k:03d}"
         pairs_file = it_dir / "pairs.jsonl"
         samples_file = it_dir / "samples.jsonl"
-        if cursor != (0, 0) and pairs_file.is_file():  # resuming inside iteration k: train on the same pairs
+        if given is not None:
+            rows = given
+        elif cursor != (0, 0) and pairs_file.is_file():  # resuming inside iteration k: train on the same pairs
             rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
         else:
             cursor = (0, 0)
@@ -485,7 +509,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                 print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
                       f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s", file=sys.stderr)
-        examples = examples_from_pairs(rows, config.loss)
+        examples = examples_from_pairs(rows, config.loss, None if config.prompt_carries_direction else config.objectives)
         if not examples:
             logger.log({"type": "skip", "iteration": k, "step": trainer.step, "reason": "every pair was a near-tie"})
             log.warning("iteration %d: no pairs (all below min_margin); no training this iteration", k)
@@ -507,7 +531,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     if ctx.is_main:
         summary["saved"] = str(policy.save(output))
         logger.log(summary)
-        plot_curves(output, title=f"steer dpa ({config.loss}, {scorer.describe()})")
+        plot_curves(output, title=f"steer {'dpa' if config.prompt_carries_direction else 'mixture'} ({config.loss}, "
+                                  f"{scorer.describe() if scorer is not None else 'given pairs'})")
         (output / "summary.json").write_text(json.dumps(summary, indent=1))
     barrier(ctx)
     return summary

@@ -51,6 +51,7 @@ class PairExample:
     where: str = ""  # file:line, for errors
     chosen_eos: bool = True  # end the completion with the end-of-turn token
     rejected_eos: bool = True
+    direction: tuple[float, ...] | None = None  # mixture training: the weights the pair was chosen under
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ class EncodedExample:
 
     sequences: tuple[TokenizedSequence, ...]
     label: bool | None = None  # unpaired only
+    direction: tuple[float, ...] | None = None  # mixture training: the weights this example was paired under
 
 
 def encode_examples(examples: Sequence[Example], tok: Encoder, *, sft: bool = False) -> list[EncodedExample]:
@@ -316,10 +318,10 @@ def encode_examples(examples: Sequence[Example], tok: Encoder, *, sft: bool = Fa
         if isinstance(ex, PairExample):
             chosen = tok.encode(ex.prompt, ex.chosen, ex.chosen_eos, ex.where, pids(ex.prompt))
             if sft:
-                out.append(EncodedExample((chosen,)))
+                out.append(EncodedExample((chosen,), direction=ex.direction))
             else:
                 rejected = tok.encode(ex.prompt, ex.rejected, ex.rejected_eos, ex.where, pids(ex.prompt))
-                out.append(EncodedExample((chosen, rejected)))
+                out.append(EncodedExample((chosen, rejected), direction=ex.direction))
         else:
             other = examples[(i + 1) % len(examples)]
             seq = tok.encode(ex.prompt, ex.completion, ex.eos, ex.where, pids(ex.prompt))

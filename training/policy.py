@@ -79,6 +79,11 @@ class Policy:
             raise RuntimeError("full fine-tuning has no live reference; use precomputed reference log-probs")
         return self.model.disable_adapter()
 
+    def rows(self, examples, copies: int = 1):
+        """Context for one forward over ``copies`` stacked copies of ``examples``' rows (pairs: chosen
+        rows then rejected rows). A plain policy needs nothing per row; a mixture sets each row's direction."""
+        return contextlib.nullcontext()
+
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 

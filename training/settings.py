@@ -158,6 +158,10 @@ class DPOConfig(TrainerConfig):
         for i, path in enumerate(self.data):
             if not isinstance(path, str) or not path:
                 raise InvalidInput(f"data[{i}]", f"must be a file path, got {path!r}")
+
+    @property
+    def prompt_carries_direction(self) -> bool:
+        return False
         require_int("epochs", self.epochs, 1)
         require_int("max_steps", self.max_steps, 0)
 
@@ -227,6 +231,11 @@ class DPAConfig(TrainerConfig):
         require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
 
     @property
+    def prompt_carries_direction(self) -> bool:
+        """dpa: the training prompt carries the direction line (the policy reads it); a mixture mixes adapters instead."""
+        return True
+
+    @property
     def pool_size(self) -> int:
         """Candidates per (prompt, direction): on-policy + guided + contrast."""
         return self.samples + self.guided_samples + self.contrast_samples
@@ -238,3 +247,35 @@ class DPAConfig(TrainerConfig):
     @property
     def prompts_path(self) -> Path:
         return Path(self.prompts) if self.prompts else PACKAGED_PROMPTS
+
+
+@dataclass(frozen=True)
+class MixtureConfig(DPAConfig):
+    """``python -m steer.train mixture``: every field is also a flag (``--field-name``).
+
+    One LoRA adapter per objective (same targets and rank), trained jointly: an example paired under
+    direction ``v`` trains the model whose update is ``sum_i v_i * delta_W_i``. Pairs come from the
+    principle-guided generator of ``dpa`` (base-model samples under instructions for and against ``v``,
+    chosen/rejected by ``v . r``), or from ``--data`` (pairs.jsonl files a ``dpa`` run wrote). The
+    prompt carries no direction line: the mix of adapters is the direction.
+    """
+
+    data: tuple[str, ...] = field(default=(), metadata=_f("train on these pairs.jsonl files of a dpa/mixture run (rows with a direction) instead of sampling", metavar="FILE"))
+    samples: int = field(default=0, metadata=_f("on-policy samples per (prompt, direction): 0 (a mixture is trained on the principle-guided pool)"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.samples:
+            raise InvalidInput("samples", "must be 0 for mixture: the pool is the base model's guided and contrast samples "
+                                          "(on-policy sampling of a mixture is not implemented)")
+        if self.loss == "kto":
+            raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
+        if self.full:
+            raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
+        for i, path in enumerate(self.data):
+            if not isinstance(path, str) or not path:
+                raise InvalidInput(f"data[{i}]", f"must be a file path, got {path!r}")
+
+    @property
+    def prompt_carries_direction(self) -> bool:
+        return False

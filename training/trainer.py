@@ -147,12 +147,14 @@ class PreferenceTrainer:
         dev = self.ctx.device
         if cfg.loss == "sft":
             batch = collate([e.sequences[0] for e in examples], self.pad_id).to(dev)
-            logps, counts = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (b,), (b,)
+            with self.policy.rows(examples):
+                logps, counts = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (b,), (b,)
             loss = -logps.sum() / counts.sum()  # token-mean NLL of the chosen responses
             return StepResult(loss, {"loss": loss.item(), "nll": loss.item(), "logps/chosen": logps.mean().item()}, batch.tokens)
         if examples[0].label is None:  # pairs: one forward over chosen rows then rejected rows
             batch = collate([e.sequences[0] for e in examples] + [e.sequences[1] for e in examples], self.pad_id).to(dev)
-            logps, counts = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (2b,), (2b,)
+            with self.policy.rows(examples, copies=2):
+                logps, counts = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (2b,), (2b,)
             rc = rr = None
             if cfg.needs_reference:
                 if self.ref is not None:
@@ -171,8 +173,9 @@ class PreferenceTrainer:
         # KTO, unpaired: completions with gradients, KL (mismatched) rows without.
         batch = collate([e.sequences[0] for e in examples], self.pad_id).to(dev)
         kl_batch = collate([e.sequences[1] for e in examples], self.pad_id).to(dev)
-        logps, _ = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (b,)
-        with torch.no_grad():
+        with self.policy.rows(examples):
+            logps, _ = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (b,)
+        with torch.no_grad(), self.policy.rows(examples):
             kl_policy = sequence_logprobs(self.policy.model, kl_batch, impl=cfg.logprob_impl).logps  # (b,)
         ref = self._reference(batch, idx, 0)  # (b,)
         kl_ref = self._reference(kl_batch, idx, 1)  # (b,)

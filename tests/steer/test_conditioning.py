@@ -46,3 +46,15 @@ def test_parse_renormalises_rounded_weights_and_checks_objectives():
         parse_direction(line, objectives=("helpfulness", "safety", "conciseness"))
     with pytest.raises(InvalidInput, match="no direction line"):
         parse_direction("You are helpful.")
+
+
+def test_strip_direction_line_undoes_condition_messages():
+    from steer.conditioning import condition_messages, strip_direction_line
+    from steer.objectives import Direction
+
+    d = Direction.from_weights({"helpfulness": 0.7, "creativity": 0.3, "conciseness": 0.0})
+    plain = [{"role": "user", "content": "hi"}]
+    assert strip_direction_line(condition_messages(plain, d)) == plain  # the default system message goes too
+    own = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}]
+    assert strip_direction_line(condition_messages(own, d)) == own
+    assert strip_direction_line(own) == own  # nothing to strip

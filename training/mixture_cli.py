@@ -1,0 +1,51 @@
+"""Mixture adapters: one LoRA adapter per objective, trained jointly over sampled directions.
+
+Every iteration draws prompts and directions v (corners and Dirichlet mixes), samples the base
+model under plain-language instructions for and against v (the principle-guided pool of dpa),
+scores every candidate with the reward vector r, pairs the best and worst by v . r, and trains
+the model whose update for that example is sum_i v_i * delta_W_i on the plain prompt (no
+direction line). Or, with --data, trains on the pairs.jsonl files of an earlier dpa run.
+
+Examples:
+  python -m steer.train mixture --output runs/mixture                        # packaged prompts and principles
+  python -m steer.train mixture --config training/recipes/default-mixture.yaml --output runs/default-mixture
+  python -m steer.train mixture --data runs/dpa/iterations/000/pairs.jsonl --loss sft --output runs/mix-sft
+  python -m steer.train mixture --corner-pairs --loss orpo --iterations 2 --output runs/mixture
+  python -m steer.train mixture --config mixture.yaml --resume
+
+Output: <output>/mixture (mixture.json and one PEFT adapter per objective; serve it with
+python -m steer.serve --mixture <output>/mixture), metrics.jsonl, training_curve.png, config.yaml,
+checkpoints/, and per iteration iterations/<k>/samples.jsonl and pairs.jsonl.
+"""
+
+from __future__ import annotations
+
+import sys
+
+PROG = "python -m steer.train mixture"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steer.errors import InvalidInput
+    from steer.training.config import parse_config
+    from steer.training.settings import MixtureConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parts = __doc__.split("\n\n")
+    config = parse_config(MixtureConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
+    from steer.logs import configure_logging
+    from steer.training.dpa import run_dpa
+
+    configure_logging(config.log_level)
+    try:
+        summary = run_dpa(config)
+    except InvalidInput as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if "saved" in summary:
+        print(f"saved {summary['saved']} after {summary['step']} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
