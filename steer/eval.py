@@ -56,12 +56,7 @@ from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 DEFAULT_GRID = "default"
 JSON_NAME, PLOT_NAME, GENERATIONS_NAME = "steerability.json", "steerability.png", "generations.jsonl"
 MAX_SIMPLEX_STEPS = 20  # simplex:N has C(N+k-1, k-1) points: 231 directions at N=20, k=3
-STRATEGIES = ("conditioned", "rerank")
-# Strategies the server names that this offline evaluation cannot run, and why.
-OFFLINE_UNAVAILABLE = {
-    "mixture": "it mixes per-objective adapters per request, and steer has no offline mixture of adapters "
-               "to generate with; evaluate 'conditioned' or 'rerank'",
-}
+STRATEGIES = ("conditioned", "rerank", "mixture")
 HELDOUT, TRAINING = "heldout", "training"  # judge names; HELDOUT is the headline
 POLICY, BASE = "policy", "base"  # system names
 TOKEN_OBJECTIVE = "conciseness"  # judged by the held-out judge as minus the token count
@@ -243,6 +238,8 @@ def generate_samples(
         raise InvalidInput("strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "rerank" and rerank_judge is None:
         raise InvalidInput("scorer", "strategy 'rerank' needs a scorer to rank candidates by v . r")
+    # mixture: the plain prompt, and each row's adapters mixed by its direction (steer.mixture).
+    mixed = strategy == "mixture"
     conversations = _user_turns(prompts)
     # Prompt-major order: rows of a batch share a prompt (same length), so left padding stays small.
     jobs = [(p, d) for p in range(len(prompts)) for d in range(len(directions))]
@@ -250,8 +247,9 @@ def generate_samples(
     out: list[Sample] = []
     for seed in seeds:
         generated = generate_batch(
-            model, tokenizer, [conversations[p] for p, _ in jobs], [directions[d] for _, d in jobs], params,
+            model, tokenizer, [conversations[p] for p, _ in jobs], [None if mixed else directions[d] for _, d in jobs], params,
             num_samples=per_job, batch_size=batch_size, seed=seed, progress=progress,
+            mix_weights=[directions[d].weights for _, d in jobs] if mixed else None,
         )
         chosen = [0] * len(jobs)
         if strategy == "rerank":
@@ -434,8 +432,10 @@ def evaluate(
     order = [(BASE, base_model)] + ([] if policy_model is base_model else [(POLICY, policy_model)])
     for name, model in order:
         started = time.monotonic()
+        # The base model carries no mixture: it answers the direction-conditioned prompt, as for every strategy.
+        own = "conditioned" if strategy == "mixture" and name == BASE else strategy
         samples = generate_samples(
-            model, tokenizer, prompts, directions, params, seeds=seeds, strategy=strategy, rerank_judge=rerank_judge,
+            model, tokenizer, prompts, directions, params, seeds=seeds, strategy=own, rerank_judge=rerank_judge,
             candidates=candidates, plain=plain and name == BASE, batch_size=batch_size, progress=progress,
         )
         generate_s = time.monotonic() - started
@@ -668,6 +668,7 @@ class EvalConfig:
 
     model: str = "default"  # policy: 'default', a model directory or a .gguf file
     adapter: str | None = None  # PEFT adapter on the policy; the base system and the judges use the model without it
+    mixture: str | None = None  # --strategy mixture: a mixture directory (steer.train mixture) on the policy
     scorer: str = "default"  # training judge (and rerank's ranker): steer.rewards.build_scorer spec; 'none': no training judge
     scorer_model: str | None = None  # run both FLR judges on this model instead of the base model
     prompts: str | None = None  # JSONL prompt set; None: the shipped held-out split
@@ -692,7 +693,7 @@ class EvalConfig:
         for name in ("model", "scorer", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise InvalidInput(name, "must be a non-empty string")
-        for name in ("adapter", "scorer_model", "prompts"):
+        for name in ("adapter", "mixture", "scorer_model", "prompts"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidInput(name, "must be a non-empty string when given")
@@ -707,8 +708,12 @@ class EvalConfig:
             raise InvalidInput("temperature", f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidInput("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.strategy in OFFLINE_UNAVAILABLE:
-            raise InvalidInput("strategy", f"{self.strategy!r} cannot be evaluated offline: {OFFLINE_UNAVAILABLE[self.strategy]}")
+        if self.strategy == "mixture" and self.mixture is None:
+            raise InvalidInput("mixture", "strategy 'mixture' needs --mixture DIR (a python -m steer.train mixture output)")
+        if self.mixture is not None and self.strategy != "mixture":
+            raise InvalidInput("mixture", f"applies to --strategy mixture, not {self.strategy!r}")
+        if self.mixture is not None and self.adapter not in (None, "none"):
+            raise InvalidInput("adapter", "a mixture is applied to the bare model; leave --adapter unset with --strategy mixture")
         if self.strategy not in STRATEGIES:
             raise InvalidInput("strategy", f"expected one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.strategy == "rerank" and self.scorer.strip() == "none":
@@ -728,12 +733,21 @@ class EvalConfig:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_p=float(self.top_p))
 
 
-def load_policy_and_judge(model: str, adapter: str | None = None):
-    """(policy, base) LoadedModels: the policy carries the adapter; the base model is the same
-    model without it, the second system of the report and the judges' model (so rewards are
-    measured by the same yardstick before and after training). Without an adapter they are one object."""
+def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None, objectives: Sequence[str] | None = None):
+    """(policy, base) LoadedModels: the policy carries the adapter (or the mixture); the base model is
+    the same model without it, the second system of the report and the judges' model (so rewards are
+    measured by the same yardstick before and after training). Without either they are one object."""
     from steer.models import load_model
 
+    if mixture is not None:
+        from steer.mixture import load_mixture
+
+        policy = load_model(model, adapter="none")
+        spec, _ = load_mixture(policy.model, mixture)
+        policy.adapter = f"mixture {mixture} ({', '.join(spec.objectives)})"
+        if objectives is not None and tuple(spec.objectives) != tuple(objectives):
+            raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; this evaluation's objectives are {list(objectives)} (same order)")
+        return policy, load_model(model, adapter="none")
     policy = load_model(model, adapter=adapter)
     base = load_model(model) if policy.adapter is not None else policy  # 'none' loads no adapter either
     return policy, base
@@ -747,7 +761,7 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
     prompts_path = Path(config.prompts) if config.prompts else default_prompts_path("heldout")
     prompts = load_prompts(prompts_path)[: config.limit]
     started = time.monotonic()
-    policy, base = load_policy_and_judge(config.model, config.adapter)
+    policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives)
     judge_model = base
     if config.scorer_model is not None:
         from steer.models import load_model
@@ -766,7 +780,7 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
         progress=progress,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
-    title = (f"{policy.model_id}" + (f" + {config.adapter}" if policy.adapter else " (no adapter)")
+    title = (f"{policy.model_id}" + (f" + {config.mixture or config.adapter}" if policy.adapter else " (no adapter)")
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(
         result, config.output, prompts,
@@ -790,8 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="JSONL prompt set (default: the shipped held-out split, 52 prompts)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
     p.add_argument("--grid", default=d.grid, help="directions: 'default' (3 corners, uniform, 3 pairwise 50/50), 'corners', 'simplex:N', or explicit 'helpfulness=1,creativity=1;conciseness=1'")
-    p.add_argument("--strategy", default=d.strategy, choices=[*STRATEGIES, *OFFLINE_UNAVAILABLE],
-                   help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer (mixture: not offline)")
+    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
+                   help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer; "
+                        "mixture: the plain prompt through --mixture's adapters mixed by the direction")
+    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train mixture writes one)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="rerank: samples per (prompt, direction, seed)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); one response per prompt, direction and seed")
     p.add_argument("--seed", type=int, default=d.seed, help="the first sampling seed")
@@ -815,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = EvalConfig(
-            model=args.model, adapter=args.adapter, scorer=args.scorer, scorer_model=args.scorer_model,
+            model=args.model, adapter=args.adapter, mixture=args.mixture, scorer=args.scorer, scorer_model=args.scorer_model,
             prompts=args.prompts, limit=args.limit, grid=args.grid, strategy=args.strategy, candidates=args.candidates,
             seeds=args.seeds, seed=args.seed, plain=not args.no_plain, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,

@@ -7,6 +7,7 @@ Prompts are conditioned with the same :func:`steer.conditioning.render_prompt` t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,14 +36,19 @@ def generate_batch(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    mix_weights: Sequence[Sequence[float]] | None = None,
 ) -> list[list[Generation]]:
     """``num_samples`` responses for each (conversation, direction); result[i][j] is sample j of prompt i.
 
     Deterministic for a given ``seed`` (and batch size) on CPU. ``directions[i] is None`` renders
     the conversation without a direction line. Stop strings in ``params.stop`` cut the text.
+    ``mix_weights[i]``: the weights of conversation i's rows for a model carrying mixture adapters
+    (:mod:`steer.mixture`), each row of a batch mixed by its own.
     """
     if len(conversations) != len(directions):
         raise ValueError(f"{len(conversations)} conversations but {len(directions)} directions")
+    if mix_weights is not None and len(mix_weights) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(mix_weights)} mix_weights")
     if num_samples < 1 or batch_size < 1:
         raise ValueError("num_samples and batch_size must be >= 1")
     prompts = [render_prompt(tokenizer, list(c), d) for c, d in zip(conversations, directions)]
@@ -70,7 +76,13 @@ def generate_batch(
                 kwargs.update(do_sample=False)
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-            with torch.inference_mode():
+            mix = contextlib.nullcontext()
+            if mix_weights is not None:
+                from steer.mixture import mixing
+
+                rows = torch.tensor([list(mix_weights[i]) for i, _ in chunk], dtype=torch.float32)  # (B, k)
+                mix = mixing(model, rows.to(device) if device is not None else rows)
+            with torch.inference_mode(), mix:
                 out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1]:]  # (B, T_new)
             for (i, j), row in zip(chunk, new.tolist()):

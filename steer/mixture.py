@@ -198,14 +198,21 @@ def _peft_config(spec: MixtureSpec, rank: int, alpha: float) -> dict:
 
 def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``mixture.json`` and one PEFT adapter per objective (the first ``len(spec.objectives)``
-    adapters of the stack), atomically: a temporary sibling renamed into place."""
+    adapters of the stack), atomically: a temporary sibling renamed into place. ``target_modules``
+    is taken from the layers the model carries."""
     from safetensors.torch import save_file
 
+    from dataclasses import replace
+
+    layers = list(mixture_layers(model))
+    if not layers:
+        raise ValueError("this model carries no mixture adapters to save")
+    # What PEFT will adapt when it loads one of them: the layers that are there, whatever spec says.
+    spec = replace(spec, target_modules=tuple(sorted({name.rsplit(".", 1)[-1] for name, _ in layers})))
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        layers = list(mixture_layers(model))
         for i, objective in enumerate(spec.objectives):
             tensors = {}
             for name, layer in layers:
