@@ -1,4 +1,5 @@
-"""Assemble and run the gRPC server: servicer, health, reflection, graceful shutdown.
+"""Assemble and run the gRPC server (and, with ``http_port``, the OpenAI-compatible HTTP API on the
+same engine, in the same event loop): servicer, health, reflection, graceful shutdown.
 
 Shutdown (SIGTERM or SIGINT, :meth:`RunningServer.stop`) goes in three steps:
 
@@ -12,6 +13,9 @@ Shutdown (SIGTERM or SIGINT, :meth:`RunningServer.stop`) goes in three steps:
    scoring still running ends with UNAVAILABLE;
 3. **stop**: calls still open after grace (a health Watch) are cancelled, and the engine's worker
    gets :data:`ENGINE_STOP_SECONDS` to leave its current model step.
+
+The HTTP API (:mod:`steer.server.http_api`) follows the same steps: ``/health`` answers 503 from
+the drain on, new calls get 503 once grace begins, and calls in flight get the grace period.
 
 So a server exits within drain + grace + ENGINE_STOP_SECONDS. :func:`serve` reports whether the
 engine's worker stopped in that time; if a model step outlasted it, ``python -m steer.serve``
@@ -27,6 +31,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,8 +47,12 @@ from steer.v1 import steer_pb2, steer_pb2_grpc
 from steer.server.engine import Engine, EngineConfig
 from steer.server.observability import Metrics, ObservabilityInterceptor
 from steer.server.security import BearerTokenInterceptor
-from steer.server.servicer import ServiceInfo, SteerServicer
+from steer.server.servicer import SteerServicer
 from steer.server.strategies import build_strategies
+from steer.server.validation import ServiceInfo
+
+if TYPE_CHECKING:
+    from steer.server.http_api import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +77,14 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
     tls_key: str | None = None  # PEM private key file
     metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (same host); None = off
+    http_port: int | None = None  # OpenAI-compatible HTTP API on this port (same host, token and TLS); 0: a free port; None = off
     scoring: ScoringConfig = field(default_factory=ScoringConfig)  # Score admission and chunking
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        if self.http_port is not None and (not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535):
+            raise ValueError(f"--http-port must be in [0, 65535], got {self.http_port!r}")
         for name in ("grace_seconds", "drain_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -97,21 +109,30 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics: Metrics
     scoring: ScoringService | None = None
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when ServerConfig.http_port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None, drain: float = 0.0) -> bool:
         """Drain, stop within ``grace`` and close the engine (module docstring). True when the engine's worker stopped."""
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.drain()
         if drain > 0:
             log.info("draining: health says NOT_SERVING; still serving for %.1fs", drain)
             await asyncio.sleep(drain)
         grace = grace or 0.0
-        stopping = asyncio.ensure_future(self.server.stop(grace))
+        stopping = {asyncio.ensure_future(self.server.stop(grace))}
+        if self.http is not None:
+            stopping.add(asyncio.ensure_future(self.http.stop(grace)))
         if grace > 0:
-            await asyncio.wait({stopping}, timeout=grace - min(FINAL_CHUNK_SECONDS, 0.2 * grace))
+            await asyncio.wait(stopping, timeout=grace - min(FINAL_CHUNK_SECONDS, 0.2 * grace))
         if self.scoring is not None:
             self.scoring.close()
         engine_stopped = await _in_own_thread(self.engine.close, ENGINE_STOP_SECONDS)
-        await stopping
+        await asyncio.gather(*stopping)
         if not engine_stopped:
             log.warning("the engine is still inside a model step %.1fs after it was told to stop", ENGINE_STOP_SECONDS)
         return engine_stopped
@@ -211,7 +232,8 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, build_strategies(engine, scoring, chat), info, scoring), server)
+    strategies = build_strategies(engine, scoring, chat)
+    steer_pb2_grpc.add_SteerServicer_to_server(SteerServicer(engine, strategies, info, scoring), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -228,13 +250,27 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    if config.http_port is not None:
+        from steer.server.http_api import HttpServer, OpenAIApi
+
+        api = OpenAIApi(engine, strategies, info, scoring, auth_token=config.auth_token, metrics=metrics)
+        try:
+            http = await HttpServer.start(api, config.host, config.http_port, config.tls_cert, config.tls_key)
+        except BaseException:  # e.g. the port is taken: leave nothing running behind the error
+            await server.stop(0)
+            if scoring is not None:
+                scoring.close()
+            engine.close(ENGINE_STOP_SECONDS)
+            raise
     if config.metrics_port is not None:
         metrics.serve_http(config.metrics_port, config.host)
     log.info(
-        "serving %s (adapter: %s) on %s:%d (tls=%s, auth=%s)",
+        "serving %s (adapter: %s) on %s:%d (tls=%s, auth=%s, http=%s)",
         loaded.model_id, loaded.adapter or "none", config.host, port, bool(config.tls_cert), bool(config.auth_token),
+        "off" if http is None else f"{config.host}:{http.port}",
     )
-    return RunningServer(server, port, engine, health_servicer, metrics, scoring)
+    return RunningServer(server, port, engine, health_servicer, metrics, scoring, http)
 
 
 async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> bool:
@@ -245,7 +281,11 @@ async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> b
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     adapter = f" + adapter {loaded.adapter}" if loaded.adapter else ""
-    print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port} (Ctrl-C to stop)", flush=True)
+    http = ""
+    if running.http is not None:
+        scheme = "https" if config.tls_cert else "http"
+        http = f", OpenAI-compatible HTTP at {scheme}://{config.host}:{running.http_port}/v1"
+    print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port}{http} (Ctrl-C to stop)", flush=True)
     await stop.wait()
     log.info("shutting down: drain %.1fs, then grace %.1fs", config.drain_seconds, config.grace_seconds)
     return await running.stop(config.grace_seconds, drain=config.drain_seconds)

@@ -66,6 +66,11 @@ def cap_details(details: str | None, limit: int = MAX_DETAILS_BYTES) -> str:
     return data[:keep].decode("utf-8", "ignore") + note.format(len(data) - keep)
 
 
+def request_id(client_value: str | None) -> str:
+    """The client's request id when it is a short plain token (``[A-Za-z0-9._:-]{1,64}``), else a new one."""
+    return client_value if client_value and _CLIENT_REQUEST_ID.fullmatch(client_value) else uuid.uuid4().hex[:16]
+
+
 class Metrics:
     """Metrics of one server, in their own registry (several servers can live in one process)."""
 
@@ -112,7 +117,7 @@ class _Call:
         self._metrics = metrics
         self._decode = decode
         self._recorded = False
-        self.rid = client_rid if client_rid and _CLIENT_REQUEST_ID.fullmatch(client_rid) else uuid.uuid4().hex[:16]
+        self.rid = request_id(client_rid)
         request_id_var.set(self.rid)
         context.set_trailing_metadata((("x-request-id", self.rid),))
         self._started = time.perf_counter()

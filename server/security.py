@@ -1,8 +1,9 @@
-"""Bearer-token authentication for the gRPC server.
+"""Bearer-token authentication for the gRPC server and the HTTP API.
 
-With ``--auth-token-file``, every call must carry ``authorization: Bearer <token>`` metadata;
-a missing or wrong token ends as ``UNAUTHENTICATED`` before any work is done. Health checks and
-reflection stay open so load balancers and tooling work without the secret.
+With ``--auth-token-file``, every call must carry ``authorization: Bearer <token>`` metadata (an
+``Authorization`` header over HTTP); a missing or wrong token ends as ``UNAUTHENTICATED`` (HTTP 401)
+before any work is done. Health checks and reflection stay open so load balancers and tooling work
+without the secret. Both transports ask :func:`bearer_denial`, which compares in constant time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+MISSING_METADATA = "missing authorization metadata: send 'authorization: Bearer <token>'"
+
+
+def bearer_denial(given: str | None, expected: bytes, missing: str = MISSING_METADATA) -> str | None:
+    """None when ``given`` (the authorization value) equals ``expected`` (``b"Bearer <token>"``), else why not."""
+    if given is None:
+        return missing
+    if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+        return None
+    return "invalid bearer token"
+
+
 def _deny(message: str) -> grpc.RpcMethodHandler:
     async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -52,9 +65,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization")
         handler = await continuation(handler_call_details)
-        if given is not None and hmac.compare_digest(given.encode(), self._expected):
+        message = bearer_denial(given, self._expected)
+        if message is None:
             return handler
-        message = "missing authorization metadata: send 'authorization: Bearer <token>'" if given is None else "invalid bearer token"
         unary, stream = _deny(message)
         if handler is None:
             return None

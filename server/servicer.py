@@ -1,14 +1,15 @@
 """gRPC servicer: translates ``steer.v1`` messages to domain calls and back, nothing more.
 
-Validation lives in the domain types (``Direction.from_weights``, ``build_conversation``,
-``SamplingParams``), which raise :class:`~steer.errors.InvalidInput` naming the request field;
-this module maps domain errors to status codes:
+Validation lives in the domain (:func:`steer.server.validation.build_steer_request`, shared with
+the HTTP API, and the domain types it calls), which raises :class:`~steer.errors.InvalidInput`
+naming the request field; this module maps domain errors to status codes:
 
 ====================  =====================
 InvalidInput          INVALID_ARGUMENT
 Overloaded            RESOURCE_EXHAUSTED
 ScoringOverloaded     RESOURCE_EXHAUSTED
 StrategyUnavailable   UNIMPLEMENTED
+ScorerUnavailable     FAILED_PRECONDITION
 ScoringStopped        DEADLINE_EXCEEDED (deadline) / UNAVAILABLE (server shutting down)
 ====================  =====================
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 
@@ -40,11 +40,11 @@ from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
 from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
-from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
 from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
 from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
+from steer.server.validation import SAMPLING_FIELDS, ScorerUnavailable, ServiceInfo, build_steer_request, check_text_bytes, offered_strategy
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +67,6 @@ _FINISH = {
 _SCORING_STOPPED = {"deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "closed": grpc.StatusCode.UNAVAILABLE, "cancelled": grpc.StatusCode.CANCELLED}
 
 
-@dataclass(frozen=True)
-class ServiceInfo:
-    """What Describe reports beyond the engine's own limits, and the servicer's own limits."""
-
-    model_id: str
-    adapter: str | None
-    objectives: tuple[str, ...]
-    sampling_defaults: SamplingParams
-    max_message_bytes: int
-    max_candidates: int = 16
-    scorer: str = ""
-    version: str = ""
-    max_input_bytes: int | None = None  # UTF-8 bytes of text per conversation (and per Score response); None: no check
-
-
 class _Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -99,6 +84,8 @@ def _domain_errors():
         raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
     except StrategyUnavailable as e:
         raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, str(e)) from e
+    except ScorerUnavailable as e:
+        raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
     except ScoringStopped as e:
         raise _Refusal(_SCORING_STOPPED[e.reason], str(e)) from e
 
@@ -241,70 +228,36 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
     # -- translation ------------------------------------------------------------------------
 
     def _strategy(self, name: str):
-        strategy = self.strategies.get(name)
-        if strategy is None:
-            offered = ", ".join(s.upper() for s in self.strategies)
-            raise StrategyUnavailable(f"strategy: {name.upper()} is not offered by this server (offered: {offered})")
-        return strategy
+        return offered_strategy(self.strategies, name)
 
     def _steer_request(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> SteerRequest:
-        conversation = build_conversation(
-            request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
-        )
-        input_field = "messages" if request.messages else "prompt"
-        self._check_text_bytes([m["content"] for m in conversation], input_field)
-        direction = Direction.from_weights(dict(request.weights), self.info.objectives)
-        if request.strategy not in _STRATEGY_NAMES:
-            raise InvalidInput("strategy", f"unknown value {request.strategy}")
-        strategy = _STRATEGY_NAMES[request.strategy]
-        if request.candidates > self.info.max_candidates:
-            raise InvalidInput("candidates", f"must be <= {self.info.max_candidates}, got {request.candidates}")
-        if request.return_rewards and self.scoring is None:
-            raise _Refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "return_rewards: this server runs no reward scorer (Describe.scorer is empty; start it with "
-                "--scorer default, flr or a reward model directory), so it cannot measure rewards",
-            )
-        params = self._sampling(request)
         remaining = context.time_remaining()
         if remaining is not None:
             # Stop a little before the call's deadline so the last chunk (TIME_LIMIT) still reaches
             # the client instead of the call ending as DEADLINE_EXCEEDED with nothing.
             remaining -= min(0.5, 0.2 * remaining)
-        return SteerRequest(
-            conversation=conversation,
-            direction=direction,
-            params=params,
-            strategy=strategy,
+        s = request.sampling
+        sampling = {name: getattr(s, name) if s.HasField(name) else None for name in SAMPLING_FIELDS if name != "stop"}
+        if s.stop:
+            sampling["stop"] = tuple(s.stop)
+        return build_steer_request(
+            self.info,
+            max_new_tokens_limit=self.engine.config.max_new_tokens,
+            has_scorer=self.scoring is not None,
+            prompt=request.prompt,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            weights=dict(request.weights),
+            strategy=request.strategy,
+            strategy_names=_STRATEGY_NAMES,
             candidates=request.candidates,
             return_candidates=request.return_candidates,
             return_rewards=request.return_rewards,
+            sampling=sampling,
             deadline=None if remaining is None else time.monotonic() + remaining,
-            input_field=input_field,
         )
 
     def _check_text_bytes(self, texts: list[str], field: str) -> None:
-        """Refuse text that cannot fit the context before any CPU is spent rendering or tokenising it."""
-        limit = self.info.max_input_bytes
-        if limit is None:
-            return
-        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
-        if size > limit:
-            raise InvalidInput(field, f"is {size} bytes of text; this server takes at most {limit} bytes here; shorten it")
-
-    def _sampling(self, request: steer_pb2.GenerateRequest) -> SamplingParams:
-        s = request.sampling
-        given = {
-            name: getattr(s, name) if s.HasField(name) else None
-            for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
-        }
-        if s.stop:
-            given["stop"] = tuple(s.stop)
-        params = self.info.sampling_defaults.with_overrides(**given)
-        limit = self.engine.config.max_new_tokens
-        if params.max_new_tokens > limit:
-            raise InvalidInput("sampling.max_new_tokens", f"must be <= {limit} (this server's limit), got {params.max_new_tokens}")
-        return params
+        check_text_bytes(texts, field, self.info.max_input_bytes)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

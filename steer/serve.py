@@ -1,4 +1,4 @@
-"""Serve a steerable model over gRPC.
+"""Serve a steerable model over gRPC (and, with --http-port, an OpenAI-compatible HTTP API).
 
 Examples:
   python -m steer.serve                                  # default SmolLM2 + its shipped steering adapter on 127.0.0.1:50051
@@ -9,6 +9,7 @@ Examples:
   python -m steer.serve --scorer none                    # no scorer: no Score, no RERANK, no rewards
   python -m steer.serve --host 0.0.0.0 --auth-token-file token.txt --tls-cert cert.pem --tls-key key.pem
   python -m steer.serve --metrics-port 9100               # Prometheus metrics at :9100/metrics
+  python -m steer.serve --http-port 8000                  # also OpenAI-compatible HTTP at :8000/v1 (chat completions, models)
 
 Then: python -m steer.client "Tell me about owls" --weights helpfulness=0.7,creativity=0.3
 """
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-bytes", type=int, default=None, help="UTF-8 bytes of text a conversation (or a Score response) may hold, checked before tokenising (default: the context x the longest token's bytes, 663,552 for the default model)")
     p.add_argument("--max-score-pending", type=int, default=128, help="responses waiting or being scored before Score answers RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port")
+    p.add_argument(
+        "--http-port", type=int, default=None,
+        help="also serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on this port of the "
+        "same host, with the same engine, limits, token and TLS (default: off)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
             engine=EngineConfig(
                 max_queue=args.max_queue, max_concurrent=args.max_concurrent,
                 max_new_tokens=args.max_new_tokens_limit, max_prefill_tokens=args.max_prefill_tokens,
