@@ -179,7 +179,8 @@ def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DE
     from steer.rewards.build import build_scorer
 
     scorer_model = config.scorer_model
-    if scorer_model is None and loaded.adapter is not None:
+    # A mixture model's adapters switch per forward on the engine's thread: FLR needs weights of its own too.
+    if scorer_model is None and (loaded.adapter is not None or getattr(loaded, "mixture", None) is not None):
         if loaded.base_spec is None:
             raise ValueError(
                 f"the served model carries adapter {loaded.adapter} but does not say which base it was loaded from "
@@ -188,6 +189,17 @@ def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DE
         log.info("scorer: FLR judges with the base model %s, not the adapted weights (a second copy, loaded if FLR is used)", loaded.base_spec)
         scorer_model = loaded.base_spec
     return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model)
+
+
+def _describe_adapters(loaded: LoadedModel, objectives) -> str | None:
+    """Describe.adapter: the CONDITIONED adapter, and the mixture's adapters when MIXTURE is offered."""
+    mixture = getattr(loaded, "mixture", None)
+    if mixture is None:
+        return loaded.adapter
+    if tuple(mixture.objectives) != tuple(objectives):
+        raise ValueError(f"the mixture {mixture.path} mixes {list(mixture.objectives)}; the server's objectives are {list(objectives)} (same order)")
+    mixed = f"mixture {mixture.path}: {', '.join(mixture.objectives)}" + (f" ({mixture.description})" if mixture.description else "")
+    return f"{loaded.adapter}; {mixed}" if loaded.adapter else mixed
 
 
 async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES, scorer=None) -> RunningServer:
@@ -212,7 +224,7 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     engine = Engine(loaded, config.engine)
     info = ServiceInfo(
         model_id=loaded.model_id,
-        adapter=loaded.adapter,
+        adapter=_describe_adapters(loaded, objectives),
         objectives=tuple(objectives),
         sampling_defaults=config.sampling_defaults,
         max_message_bytes=config.max_message_bytes,

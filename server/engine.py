@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +111,7 @@ class _Job:
     events: asyncio.Queue
     arrived: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    mix: torch.Tensor | None = None  # (n,) this request's row of adapter weights (mixture models; None: the default row)
 
     def emit(self, event) -> None:
         try:
@@ -154,6 +156,9 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        # Mixture adapters (steer.mixture): every forward sets each row's adapter weights; a request
+        # without its own row gets the default one (the CONDITIONED adapter, or every adapter off).
+        self._mixture = getattr(loaded, "mixture", None)
         self._mask_dtype = dtype
         self._running: list[_Sequence] = []  # admitted: prefilling or decoding, in admission order
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -181,8 +186,12 @@ class Engine:
         with self._cond:
             return {"waiting": len(self._waiting), "running": len(self._running)}
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> AsyncIterator[TextDelta | Finished]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None,
+                       mix: Sequence[float] | None = None) -> AsyncIterator[TextDelta | Finished]:
         """Stream the generation for ``prompt_ids``. Leaving the loop early cancels the sequence.
+
+        ``mix``: the weights of the model's mixture adapters for this request (one per adapter of the
+        stack, :attr:`LoadedModel.mixture`); None: the default row. Rows of one batch mix independently.
 
         Raises :class:`Overloaded` when there is no room, :class:`SequenceFailed` when generating
         this request failed (other requests are not affected)."""
@@ -190,7 +199,14 @@ class Engine:
             raise ValueError("prompt_ids is empty")
         if len(prompt_ids) >= self.context_length:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {self.context_length}")
-        job = _Job(list(prompt_ids), params, deadline, asyncio.get_running_loop(), asyncio.Queue())
+        row = None
+        if mix is not None:
+            if self._mixture is None:
+                raise ValueError("this model carries no mixture adapters; mix must be None")
+            row = torch.tensor(list(mix), dtype=torch.float32)
+            if row.shape != (len(self._mixture.names),) or not bool(torch.isfinite(row).all()):
+                raise ValueError(f"mix must hold {len(self._mixture.names)} finite weights ({list(self._mixture.names)}), got {list(mix)}")
+        job = _Job(list(prompt_ids), params, deadline, asyncio.get_running_loop(), asyncio.Queue(), mix=row)
         self._admit(job)
         try:
             while True:
@@ -335,12 +351,20 @@ class Engine:
 
     # -- forwards --------------------------------------------------------------------------------
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The engine's only model call: logits of the last position of each row, ``(rows, V)``."""
-        out = self.loaded.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=self._as_attention_mask(mask),
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-        )
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
+        """The engine's only model call: logits of the last position of each row, ``(rows, V)``; row i is ``seqs[i]``."""
+        mix = contextlib.nullcontext()
+        if self._mixture is not None:
+            from steer.mixture import mixing
+
+            default = self._mixture.default_row
+            weights = torch.stack([s.job.mix if s.job.mix is not None else default for s in seqs])  # (rows, n)
+            mix = mixing(self.loaded.model, weights)
+        with mix:
+            out = self.loaded.model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=self._as_attention_mask(mask),
+                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            )
         return out.logits[:, -1]
 
     def _as_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -370,7 +394,7 @@ class Engine:
         # every row has. Nothing real reads a padding column, and padding is never stored.
         allowed[:, :, 0] |= ~real
         self.cache.prepare([s.slot for s, _ in chunks], write, view)
-        logits = self._forward(input_ids, write.clamp(min=0), allowed[:, None])  # (m, V); RoPE position = cache position
+        logits = self._forward(input_ids, write.clamp(min=0), allowed[:, None], [s for s, _ in chunks])  # (m, V); RoPE position = cache position
         self.prefill_forwards += 1
         for seq, count in chunks:
             seq.length += count
@@ -387,7 +411,7 @@ class Engine:
         allowed = torch.arange(view)[None, :] <= lengths[:, None]  # (n, L)
         input_ids = torch.tensor([[s.last_token] for s in seqs])  # (n, 1)
         self.cache.prepare([s.slot for s in seqs], lengths[:, None], view)
-        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None, :])  # (n, V)
+        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None, :], seqs)  # (n, V)
         for s in seqs:
             s.length += 1
         self.steps += 1

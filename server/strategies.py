@@ -9,8 +9,10 @@ returns the one with the highest ``v . r`` (scaled rewards, ties to the lower ca
 With a seed, candidate ``i`` samples with ``seed + i``, so candidate 0 is exactly the CONDITIONED
 output for that seed and the whole result is reproducible. RERANK does not stream: its answer
 exists only once every candidate is finished and scored, so streaming it would only add a
-delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE`` is a
-reserved name until per-objective adapters are available.
+delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE``
+(offered when the model carries mixture adapters, :mod:`steer.mixture`) sends the plain
+conversation (no direction line) and has the engine mix the per-objective adapters by the
+request's own weights, row by row inside the shared batch.
 
 A request with ``return_rewards`` gets the reward vector of the text it returns (one scorer pass
 after generation); without it CONDITIONED pays nothing for scoring. RERANK scores its candidates
@@ -91,22 +93,30 @@ class ConditionedStrategy:
         self.scoring = scoring
         self.chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
 
+    def messages(self, request: SteerRequest) -> list[dict[str, str]]:
+        """The conversation the model answers: the request's, with the direction line in the system prompt."""
+        return condition_messages(request.conversation, request.direction)
+
+    def mix(self, request: SteerRequest) -> list[float] | None:
+        """The engine's adapter row for this request (None: the model's default)."""
+        return None
+
     def prompt_ids(self, request: SteerRequest) -> list[int]:
-        """The conditioned conversation's prompt ids (CPU work: call it off the event loop)."""
-        messages = condition_messages(request.conversation, request.direction)
+        """The prompt ids of :meth:`messages` (CPU work: call it off the event loop)."""
+        messages = self.messages(request)
         ids = self.chat(messages, fields=_message_fields(request, len(messages)))
         context = self.engine.context_length
         if len(ids) >= context:
             raise InvalidInput(
                 request.input_field,
-                f"is {len(ids)} tokens with the chat template and direction line; this model's context is "
-                f"{context} tokens and at least one must be left to generate",
+                f"is {len(ids)} tokens with the chat template{' and direction line' if self.name == CONDITIONED else ''}; "
+                f"this model's context is {context} tokens and at least one must be left to generate",
             )
         return ids
 
     async def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | Finished]:
         ids = await asyncio.to_thread(self.prompt_ids, request)  # validates before admission
-        async for event in self.engine.generate(ids, request.params, request.deadline):
+        async for event in self.engine.generate(ids, request.params, request.deadline, mix=self.mix(request)):
             yield event
 
     async def run(self, request: SteerRequest) -> SteerResult:
@@ -122,6 +132,25 @@ class ConditionedStrategy:
         if self.scoring is None:
             return None
         return (await self.scoring.rewards_for(request.conversation, [text])).row(0)
+
+
+class MixtureStrategy(ConditionedStrategy):
+    """One sample of the plain conversation, the mixture's adapters weighted by the request's direction."""
+
+    name = MIXTURE
+
+    def __init__(self, engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None):
+        super().__init__(engine, scoring, chat)
+        self.mixture = engine.loaded.mixture
+        if self.mixture is None:
+            raise ValueError("MIXTURE needs a model with mixture adapters (steer.models.load_model(mixture=...))")
+
+    def messages(self, request: SteerRequest) -> list[dict[str, str]]:
+        return [dict(m) for m in request.conversation]
+
+    def mix(self, request: SteerRequest) -> list[float]:
+        weights = request.direction.as_dict()
+        return self.mixture.row([weights[o] for o in self.mixture.objectives])
 
 
 class RerankStrategy:
@@ -188,9 +217,12 @@ def _message_fields(request: SteerRequest, n: int) -> list[str]:
 
 
 def build_strategies(engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None) -> dict[str, object]:
-    """The strategies this server offers, by name (RERANK only with a scorer); they share one ChatTokenizer."""
+    """The strategies this server offers, by name (RERANK only with a scorer, MIXTURE only with mixture
+    adapters); they share one ChatTokenizer."""
     chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
     strategies: dict[str, object] = {CONDITIONED: ConditionedStrategy(engine, scoring, chat)}
     if scoring is not None:
         strategies[RERANK] = RerankStrategy(engine, scoring, chat=chat)
+    if getattr(engine.loaded, "mixture", None) is not None:
+        strategies[MIXTURE] = MixtureStrategy(engine, scoring, chat)
     return strategies

@@ -75,7 +75,10 @@ def offered_strategy(strategies: Mapping[str, object], name: str, spell=str.uppe
     strategy = strategies.get(name)
     if strategy is None:
         offered = ", ".join(spell(s) for s in strategies)
-        raise StrategyUnavailable(f"strategy: {spell(name)} is not offered by this server (offered: {offered})")
+        how = {"mixture": "; it needs per-objective adapters: start the server with --mixture DIR (a python -m steer.train "
+                          "mixture output) or --mixture default where the package ships one",
+               "rerank": "; it needs a reward scorer: start the server with --scorer default"}.get(name, "")
+        raise StrategyUnavailable(f"strategy: {spell(name)} is not offered by this server (offered: {offered}){how}")
     return strategy
 
 

@@ -318,3 +318,47 @@ def load_mixture(model: nn.Module, path: str | os.PathLike, extra: Sequence[tupl
     spec = read_mixture_spec(path, field)
     state = load_adapter_stack(model, [(o, Path(path) / o) for o in spec.objectives] + list(extra), field)
     return spec, state
+
+
+# -- serving --------------------------------------------------------------------------------
+
+CONDITIONED_ADAPTER = "conditioned"  # the stack name of the CONDITIONED adapter when it is served unmerged beside a mixture
+SHIPPED_MIXTURE = "default"
+
+
+@dataclass(frozen=True)
+class ServedMixture:
+    """What the server knows of the mixture on its model: the stack's adapter names (the mixture's
+    objectives first, then the CONDITIONED adapter if any) and the row a request without its own
+    mix gets (the CONDITIONED adapter's one-hot, or every adapter off)."""
+
+    path: str
+    objectives: tuple[str, ...]
+    names: tuple[str, ...]
+    default_row: Tensor  # (len(names),)
+    description: str = ""
+
+    def row(self, weights: Sequence[float]) -> list[float]:
+        """The stack row of a MIXTURE request with ``weights`` over :attr:`objectives`."""
+        if len(weights) != len(self.objectives):
+            raise ValueError(f"{len(weights)} weights for the {len(self.objectives)} objectives {list(self.objectives)}")
+        return [float(w) for w in weights] + [0.0] * (len(self.names) - len(self.objectives))
+
+
+def shipped_mixture_path() -> Path | None:
+    """The mixture shipped for the default model (``steer/adapters/mixture``), or None when this package has none."""
+    from steer import adapters
+
+    path = Path(adapters.__file__).parent / "mixture"
+    return path if (path / CONFIG_NAME).is_file() else None
+
+
+def serve_mixture(model: nn.Module, path: str | os.PathLike, conditioned: Path | None = None, field: str = "mixture") -> ServedMixture:
+    """Attach the mixture at ``path`` to ``model`` for serving, with the CONDITIONED adapter (a PEFT
+    directory, unmerged) as the last adapter of the stack when given."""
+    extra = [(CONDITIONED_ADAPTER, Path(conditioned))] if conditioned is not None else []
+    spec, state = load_mixture(model, path, extra=extra, field=field)
+    default = torch.zeros(len(state.names))
+    if conditioned is not None:
+        default[-1] = 1.0
+    return ServedMixture(str(path), spec.objectives, state.names, default, spec.description)

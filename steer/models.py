@@ -188,6 +188,7 @@ class LoadedModel:
     adapter: str | None  # what Describe reports: "default (steer/adapters/default: ...)", the adapter directory, or None
     context_length: int  # max_position_embeddings of the base model
     base_spec: str | None = None  # the `--model` value, to load the bare base again (the scorer's judge); None: unknown
+    mixture: object | None = None  # steer.mixture.ServedMixture when per-objective adapters are attached (MIXTURE)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -215,6 +216,7 @@ def load_model(
     adapter: str | None = None,
     dtype: str = "float32",
     merge_adapter: bool = True,
+    mixture: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM (and optionally a PEFT adapter) for inference on CPU.
 
@@ -222,6 +224,9 @@ def load_model(
     model only) or a PEFT adapter directory; see :func:`resolve_adapter`.
     ``merge_adapter`` folds the adapter into the weights (fastest for a single fixed adapter);
     pass False to keep it as a separate module (e.g. to switch it off for a reference pass).
+    ``mixture``: a mixture directory (``steer.train mixture``), ``"default"`` (the shipped one) or
+    None/``"none"``: its adapters are attached for MIXTURE (:mod:`steer.mixture`), and the adapter,
+    if any, joins their stack unmerged (CONDITIONED rows weigh it 1, the mixture's adapters 0).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -234,14 +239,58 @@ def load_model(
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, dtype))
     described = None
-    if resolved is not None:
+    mixture_path = resolve_mixture(mixture, spec)
+    served = None
+    if mixture_path is not None:
+        from steer.mixture import serve_mixture
+
+        served = serve_mixture(model, mixture_path, conditioned=resolved[0] if resolved is not None else None)
+        described = resolved[1] if resolved is not None else None
+        log.info("mixture %s: adapters %s (CONDITIONED rows: %s)", mixture_path, list(served.names),
+                 "the adapter, unmerged" if resolved is not None else "the bare model")
+    elif resolved is not None:
         adapter_dir, described = resolved
         model = _attach_adapter(model, adapter_dir, merge_adapter)
         log.info("adapter %s %s", described, "merged into the weights" if merge_adapter else "attached")
     model.eval()
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec))
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec),
+                       mixture=served)
+
+
+def default_mixture_for(model: str) -> str:
+    """What an unset ``--mixture`` means: the shipped mixture for the default model when the package
+    ships one, else none."""
+    from steer.mixture import SHIPPED_MIXTURE, shipped_mixture_path
+
+    if canonical_model(model) == DEFAULT_MODEL and shipped_mixture_path() is not None:
+        return SHIPPED_MIXTURE
+    return ADAPTER_NONE
+
+
+def resolve_mixture(mixture: str | None, model: str = DEFAULT_MODEL) -> Path | None:
+    """The mixture directory an ``--mixture`` value names: None/``none`` -> None; ``default`` -> the
+    one shipped for the default model (refused with another model; None when the package ships none);
+    else a directory with ``mixture.json``."""
+    from steer.mixture import CONFIG_NAME, SHIPPED_MIXTURE, shipped_mixture_path
+
+    if mixture is None or mixture == ADAPTER_NONE:
+        return None
+    if mixture == SHIPPED_MIXTURE:
+        if canonical_model(model) != DEFAULT_MODEL:
+            raise InvalidInput("mixture", f"--mixture default is the mixture shipped for {DEFAULT_MODEL_NAME}; pass --mixture DIR "
+                                          "with one trained on this model, or --mixture none")
+        path = shipped_mixture_path()
+        if path is None:
+            raise InvalidInput("mixture", "this package ships no mixture yet; train one (python -m steer.train mixture) and pass "
+                                          "--mixture <output>/mixture, or --mixture none")
+        return path
+    path = Path(mixture).expanduser()
+    if not (path / CONFIG_NAME).is_file():
+        raise InvalidInput("mixture", f"{path} has no {CONFIG_NAME}: not a mixture directory (python -m steer.train mixture writes "
+                                      f"<output>/mixture; 'default' is the shipped one, 'none' serves no MIXTURE)")
+    return path
 
 
 def default_adapter_for(model: str) -> str:

@@ -5,6 +5,7 @@ Examples:
   python -m steer.serve --adapter none                   # the bare default model, no adapter
   python -m steer.serve --model ./my-model --port 6000   # any local transformers causal-LM dir (served bare)
   python -m steer.serve --model model.gguf --adapter runs/dpa/adapter
+  python -m steer.serve --mixture runs/mixture/mixture        # also STRATEGY_MIXTURE: per-objective adapters mixed per request
   python -m steer.serve --scorer runs/rm                 # rewards from a trained reward model (steer.train reward)
   python -m steer.serve --scorer none                    # no scorer: no Score, no RERANK, no rewards
   python -m steer.serve --host 0.0.0.0 --auth-token-file token.txt --tls-cert cert.pem --tls-key key.pem
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model, 'none' with any other --model. With an adapter, the FLR scorer judges with the base weights, so a second "
         "copy of the base model is loaded for it (float32: ~540 MB for the default 135M model; not with --scorer none, "
         "a reward model or --scorer-model)",
+    )
+    p.add_argument(
+        "--mixture", default=None,
+        help="per-objective adapters for STRATEGY_MIXTURE: a directory written by python -m steer.train mixture, 'default' "
+        "(the one shipped for the default model, when the package has one) or 'none'. Unset: 'default' with the default "
+        "model. With a mixture the --adapter is kept unmerged in the same stack (CONDITIONED rows weigh it 1), so "
+        "CONDITIONED and MIXTURE requests share every batch",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from steer.errors import InvalidInput
-    from steer.models import default_adapter_for, load_model
+    from steer.models import default_adapter_for, default_mixture_for, load_model
     from steer.rewards.service import ScoringConfig
     from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig, serve
@@ -107,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             scorer_model=args.scorer_model,
         )
         adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
-        loaded = load_model(args.model, adapter=adapter, dtype=args.dtype)
+        mixture = args.mixture if args.mixture is not None else default_mixture_for(args.model)
+        loaded = load_model(args.model, adapter=adapter, dtype=args.dtype, mixture=mixture)
         stopped = asyncio.run(serve(loaded, config))
     except (InvalidInput, ValueError, FileNotFoundError, OSError) as e:
         print(f"steer.serve: error: {e}", file=sys.stderr)
