@@ -6,6 +6,8 @@ Commands:
   dpa      Directional Preference Alignment: sample directions and responses, score, pair, train
   mixture  one LoRA adapter per objective, trained jointly over sampled directions (STRATEGY_MIXTURE)
   export   an adapter for shipping: bf16 weights, base named by model id, metadata.json
+  label    RLAIF: label pairs of responses by principles, judged by the model (FLR follow-ups)
+  icai     Inverse Constitutional AI: rank candidate principles by how well they explain preference pairs
 
 Examples:
   python -m steer.train reward --data ratings.jsonl --output runs/rm
@@ -14,6 +16,8 @@ Examples:
   python -m steer.train dpa --help
   python -m steer.train mixture --data runs/dpa/iterations/000/pairs.jsonl --loss sft --output runs/mix
   python -m steer.train export --adapter runs/dpa/adapter --output dist/dpa-adapter
+  python -m steer.train icai --data training/data/icai_example.jsonl --output runs/icai
+  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1 --output runs/labels
 
 Each command also reads --config file.yaml (flags override it). Under
 `torchrun --nproc_per_node N` the same commands train with DDP.
@@ -32,6 +36,8 @@ COMMANDS = {
     "dpa": ("steer.training.dpa_cli", "Directional Preference Alignment loop"),
     "mixture": ("steer.training.mixture_cli", "per-objective adapters mixed per request"),
     "export": ("steer.training.export_cli", "export an adapter for shipping (bf16, base named by id, metadata)"),
+    "label": ("steer.training.label_cli", "RLAIF: label pairs by principles judged by the model"),
+    "icai": ("steer.training.icai_cli", "Inverse Constitutional AI: principles from preference pairs"),
 }
 
 
