@@ -522,7 +522,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                 trainer.ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl)
                 policy.model.train()
             trainer.fit(data, epochs=config.epochs_per_iteration, cursor=cursor, salt=k + 1,
-                        extra_state=lambda k=k: {"iteration": k}, record={"iteration": k}, desc=f"dpa/{config.loss} it {k}")
+                        extra_state=lambda k=k: {"iteration": k}, record={"iteration": k}, desc=f"{'dpa' if config.prompt_carries_direction else 'mixture'}/{config.loss} it {k}")
         cursor = (0, 0)
         latest = manager.latest()
         if latest is None or latest.step != trainer.step or latest.state["extra"].get("iteration") != k:
