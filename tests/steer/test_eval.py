@@ -634,3 +634,18 @@ def test_mixture_strategy_generates_from_the_mixed_adapters(tiny_model_dir, tmp_
         assert len(policy) == 1 and policy[0]["text"] == gen.text
         texts[objective] = gen.text
     assert len(set(texts.values())) > 1  # the adapters answer differently, so the check above could fail
+
+
+def test_device_is_checked_and_cuda_without_a_gpu_is_named(tiny_model_dir):
+    from steer.models import load_model, resolve_device
+
+    with pytest.raises(InvalidInput) as e:
+        EvalConfig(device="tpu")
+    assert e.value.field == "device"
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"  # auto falls back to the CPU
+        with pytest.raises(InvalidInput, match="no CUDA device") as e:
+            load_model(str(tiny_model_dir), device="cuda")
+        assert e.value.field == "device"
+    assert load_model(str(tiny_model_dir), device="auto").model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
