@@ -153,8 +153,10 @@ class Engine:
         model = loaded.model
         self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self._eos = loaded.eos_token_ids
-        dtype = next(model.parameters()).dtype
-        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length)
+        first = next(model.parameters())
+        dtype = first.dtype
+        self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
+        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length, device=self.device)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # Mixture adapters (steer.mixture): every forward sets each row's adapter weights; a request
         # without its own row gets the default one (the CONDITIONED adapter, or every adapter off).
@@ -359,13 +361,14 @@ class Engine:
 
             default = self._mixture.default_row
             weights = torch.stack([s.job.mix if s.job.mix is not None else default for s in seqs])  # (rows, n)
-            mix = mixing(self.loaded.model, weights)
+            mix = mixing(self.loaded.model, weights.to(self.device))
+        dev = self.device
         with mix:
             out = self.loaded.model(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=self._as_attention_mask(mask),
+                input_ids=input_ids.to(dev), position_ids=position_ids.to(dev), attention_mask=self._as_attention_mask(mask).to(dev),
                 past_key_values=self.cache, use_cache=True, logits_to_keep=1,
             )
-        return out.logits[:, -1]
+        return out.logits[:, -1].cpu()
 
     def _as_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """Boolean 'may attend' mask for SDPA; an additive float mask for eager attention."""

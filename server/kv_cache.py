@@ -42,13 +42,14 @@ class PagedKVCache:
     BLOCK = 16  # tokens per block: at most BLOCK - 1 positions wasted per sequence
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, slots: int, max_length: int,
-                 dtype: torch.dtype, initial_tokens: int = 1024):
+                 dtype: torch.dtype, initial_tokens: int = 1024, device: torch.device | str = "cpu"):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.slots = slots
         self.max_length = max_length  # positions one sequence may reserve (the model's context)
         self.dtype = dtype
+        self.device = torch.device(device)  # where the pools live (the model's device); the block table stays on the CPU
         self.initial_blocks = 1 + math.ceil(initial_tokens / self.BLOCK)  # + the reserved block 0
         self._max_blocks = math.ceil(max_length / self.BLOCK)
         self._table = torch.zeros((slots, self._max_blocks), dtype=torch.long)  # (slots, blocks) -> pool block
@@ -66,11 +67,11 @@ class PagedKVCache:
         self._view_len = 0
 
     @classmethod
-    def for_model(cls, config, slots: int, dtype: torch.dtype, max_length: int) -> PagedKVCache:
+    def for_model(cls, config, slots: int, dtype: torch.dtype, max_length: int, device: torch.device | str = "cpu") -> PagedKVCache:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, slots, max_length, dtype)
+        return cls(config.num_hidden_layers, kv_heads, head_dim, slots, max_length, dtype, device=device)
 
     # -- sequences ---------------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class PagedKVCache:
         self._owned[slot] = owned + need
         # A recycled block holds another sequence's keys; masked positions must still be finite
         # (0 * NaN is NaN in attention), so start every block from zeros.
-        rows = self._token_rows(torch.tensor(new))
+        rows = self._token_rows(torch.tensor(new)).to(self.device)
         for buf in (*self.keys, *self.values):
             buf.index_fill_(0, rows, 0)
 
@@ -129,14 +130,14 @@ class PagedKVCache:
         owned_mask = torch.arange(self._max_blocks)[None, :] < torch.tensor(self._owned)[:, None]  # (slots, blocks)
         old_ids = self._table[owned_mask]  # (used,)
         new_ids = torch.arange(1, used + 1)
-        src, dst = self._token_rows(old_ids), self._token_rows(new_ids)
+        src, dst = self._token_rows(old_ids).to(self.device), self._token_rows(new_ids).to(self.device)
         shape = (capacity_blocks * self.BLOCK, self.kv_heads, self.head_dim)
         for bufs in (self.keys, self.values):
             if not bufs:
-                bufs.extend(torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers))
+                bufs.extend(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers))
                 continue
             for layer, old in enumerate(bufs):  # one layer at a time: peak is the old pools + one new layer
-                new = torch.zeros(shape, dtype=self.dtype)
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 new.index_copy_(0, dst, old.index_select(0, src))
                 bufs[layer] = new
         remap = torch.zeros(max(self.capacity_blocks, 1), dtype=torch.long)
@@ -159,12 +160,13 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.prepare: a write position was not reserved")
         pos = write_positions.clamp(min=0)
         write = table.gather(1, pos // self.BLOCK) * self.BLOCK + pos % self.BLOCK  # (rows, width)
+        dev = self.device
         if bool(real.all()):
-            self._write_rows, self._write_select = write.flatten(), None
+            self._write_rows, self._write_select = write.flatten().to(dev), None
         else:
-            self._write_rows, self._write_select = write[real], real.flatten()
+            self._write_rows, self._write_select = write[real].to(dev), real.flatten().to(dev)
         k = torch.arange(view_len)
-        self._read_rows = table[:, k // self.BLOCK] * self.BLOCK + k % self.BLOCK  # (rows, view_len)
+        self._read_rows = (table[:, k // self.BLOCK] * self.BLOCK + k % self.BLOCK).to(dev)  # (rows, view_len)
         self._view_len = view_len
 
     # -- the Cache API the model uses -------------------------------------------------------------

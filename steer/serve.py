@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CONDITIONED and MIXTURE requests share every batch",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; sampling stays on the CPU")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest sampling.max_new_tokens a request may ask for")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
         mixture = args.mixture if args.mixture is not None else default_mixture_for(args.model)
-        loaded = load_model(args.model, adapter=adapter, dtype=args.dtype, mixture=mixture)
+        loaded = load_model(args.model, adapter=adapter, dtype=args.dtype, mixture=mixture, device=args.device)
         stopped = asyncio.run(serve(loaded, config))
     except (InvalidInput, ValueError, FileNotFoundError, OSError) as e:
         print(f"steer.serve: error: {e}", file=sys.stderr)
