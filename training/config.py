@@ -287,3 +287,32 @@ def write_config(config, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report=None, description_paragraphs: int = 2) -> int:
+    """What every dataclass-config command's ``main`` does: ``cls`` from defaults < ``--config`` <
+    flags (a bad value exits 2 naming the field), ``--log-level``, ``run(config)``, an
+    :class:`InvalidInput` from the run as ``prog: error: field: reason`` and status 2, and
+    ``report(config, result)`` (prints the outcome) on success. ``doc``'s first
+    ``description_paragraphs`` paragraphs describe the command in ``--help``, the rest is its epilog."""
+    from steer.logs import configure_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parts = doc.split("\n\n")
+    config = parse_config(cls, argv, prog=prog, description="\n\n".join(parts[:description_paragraphs]),
+                          epilog="\n\n".join(parts[description_paragraphs:]))
+    configure_logging(config.log_level)
+    try:
+        result = run(config)
+    except InvalidInput as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if report is not None:
+        report(config, result)
+    return 0
+
+
+def report_saved(config, summary: dict) -> None:
+    """The last line of a training command: where its result went."""
+    if "saved" in summary:
+        print(f"saved {summary['saved']} after {summary['step']} steps")

@@ -34,25 +34,15 @@ PROG = "python -m steer.train dpa"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steer.errors import InvalidInput
-    from steer.training.config import parse_config
+    from steer.training.config import report_saved, run_command
     from steer.training.settings import DPAConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parts = __doc__.split("\n\n")
-    config = parse_config(DPAConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
-    from steer.logs import configure_logging
-    from steer.training.dpa import run_dpa
+    def run(config):
+        from steer.training.dpa import run_dpa
 
-    configure_logging(config.log_level)
-    try:
-        summary = run_dpa(config)
-    except InvalidInput as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    if "saved" in summary:
-        print(f"saved {summary['saved']} after {summary['step']} steps")
-    return 0
+        return run_dpa(config)
+
+    return run_command(DPAConfig, argv, prog=PROG, doc=__doc__, run=run, report=report_saved)
 
 
 if __name__ == "__main__":

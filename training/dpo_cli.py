@@ -28,24 +28,15 @@ PROG = "python -m steer.train dpo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steer.errors import InvalidInput
-    from steer.training.config import parse_config
+    from steer.training.config import report_saved, run_command
     from steer.training.settings import DPOConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config = parse_config(DPOConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    from steer.logs import configure_logging
-    from steer.training.dpo import train_dpo
+    def run(config):
+        from steer.training.dpo import train_dpo
 
-    configure_logging(config.log_level)
-    try:
-        summary = train_dpo(config)
-    except InvalidInput as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    if "saved" in summary:
-        print(f"saved {summary['saved']} after {summary['step']} steps")
-    return 0
+        return train_dpo(config)
+
+    return run_command(DPOConfig, argv, prog=PROG, doc=__doc__, run=run, report=report_saved, description_paragraphs=1)
 
 
 if __name__ == "__main__":

@@ -30,29 +30,24 @@ PROG = "python -m steer.train icai"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steer.errors import InvalidInput
-    from steer.training.config import parse_config
+    from steer.training.config import run_command
     from steer.training.judge_settings import ICAIConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parts = __doc__.split("\n\n")
-    config = parse_config(ICAIConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
-    from steer.logs import configure_logging
-    from steer.training.icai import run_icai
+    def run(config):
+        from steer.training.icai import run_icai
 
-    configure_logging(config.log_level)
-    try:
-        report = run_icai(config)
-    except InvalidInput as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return run_icai(config)
+
+    return run_command(ICAIConfig, argv, prog=PROG, doc=__doc__, run=run, report=_report)
+
+
+def _report(config, report: dict) -> None:
     print(f"{report['pairs']} pairs ({report['train_pairs']} train, {report['heldout_pairs']} held out); "
           f"{report['kept']} of {len(report['candidates'])} candidates kept -> {config.output}/principles.json")
     print(f"{'status':<10} {'held-out agr':>12} {'coverage':>9} {'train agr':>10}  principle")
     for row in report["candidates"]:
         print(f"{row['status']:<10} {row['agreement']:>12.3f} {row['coverage']:>9.3f} {row['train_agreement']:>10.3f}  "
               f"{row['id']}: {row['text']}" + (f" (~ {row['redundant_with']})" if row["status"] == "redundant" else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,28 +34,23 @@ PROG = "python -m steer.train label"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steer.errors import InvalidInput
-    from steer.training.config import parse_config
+    from steer.training.config import run_command
     from steer.training.judge_settings import LabelConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parts = __doc__.split("\n\n")
-    config = parse_config(LabelConfig, argv, prog=PROG, description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]))
-    from steer.logs import configure_logging
-    from steer.training.label import run_label
+    def run(config):
+        from steer.training.label import run_label
 
-    configure_logging(config.log_level)
-    try:
-        summary = run_label(config)
-    except InvalidInput as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return run_label(config)
+
+    return run_command(LabelConfig, argv, prog=PROG, doc=__doc__, run=run, report=_report)
+
+
+def _report(config, summary: dict) -> None:
     skipped = summary["skipped"]
     print(f"labelled {summary['written']} of {summary['pairs']} pairs from {summary['rows']} rows "
           f"(skipped: {skipped['margin']} below --min-margin, {skipped['equal']} equal texts) -> {config.output}/pairs.jsonl")
     if summary["input_pairs"]:
         print(f"reproduced {summary['reproduced']} of {summary['input_pairs']} input labels ({summary['reproduced_share']:.3f})")
-    return 0
 
 
 if __name__ == "__main__":

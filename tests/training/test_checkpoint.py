@@ -19,16 +19,6 @@ from steer.training.metrics import read_metrics
 ROWS = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i} way, never."} for i in range(6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, like the subprocess below (OMP_NUM_THREADS=1): fast on a shared box
-    (see test_dpo.py) and the same float reduction order in every process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"

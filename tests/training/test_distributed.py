@@ -27,15 +27,6 @@ def test_rank_micro_batches_partition_each_global_batch():
         rank_micro_batches(list(range(10)), 0, 4, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as torchrun gives each rank (OMP_NUM_THREADS=1); see test_dpo.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_ranks_equal_one_rank_with_gradient_accumulation(tmp_path, tiny_model_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

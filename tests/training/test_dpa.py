@@ -16,15 +16,6 @@ from steer.training.metrics import read_metrics
 OBJECTIVES = ("helpfulness", "creativity", "conciseness")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: fast on a shared 2-core box (see test_dpo.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_directions_mix_corners_and_dirichlet_at_two_decimals():
     dirs = sample_directions(40, OBJECTIVES, np.random.default_rng(0), corner_share=0.25, alpha=1.0)
     corners = [d for d in dirs if max(d.weights) == 1.0]

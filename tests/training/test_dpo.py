@@ -18,17 +18,6 @@ from steer.training.settings import DPOConfig
 from steer.training.trainer import PreferenceTrainer
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box OpenMP's thread hand-offs cost ~20 ms per small
-    matmul when other processes hold the cores, which made these tiny-model steps 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PAIRS = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I would rather talk about the weather today, it is nice."},
     {"prompt": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],

@@ -19,14 +19,6 @@ OBJECTIVES = ("helpfulness", "conciseness")
 PROMPTS = ["What is the capital of France?", "Explain photosynthesis.", "Give me a tip for sleeping well."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _b_norms(mixture_dir):
     return {o: max(float(t.abs().max()) for k, t in load_file(str(mixture_dir / o / "adapter_model.safetensors")).items() if "lora_B" in k)
             for o in OBJECTIVES}

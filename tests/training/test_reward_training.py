@@ -15,16 +15,6 @@ WORDS = "the cat sat on a mat and then we went home to eat some bread with tea i
 PROMPTS = ["Tell me something.", "Say a few words.", "Write a line."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are too small to gain from intra-op threads; on a busy machine the thread
-    pool's synchronisation costs several times the work (14 s vs 89 s measured for one run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic_rows(n: int, seed: int) -> list[dict]:
     """helpfulness = how often 'please' appears; conciseness = -(words / 5)."""
     rng = random.Random(seed)
@@ -173,8 +163,10 @@ def test_cli_yaml_config_with_flag_overrides(tmp_path):
     config = config_from_args(["--config", str(cfg), "--steps", "70", "--objectives", "helpfulness"])
     assert config.data == ("a.jsonl", "b.jsonl") and config.lora_r == 16 and config.steps == 70
     assert config.objectives == ("helpfulness",) and config.lr == RewardTrainConfig.lr  # untouched default
-    cfg.write_text("data: a.jsonl\noutput: x\nlearning_rate: 0.1\n")
-    with pytest.raises(InvalidInput, match="learning_rate: unknown key"):
+    cfg.write_text("data: a.jsonl\noutput: x\nlearning_rate: 0.1\n")  # TRL's name for lr
+    assert config_from_args(["--config", str(cfg)]).lr == 0.1
+    cfg.write_text("data: a.jsonl\noutput: x\nlearning_rat: 0.1\n")
+    with pytest.raises(InvalidInput, match="learning_rat: unknown key"):
         config_from_args(["--config", str(cfg)])
     with pytest.raises(InvalidInput, match="lora_r: invalid value -1"):
         config_from_args(["--data", "a.jsonl", "--output", "x", "--lora-r", "-1"])
