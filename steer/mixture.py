@@ -349,7 +349,7 @@ def shipped_mixture_path() -> Path | None:
     """The mixture shipped for the default model (``steer/adapters/mixture``), or None when this package has none."""
     from steer import adapters
 
-    path = Path(adapters.__file__).parent / "mixture"
+    path = adapters.SHIPPED_ROOT / "mixture"
     return path if (path / CONFIG_NAME).is_file() else None
 
 

@@ -6,13 +6,16 @@ matters at inference), ``base_model_name_or_path`` set to ``--base-name`` (a mod
 path of the machine that trained it), ``metadata.json`` (``description`` is what ``Describe``
 reports, plus the source run's summary when it has one) and, with ``--readme``, a README.md copied
 in. The output is written to a temporary directory and renamed into place, so an interrupted
-export leaves the old adapter (or nothing), never half of one.
+export leaves the old adapter (or nothing), never half of one. A mixture directory (``<run>/mixture``
+of ``steer.train mixture``: ``mixture.json`` and one PEFT adapter per objective) is exported the
+same way, every adapter in it.
 
 Examples:
   python -m steer.train export --adapter runs/default-adapter/adapter --output steer/adapters/default \\
       --description "principle-guided DPA, LoRA r16, SmolLM2-135M-Instruct" --readme training/recipes/default-adapter.md
   python -m steer.train export --adapter runs/dpa/adapter --output /tmp/dpa-bf16
   python -m steer.train export --adapter runs/dpa/adapter --output out --dtype float16 --force
+  python -m steer.train export --adapter runs/mix/mixture --output steer/adapters/mixture --force   # a mixture
 """
 
 from __future__ import annotations
@@ -41,9 +44,19 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
     from steer.training.output_dir import check_output_dir
 
     adapter, output = Path(adapter), Path(output)
-    for name in (CONFIG, WEIGHTS):
-        if not (adapter / name).is_file():
-            raise InvalidInput("adapter", f"{adapter} has no {name} (expected a PEFT adapter directory, e.g. <run>/adapter)")
+    mixture = (adapter / "mixture.json").is_file()
+    if mixture:
+        from steer.mixture import read_mixture_spec
+
+        spec = read_mixture_spec(adapter, field="adapter")
+        parts = [adapter / o for o in spec.objectives]
+    else:
+        parts = [adapter]
+    for part in parts:
+        for name in (CONFIG, WEIGHTS):
+            if not (part / name).is_file():
+                raise InvalidInput("adapter", f"{part} has no {name} (expected a PEFT adapter directory, e.g. <run>/adapter, "
+                                              "or a mixture directory, <run>/mixture)")
     if dtype not in DTYPES:
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if readme is not None and not Path(readme).is_file():
@@ -51,18 +64,24 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
     check_output_dir(output, renamed_into_place=True)  # a file, or a place this process cannot write: refused before the weights are read
     if output.is_dir() and any(output.iterdir()) and not force:
         raise InvalidInput("output", f"{output} is not empty; pass --force to replace it")
-    try:
-        config = json.loads((adapter / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidInput("adapter", f"{adapter / CONFIG}:{e.lineno}: not valid JSON ({e.msg})") from None
-    config["base_model_name_or_path"] = base_name or config.get("base_model_name_or_path") or DEFAULT_MODEL_NAME
-    if "/" in config["base_model_name_or_path"] and Path(config["base_model_name_or_path"]).is_absolute():
-        raise InvalidInput("base_name", f"the adapter names its base by a local path ({config['base_model_name_or_path']}); "
-                                        "pass --base-name with the model id")
-    tensors = load_file(str(adapter / WEIGHTS))
-    cast = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {"description": description or f"LoRA r{config.get('r', '?')} for {config['base_model_name_or_path']}",
-                "dtype": dtype, "tensors": len(cast), "parameters": int(sum(v.numel() for v in cast.values()))}
+    def read(part: Path) -> tuple[dict, dict]:
+        try:
+            config = json.loads((part / CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise InvalidInput("adapter", f"{part / CONFIG}:{e.lineno}: not valid JSON ({e.msg})") from None
+        config["base_model_name_or_path"] = base_name or config.get("base_model_name_or_path") or DEFAULT_MODEL_NAME
+        if "/" in config["base_model_name_or_path"] and Path(config["base_model_name_or_path"]).is_absolute():
+            raise InvalidInput("base_name", f"the adapter names its base by a local path ({config['base_model_name_or_path']}); "
+                                            "pass --base-name with the model id")
+        tensors = load_file(str(part / WEIGHTS))
+        return config, {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    exported = [read(part) for part in parts]
+    config, cast = exported[0]
+    kind = f"mixture of {len(parts)} LoRA r{config.get('r', '?')} adapters ({', '.join(p.name for p in parts)})" if mixture else f"LoRA r{config.get('r', '?')}"
+    metadata = {"description": description or f"{kind} for {config['base_model_name_or_path']}",
+                "dtype": dtype, "tensors": sum(len(c) for _, c in exported),
+                "parameters": int(sum(v.numel() for _, c in exported for v in c.values()))}
     summary = adapter.parent / "summary.json"
     if summary.is_file():
         try:
@@ -71,13 +90,20 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
             pass  # a run's summary is informative only
 
     def write(tmp: Path) -> None:
-        save_file(cast, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for part, (part_config, part_cast) in zip(parts, exported):
+            where = tmp / part.name if mixture else tmp
+            where.mkdir(exist_ok=True)
+            save_file(part_cast, str(where / WEIGHTS), metadata={"format": "pt"})
+            (where / CONFIG).write_text(json.dumps(part_config, indent=2, sort_keys=True) + "\n")
+        if mixture:
+            spec_json = json.loads((adapter / "mixture.json").read_text())
+            spec_json.update(base_model_name_or_path=config["base_model_name_or_path"], description=metadata["description"])
+            (tmp / "mixture.json").write_text(json.dumps(spec_json, indent=1) + "\n")
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         if readme is not None:
             shutil.copyfile(readme, tmp / "README.md")
-        for f in tmp.iterdir():
-            f.chmod(0o644)  # package data: readable by every user of the install
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)  # package data: readable by every user of the install
 
     output.parent.mkdir(parents=True, exist_ok=True)
     return atomic_directory_write(output, write)

@@ -80,3 +80,34 @@ def test_saved_configs_name_the_default_base_by_id(tmp_path):
 
     assert base_model_name("default", tmp_path / "cache" / "smollm2") == DEFAULT_MODEL_NAME
     assert base_model_name(str(tmp_path / "mine"), tmp_path / "mine") == str(tmp_path / "mine")
+
+
+def test_export_of_a_mixture_casts_every_adapter_and_still_loads(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from steer.mixture import MixtureSpec, attach_mixture, load_mixture, mixing, mixture_layers, save_mixture
+    from steer.training.export_cli import export_adapter
+
+    objectives = ("helpfulness", "conciseness")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    attach_mixture(model, objectives, 4, 8.0)
+    with torch.no_grad():
+        for _, layer in mixture_layers(model):
+            layer.lora_B.normal_()
+    src = save_mixture(model, tmp_path / "run" / "mixture", MixtureSpec(objectives, 4, 8.0, (), str(tiny_model_dir)))
+    out = export_adapter(src, tmp_path / "shipped", base_name="acme/tiny", description="test mixture")
+    spec = json.loads((out / "mixture.json").read_text())
+    assert spec["base_model_name_or_path"] == "acme/tiny" and spec["description"] == "test mixture"
+    for o in objectives:
+        assert json.loads((out / o / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny"
+        assert {t.dtype for t in load_file(str(out / o / "adapter_model.safetensors")).values()} == {torch.bfloat16}
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    load_mixture(fresh, out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), mixing(fresh, torch.tensor([[0.5, 0.5]])):
+        exported = fresh(ids).logits
+    with torch.no_grad(), mixing(model.eval(), torch.tensor([[0.5, 0.5]])):
+        original = model(ids).logits
+    torch.testing.assert_close(exported, original, atol=5e-2, rtol=0)  # bf16 rounding of the adapters only
