@@ -10,12 +10,15 @@ and p50/p99 latency and time to first token. Two systems, same requests, same ma
   the first token. No gRPC in between, which favours the baseline.
 
 It also checks bf16 quality against fp32 (greedy token agreement, teacher-forced log-prob drift)
-when `--dtype bfloat16`. Writes JSON and prints the ratios.
+when `--dtype bfloat16`. With `--strategies conditioned,mixture` the same server (loaded with its
+mixture adapters) is measured for both strategies, level by level, and the MIXTURE / CONDITIONED
+throughput ratio is printed. Writes JSON and prints the ratios.
 
 Examples:
   python -m steer.server.bench                                  # fp32, concurrency 1,4,16,32
   python -m steer.server.bench --dtype bfloat16 --output bench-results/serve-bf16.json
   python -m steer.server.bench --concurrency 1,8 --max-new-tokens 32 --skip-baseline
+  python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline   # MIXTURE vs CONDITIONED
 """
 
 from __future__ import annotations
@@ -99,7 +102,10 @@ def closed_loop(concurrency: int, jobs, run_one) -> dict:
     return summarise(samples, time.perf_counter() - start)
 
 
-def steer_runner(target: str, max_new_tokens: int):
+STRATEGIES = ("conditioned", "mixture")
+
+
+def steer_runner(target: str, max_new_tokens: int, strategy: str = "conditioned"):
     import grpc
 
     from steer.v1 import steer_pb2 as pb
@@ -109,8 +115,8 @@ def steer_runner(target: str, max_new_tokens: int):
     stub = steer_pb2_grpc.SteerStub(channel)
 
     def run_one(prompt, weights, seed) -> Sample:
-        req = pb.GenerateRequest(prompt=prompt, weights=weights, sampling=pb.SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed))
+        req = pb.GenerateRequest(prompt=prompt, weights=weights, strategy=getattr(pb, f"STRATEGY_{strategy.upper()}"),
+                                 sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed))
         start = time.perf_counter()
         first = None
         tokens = 0
@@ -193,9 +199,10 @@ def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
     return {"greedy_prefix_agreement": round(agree / max(total, 1), 3), "mean_abs_logprob_drift": round(statistics.mean(drift), 4)}
 
 
-def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str) -> subprocess.Popen:
+def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str, mixture: str | None = None) -> subprocess.Popen:
+    extra = ["--mixture", mixture] if mixture is not None else []
     return subprocess.Popen([sys.executable, "-m", "steer.serve", "--model", model, "--dtype", dtype, "--port", str(port),
-                             "--max-concurrent", str(max_concurrent), "--scorer", scorer, "--log-level", "WARNING"])
+                             "--max-concurrent", str(max_concurrent), "--scorer", scorer, "--log-level", "WARNING", *extra])
 
 
 def main(argv=None) -> int:
@@ -210,9 +217,14 @@ def main(argv=None) -> int:
     p.add_argument("--scorer", default="default",
                    help="server's --scorer (default: 'default', what make serve runs; requests do not ask for rewards, "
                         "so generation is measured alone, like the baseline)")
+    p.add_argument("--strategies", default="conditioned", help="comma-separated: conditioned, mixture (both: the ratio at each level)")
+    p.add_argument("--mixture", default=None, help="the server's --mixture (default: its own default, the shipped mixture)")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not strategies or any(x not in STRATEGIES for x in strategies):
+        p.error(f"--strategies: choose from {', '.join(STRATEGIES)}, got {args.strategies!r}")
     output = Path(args.output or f"bench-results/serve-{args.dtype}.json")
 
     from steer.client import free_port, wait_until_serving
@@ -223,20 +235,28 @@ def main(argv=None) -> int:
     results = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
     port = free_port()
-    server = start_server(args.model, args.dtype, port, max(levels), args.scorer)
+    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture)
+    results["strategies"] = strategies
     try:
         target = f"127.0.0.1:{port}"
         print(f"bench: waiting for the server on {target} ...", flush=True)
         wait_until_serving(target, server, timeout=600)
-        run_one, channel = steer_runner(target, args.max_new_tokens)
-        run_one(*workload(1, seed=99)[0])  # warm-up
+        runners = {x: steer_runner(target, args.max_new_tokens, x) for x in strategies}
+        for run_one, _ in runners.values():
+            run_one(*workload(1, seed=99)[0])  # warm-up
         for c in levels:
             jobs = workload(args.requests or max(c, 4), seed=c)
-            stats = closed_loop(c, jobs, run_one)
-            results["levels"].setdefault(str(c), {})["steer"] = stats
-            print(f"steer     c={c:>3}: {stats['tokens_per_s']:8.1f} tok/s  p50 {stats['latency_p50_s']:.2f}s  "
-                  f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s", flush=True)
-        channel.close()
+            level = results["levels"].setdefault(str(c), {})
+            for x, (run_one, _) in runners.items():
+                stats = closed_loop(c, jobs, run_one)
+                level["steer" if x == "conditioned" else f"steer_{x}"] = stats
+                print(f"steer {x:<11} c={c:>3}: {stats['tokens_per_s']:8.1f} tok/s  p50 {stats['latency_p50_s']:.2f}s  "
+                      f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s", flush=True)
+            if "steer" in level and "steer_mixture" in level:
+                level["mixture_vs_conditioned"] = round(level["steer_mixture"]["tokens_per_s"] / level["steer"]["tokens_per_s"], 3)
+                print(f"  -> MIXTURE / CONDITIONED throughput at c={c}: x{level['mixture_vs_conditioned']}", flush=True)
+        for _, channel in runners.values():
+            channel.close()
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -250,8 +270,9 @@ def main(argv=None) -> int:
             stats = closed_loop(c, jobs, run_base)
             level = results["levels"][str(c)]
             level["baseline"] = stats
-            level["throughput_ratio"] = round(level["steer"]["tokens_per_s"] / stats["tokens_per_s"], 2)
-            level["ttft_p99_ratio"] = round(level["steer"]["ttft_p99_s"] / max(stats["ttft_p99_s"], 1e-9), 3)
+            ours = level.get("steer") or level[f"steer_{strategies[0]}"]
+            level["throughput_ratio"] = round(ours["tokens_per_s"] / stats["tokens_per_s"], 2)
+            level["ttft_p99_ratio"] = round(ours["ttft_p99_s"] / max(stats["ttft_p99_s"], 1e-9), 3)
             print(f"baseline  c={c:>3}: {stats['tokens_per_s']:8.1f} tok/s  p50 {stats['latency_p50_s']:.2f}s  "
                   f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s"
                   f"  -> steer/baseline throughput x{level['throughput_ratio']}", flush=True)
