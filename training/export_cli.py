@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    size = sum(f.stat().st_size for f in out.iterdir())
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {args.adapter} -> {out} ({args.dtype}, {size / 1e6:.1f} MB)")
     return 0
 
