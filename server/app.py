@@ -110,6 +110,7 @@ class RunningServer:
     metrics: Metrics
     scoring: ScoringService | None = None
     http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when ServerConfig.http_port is set
+    adapter: str | None = None  # what Describe.adapter says (the CONDITIONED adapter and the mixture)
 
     @property
     def http_port(self) -> int | None:
@@ -279,10 +280,10 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
         metrics.serve_http(config.metrics_port, config.host)
     log.info(
         "serving %s (adapter: %s) on %s:%d (tls=%s, auth=%s, http=%s)",
-        loaded.model_id, loaded.adapter or "none", config.host, port, bool(config.tls_cert), bool(config.auth_token),
+        loaded.model_id, info.adapter or "none", config.host, port, bool(config.tls_cert), bool(config.auth_token),
         "off" if http is None else f"{config.host}:{http.port}",
     )
-    return RunningServer(server, port, engine, health_servicer, metrics, scoring, http)
+    return RunningServer(server, port, engine, health_servicer, metrics, scoring, http, adapter=info.adapter)
 
 
 async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> bool:
@@ -292,7 +293,7 @@ async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> b
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    adapter = f" + adapter {loaded.adapter}" if loaded.adapter else ""
+    adapter = f" + adapter {running.adapter}" if running.adapter else ""
     http = ""
     if running.http is not None:
         scheme = "https" if config.tls_cert else "http"
