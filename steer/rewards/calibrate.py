@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         loaded = load_model(args.model)
-        config = FLRConfig(objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), calibration="none")
+        config = FLRConfig(objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), calibration="none", progress=True)
         scorer = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, context_length=loaded.context_length)
         scorer.calibration_keys()  # fails fast, before minutes of scoring, if the model cannot be fingerprinted
         started = time.monotonic()
