@@ -158,8 +158,8 @@ class Engine:
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
         self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length, device=self.device)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
-        # Mixture adapters (steer.mixture): every forward sets each row's adapter weights; a request
-        # without its own row gets the default one (the CONDITIONED adapter, or every adapter off).
+        # Mixture adapters (steer.mixture): a forward with MIXTURE rows sets each row's adapter weights
+        # (other rows get the default row, every adapter off); a forward without any runs the plain weights.
         self._mixture = getattr(loaded, "mixture", None)
         self._mask_dtype = dtype
         self._running: list[_Sequence] = []  # admitted: prefilling or decoding, in admission order
@@ -356,7 +356,7 @@ class Engine:
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
         """The engine's only model call: logits of the last position of each row, ``(rows, V)``; row i is ``seqs[i]``."""
         mix = contextlib.nullcontext()
-        if self._mixture is not None:
+        if self._mixture is not None and any(s.job.mix is not None for s in seqs):  # else: the weights as loaded, no stack
             from steer.mixture import mixing
 
             default = self._mixture.default_row

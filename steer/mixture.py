@@ -13,9 +13,10 @@ the adapters are off (the base model: DPO's reference pass, RERANK's judge).
 On disk a mixture is a directory with ``mixture.json`` and one standard PEFT LoRA adapter per
 objective (``<dir>/<objective>/adapter_config.json`` + ``adapter_model.safetensors``): each is
 loadable on its own by PEFT, and :func:`load_mixture` stacks them again. Extra adapters that are
-not objectives (the CONDITIONED adapter, for example) can join the stack with
-:func:`attach_mixture` ``extra=``: the server then mixes both strategies in one batch, a
-CONDITIONED row being the one-hot weight of that adapter.
+not objectives can join the stack (:func:`load_mixture` ``extra=``). The server merges the
+CONDITIONED adapter into the weights (full speed for CONDITIONED) and stacks it once more beside
+the mixture, where a MIXTURE row weighs it -1: that row sees the base model plus its own mix, and
+a batch with no MIXTURE row skips the stack altogether (:func:`serve_mixture`).
 """
 
 from __future__ import annotations
@@ -329,20 +330,21 @@ SHIPPED_MIXTURE = "default"
 @dataclass(frozen=True)
 class ServedMixture:
     """What the server knows of the mixture on its model: the stack's adapter names (the mixture's
-    objectives first, then the CONDITIONED adapter if any) and the row a request without its own
-    mix gets (the CONDITIONED adapter's one-hot, or every adapter off)."""
+    objectives first, then the merged CONDITIONED adapter if any, which a MIXTURE row weighs -1 to
+    take it out again) and the row a request without its own mix gets (every adapter off: the
+    weights as loaded, which a forward of such rows alone computes without the stack)."""
 
     path: str
     objectives: tuple[str, ...]
     names: tuple[str, ...]
-    default_row: Tensor  # (len(names),)
+    default_row: Tensor  # (len(names),) zeros
     description: str = ""
 
     def row(self, weights: Sequence[float]) -> list[float]:
         """The stack row of a MIXTURE request with ``weights`` over :attr:`objectives`."""
         if len(weights) != len(self.objectives):
             raise ValueError(f"{len(weights)} weights for the {len(self.objectives)} objectives {list(self.objectives)}")
-        return [float(w) for w in weights] + [0.0] * (len(self.names) - len(self.objectives))
+        return [float(w) for w in weights] + [-1.0] * (len(self.names) - len(self.objectives))
 
 
 def shipped_mixture_path() -> Path | None:
@@ -354,11 +356,9 @@ def shipped_mixture_path() -> Path | None:
 
 
 def serve_mixture(model: nn.Module, path: str | os.PathLike, conditioned: Path | None = None, field: str = "mixture") -> ServedMixture:
-    """Attach the mixture at ``path`` to ``model`` for serving, with the CONDITIONED adapter (a PEFT
-    directory, unmerged) as the last adapter of the stack when given."""
+    """Attach the mixture at ``path`` to ``model`` for serving. ``conditioned``: the PEFT adapter
+    already *merged* into ``model``'s weights (CONDITIONED); it joins the stack as the last adapter,
+    weighed -1 by MIXTURE rows, so they compute the base model plus their own mix."""
     extra = [(CONDITIONED_ADAPTER, Path(conditioned))] if conditioned is not None else []
     spec, state = load_mixture(model, path, extra=extra, field=field)
-    default = torch.zeros(len(state.names))
-    if conditioned is not None:
-        default[-1] = 1.0
-    return ServedMixture(str(path), spec.objectives, state.names, default, spec.description)
+    return ServedMixture(str(path), spec.objectives, state.names, torch.zeros(len(state.names)), spec.description)

@@ -242,8 +242,8 @@ def load_model(
     ``merge_adapter`` folds the adapter into the weights (fastest for a single fixed adapter);
     pass False to keep it as a separate module (e.g. to switch it off for a reference pass).
     ``mixture``: a mixture directory (``steer.train mixture``), ``"default"`` (the shipped one) or
-    None/``"none"``: its adapters are attached for MIXTURE (:mod:`steer.mixture`), and the adapter,
-    if any, joins their stack unmerged (CONDITIONED rows weigh it 1, the mixture's adapters 0).
+    None/``"none"``: its adapters are attached for MIXTURE (:mod:`steer.mixture`); the merged adapter,
+    if any, joins their stack too, weighed -1 by MIXTURE rows (:func:`steer.mixture.serve_mixture`).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -259,17 +259,18 @@ def load_model(
     described = None
     mixture_path = resolve_mixture(mixture, spec)
     served = None
-    if mixture_path is not None:
-        from steer.mixture import serve_mixture
-
-        served = serve_mixture(model, mixture_path, conditioned=resolved[0] if resolved is not None else None)
-        described = resolved[1] if resolved is not None else None
-        log.info("mixture %s: adapters %s (CONDITIONED rows: %s)", mixture_path, list(served.names),
-                 "the adapter, unmerged" if resolved is not None else "the bare model")
-    elif resolved is not None:
+    if mixture_path is not None and resolved is not None and not merge_adapter:
+        raise InvalidInput("mixture", "a mixture is served beside a merged adapter; merge_adapter=False cannot be combined with it")
+    if resolved is not None:
         adapter_dir, described = resolved
         model = _attach_adapter(model, adapter_dir, merge_adapter)
         log.info("adapter %s %s", described, "merged into the weights" if merge_adapter else "attached")
+    if mixture_path is not None:
+        from steer.mixture import serve_mixture
+
+        # The merged adapter joins the stack once more: MIXTURE rows weigh it -1 (the base plus their mix).
+        served = serve_mixture(model, mixture_path, conditioned=resolved[0] if resolved is not None else None)
+        log.info("mixture %s: adapters %s", mixture_path, list(served.names))
     model.to(target).eval()
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
