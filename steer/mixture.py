@@ -47,6 +47,8 @@ class MixState:
 
     weights: Tensor | None = None
     names: tuple[str, ...] = ()
+    rank: int = 0  # the stack's rank per adapter (serving fast path: weights repeated r times, once per forward)
+    w_rep: Tensor | None = None  # (B, n*r): weights (B, n) repeated r times per adapter, set by mixing()
 
 
 class MixtureLinear(nn.Module):
@@ -80,12 +82,41 @@ class MixtureLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         w = self.state.weights
         if w is None:
-            return y
+            return self.base(x)
+        if self._serving is not None and not x.is_cuda and self.state.w_rep is not None and x.dim() == 3:
+            return self._serving_forward(x, self.state.w_rep)
+        y = self.base(x)
         b = self.lora_B * self.b_scale.to(self.lora_B.dtype)  # (out, n*r) per-adapter alpha/r folded in
         return y + mixture_lora(x, self.lora_A, b, w.to(x.dtype), self.rank, 1.0).to(y.dtype)
+
+    _serving: Tensor | None = None  # (out + n*r, in): [W; A_cat] in one buffer, after prepare_for_serving()
+
+    @torch.no_grad()
+    def prepare_for_serving(self) -> None:
+        """Inference only, on the CPU path: one GEMM computes ``x W^T`` and ``x A_cat^T`` together (W and
+        A_cat become views of one buffer, no extra memory), and B carries its scale. Per layer a
+        mixed forward is then one GEMM, one row scale and one ``addmm``: the per-op overhead that
+        dominates small batches. The weights stay what they were (the base layer reads its view)."""
+        out = self.base.out_features
+        fused = torch.cat([self.base.weight.data, self.lora_A.data], dim=0).contiguous()  # (out + n*r, in)
+        self.base.weight.data = fused[:out]
+        self.lora_A.data = fused[out:]
+        self.lora_B.data = (self.lora_B.data * self.b_scale.to(self.lora_B.dtype)).contiguous()
+        self.b_scale.fill_(1.0)
+        self._serving = fused
+
+    def _serving_forward(self, x: Tensor, w_rep: Tensor) -> Tensor:
+        """``x`` (B, T, in), ``w_rep`` (B, n*r): the rows' weights, repeated per adapter rank."""
+        out = self.base.out_features
+        B, T, _ = x.shape
+        hz = torch.nn.functional.linear(x.reshape(B * T, -1), self._serving)  # (B*T, out + n*r)
+        y, h = hz[:, :out], hz[:, out:]
+        hs = (h.view(B, T, -1) * w_rep.to(h.dtype)[:, None, :]).view(B * T, -1)  # (B*T, n*r)
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        return torch.addmm(y, hs, self.lora_B.t()).view(B, T, out)
 
     def adapter(self, i: int) -> tuple[Tensor, Tensor]:
         """Adapter ``i``'s ``(A (r, in), B (out, r))``, without its scale."""
@@ -131,7 +162,7 @@ def attach_mixture(model: nn.Module, names: Sequence[str], rank: int, alpha: flo
     zero adapters of rank ``rank`` and scale ``alpha / rank``; returns the shared state (``state.names`` = ``names``)."""
     if not names:
         raise ValueError("a mixture needs at least one adapter")
-    state = MixState(names=tuple(names))
+    state = MixState(names=tuple(names), rank=rank)
     layer_names = target_names(model, targets if isinstance(targets, str) else ",".join(targets))
     for full in layer_names:
         parent_name, _, child = full.rpartition(".")
@@ -164,12 +195,14 @@ def mixing(model: nn.Module, weights: Tensor | None):
     state = mix_state(model)
     if weights is not None and weights.shape[-1] != len(state.names):
         raise ValueError(f"weights have {weights.shape[-1]} columns; the mixture has {len(state.names)} adapters {list(state.names)}")
-    before = state.weights
+    before = state.weights, state.w_rep
     state.weights = weights
+    # Every layer mixes by the same rows: their weights repeated r times per adapter, once per forward.
+    state.w_rep = weights.repeat_interleave(state.rank, dim=-1) if weights is not None and weights.dim() == 2 and state.rank else None
     try:
         yield
     finally:
-        state.weights = before
+        state.weights, state.w_rep = before
 
 
 def init_adapters(model: nn.Module, seed: int = 0, only: Sequence[int] | None = None) -> None:
@@ -291,7 +324,7 @@ def load_adapter_stack(model: nn.Module, adapters: Sequence[tuple[str, Path]], f
     missing = [n for n in layer_names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
         raise InvalidInput(field, f"{loaded[0][1]}: adapts {missing[0]!r}, which is not a linear layer of this model")
-    state = MixState(names=tuple(n for n, *_ in loaded))
+    state = MixState(names=tuple(n for n, *_ in loaded), rank=rank)
     for full in layer_names:
         parent_name, _, child = full.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -361,4 +394,6 @@ def serve_mixture(model: nn.Module, path: str | os.PathLike, conditioned: Path |
     weighed -1 by MIXTURE rows, so they compute the base model plus their own mix."""
     extra = [(CONDITIONED_ADAPTER, Path(conditioned))] if conditioned is not None else []
     spec, state = load_mixture(model, path, extra=extra, field=field)
+    for _, layer in mixture_layers(model):
+        layer.prepare_for_serving()
     return ServedMixture(str(path), spec.objectives, state.names, torch.zeros(len(state.names)), spec.description)
