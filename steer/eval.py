@@ -748,8 +748,13 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
     if mixture is not None:
         from steer.mixture import load_mixture
 
+        from steer.models import resolve_mixture
+
+        path = resolve_mixture(mixture, model)  # 'default': the shipped one
+        if path is None:
+            raise InvalidInput("mixture", "is 'none'; --strategy mixture needs a mixture directory or 'default'")
         policy = load_model(model, adapter="none", device=device)
-        spec, _ = load_mixture(policy.model, mixture)
+        spec, _ = load_mixture(policy.model, path)
         policy.adapter = f"mixture {mixture} ({', '.join(spec.objectives)})"
         if objectives is not None and tuple(spec.objectives) != tuple(objectives):
             raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; this evaluation's objectives are {list(objectives)} (same order)")
@@ -814,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer; "
                         "mixture: the plain prompt through --mixture's adapters mixed by the direction")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="where every model runs: auto (CUDA when present), cpu or cuda")
-    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train mixture writes one)")
+    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train mixture writes one) "
+                   "or 'default' (the one shipped for the default model)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="rerank: samples per (prompt, direction, seed)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); one response per prompt, direction and seed")
     p.add_argument("--seed", type=int, default=d.seed, help="the first sampling seed")

@@ -649,3 +649,13 @@ def test_device_is_checked_and_cuda_without_a_gpu_is_named(tiny_model_dir):
             load_model(str(tiny_model_dir), device="cuda")
         assert e.value.field == "device"
     assert load_model(str(tiny_model_dir), device="auto").model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_mixture_default_is_the_shipped_one_and_fits_the_default_model_only(tiny_model_dir):
+    from steer.mixture import shipped_mixture_path
+    from steer.models import resolve_mixture
+
+    assert resolve_mixture("default") == shipped_mixture_path()  # what --mixture default evaluates
+    with pytest.raises(InvalidInput) as e:
+        load_policy_and_judge(str(tiny_model_dir), mixture="default")
+    assert e.value.field == "mixture" and "shipped" in e.value.reason
