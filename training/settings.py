@@ -34,6 +34,13 @@ DEFAULT_SIMPO_GAMMA = 1.0  # TRL: gamma_beta_ratio 0.5 x beta 2.0
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def _require_paths(name: str, paths) -> None:
+    """Every item of ``paths`` is a non-empty string; else InvalidInput naming ``name[i]``."""
+    for i, path in enumerate(paths):
+        if not isinstance(path, str) or not path:
+            raise InvalidInput(f"{name}[{i}]", f"must be a file path, got {path!r}")
+
+
 def _f(help_text: str, **extra):
     return {"help": help_text, **extra}
 
@@ -155,13 +162,7 @@ class DPOConfig(TrainerConfig):
         super().__post_init__()
         if not self.data:
             raise InvalidInput("data", "is required: one or more JSONL/Parquet files")
-        for i, path in enumerate(self.data):
-            if not isinstance(path, str) or not path:
-                raise InvalidInput(f"data[{i}]", f"must be a file path, got {path!r}")
-
-    @property
-    def prompt_carries_direction(self) -> bool:
-        return False
+        _require_paths("data", self.data)
         require_int("epochs", self.epochs, 1)
         require_int("max_steps", self.max_steps, 0)
 
@@ -272,9 +273,7 @@ class MixtureConfig(DPAConfig):
             raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
         if self.full:
             raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
-        for i, path in enumerate(self.data):
-            if not isinstance(path, str) or not path:
-                raise InvalidInput(f"data[{i}]", f"must be a file path, got {path!r}")
+        _require_paths("data", self.data)
 
     @property
     def prompt_carries_direction(self) -> bool:

@@ -147,3 +147,10 @@ def test_configure_logging_sets_the_level_and_refuses_unknown():
         assert e.value.field == "log_level"
     finally:
         logging.getLogger().setLevel(before)
+
+
+def test_dpo_checks_epochs_and_max_steps():
+    for field, value in (("epochs", 0), ("max_steps", -1)):
+        with pytest.raises(InvalidInput) as e:
+            DPOConfig(output="o", data=("a.jsonl",), **{field: value})
+        assert e.value.field == field
