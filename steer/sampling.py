@@ -1,8 +1,11 @@
 """Sampling parameters, the next-token sampler and incremental detokenisation with stop strings.
 
-These are the per-request pieces of decoding. They are model-free and batch-agnostic so that the
-server's engine (which owns batching and the KV cache) and the training loop (which samples DPA
-candidates) share one definition of what ``temperature``/``top_p``/``top_k``/``seed``/``stop`` mean.
+These are the per-request pieces of decoding, model-free and batch-agnostic. The server's engine
+(which owns batching and the KV cache) samples with :func:`sample_tokens` and one seeded generator
+per request, so a request's text does not depend on its batch. Offline generation (DPA candidates,
+evaluation: :mod:`steer.generation`) shares :class:`SamplingParams`, the meaning of every field and
+the stop-string handling, but samples through transformers' ``generate`` with one seed per batch,
+so its results depend on the batch size (fixed per run, recorded in the run's config).
 """
 
 from __future__ import annotations
