@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from steer.errors import InvalidInput
+from steer.files import atomic_directory_write
 from steer.kernels.mixture_lora import mixture_lora
 
 FORMAT = "steer.mixture/v1"
@@ -243,10 +243,7 @@ def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec
         raise ValueError("this model carries no mixture adapters to save")
     # What PEFT will adapt when it loads one of them: the layers that are there, whatever spec says.
     spec = replace(spec, target_modules=tuple(sorted({name.rsplit(".", 1)[-1] for name, _ in layers})))
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         for i, objective in enumerate(spec.objectives):
             tensors = {}
             for name, layer in layers:
@@ -258,20 +255,10 @@ def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec
             save_file(tensors, str(sub / "adapter_model.safetensors"), metadata={"format": "pt"})
             (sub / "adapter_config.json").write_text(json.dumps(_peft_config(spec, spec.rank, spec.alpha), indent=1))
         (tmp / CONFIG_NAME).write_text(json.dumps(spec.to_json(), indent=1))
-        os.chmod(tmp, 0o755)
         for p in tmp.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        if out.exists():
-            import shutil
 
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic_directory_write(out_dir, write)
 
 
 def read_mixture_spec(path: str | os.PathLike, field: str = "mixture") -> MixtureSpec:

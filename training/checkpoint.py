@@ -35,7 +35,8 @@ from .distributed import DistContext, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
+from steer.files import TMP_PREFIX as _TMP_PREFIX
+from steer.files import atomic_directory_write  # noqa: F401  (re-exported: adapters, exports)
 
 
 def rng_state() -> dict:
@@ -137,28 +138,6 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.ctx)
         return final
-
-
-def atomic_directory_write(final: str | Path, write) -> Path:
-    """Call ``write(tmp_dir)`` and move the result to ``final`` in one rename (replacing it)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=final.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter/model dir is meant to be shared
-        if final.exists():
-            old = final.with_name(f"{_TMP_PREFIX}{final.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

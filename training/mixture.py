@@ -12,7 +12,6 @@ with ``python -m steer.serve --mixture <output>/mixture``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from steer.conditioning import strip_direction_line
 from steer.errors import InvalidInput
 from steer.mixture import MixtureLinear, MixtureSpec, attach_mixture, init_adapters, mixing, save_mixture
 
-from .pairs import parse_prompt
+from .pairs import json_lines, parse_prompt
 from .policy import Policy, PolicySpec, base_model_name, load_base, lora_targets
 
 MIXTURE_DIR = "mixture"
@@ -83,20 +82,10 @@ def read_pair_files(paths, objectives: tuple[str, ...]) -> list[dict]:
     out = []
     for path in paths:
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise InvalidInput("data", f"cannot read {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise InvalidInput("data", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        if not path.is_file():
+            raise InvalidInput("data", f"{path}: no such file")
+        for n, row in json_lines(path):  # encoding and JSON syntax errors name file:line
             where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidInput("data", f"{where}:{e.colno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise InvalidInput("data", f"{where}: a row must be a JSON object")
             for key in ("prompt", "chosen", "direction"):
