@@ -20,7 +20,8 @@ Examples:
   python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1 --output runs/labels
 
 Each command also reads --config file.yaml (flags override it). Under
-`torchrun --nproc_per_node N` the same commands train with DDP.
+`torchrun --nproc_per_node N` the same commands train with DDP. Idle OpenMP threads sleep instead
+of spinning (OMP_WAIT_POLICY=PASSIVE unless set), so a busy machine does not slow a run down 3x.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from steer.threads import passive_openmp_waits
+
+    passive_openmp_waits()  # before any command imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m steer.train {" + ",".join(COMMANDS) + "} [options]\n")

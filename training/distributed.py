@@ -47,11 +47,17 @@ def _device(preference: str, local_rank: int) -> torch.device:
     return dev
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Join torchrun's process group when WORLD_SIZE > 1; else a world of one. Idempotent."""
+def init_distributed(device: str = "auto", threads: int = 0) -> DistContext:
+    """Join torchrun's process group when WORLD_SIZE > 1; else a world of one. Idempotent.
+
+    Sets torch's intra-op threads to ``threads``, or (0) to this rank's share of the CPUs the
+    process may use (``steer.threads.default_threads``)."""
+    from steer.threads import configure_threads
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    configure_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dev = _device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

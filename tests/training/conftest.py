@@ -1,5 +1,7 @@
 """Fixtures of every training test."""
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,12 @@ def one_thread():
     """One intra-op thread, as torchrun gives each rank (OMP_NUM_THREADS=1): on a shared 2-core box
     OpenMP's thread hand-offs cost ~20 ms per small matmul when other processes hold the cores, which
     made the tiny-model steps 20x slower."""
-    before = torch.get_num_threads()
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # what the commands' --threads 0 then chooses (steer.threads)
     yield
     torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
