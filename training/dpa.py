@@ -391,7 +391,7 @@ def _jsonl(rows: list[dict]) -> str:
 
 def run_dpa(config: DPAConfig) -> dict:
     """Run the whole command; returns a summary (also the last record of metrics.jsonl)."""
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.device, config.threads)
     try:
         return _run(config, ctx)
     finally:
@@ -519,7 +519,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             if config.precomputes_reference:
                 policy.model.eval()
                 source = frozen[0] if frozen is not None else policy
-                trainer.ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl)
+                trainer.ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl,
+                                              precision=trainer.precision)
                 policy.model.train()
             trainer.fit(data, epochs=config.epochs_per_iteration, cursor=cursor, salt=k + 1,
                         extra_state=lambda k=k: {"iteration": k}, record={"iteration": k}, desc=f"{'dpa' if config.prompt_carries_direction else 'mixture'}/{config.loss} it {k}")

@@ -30,7 +30,7 @@ from .output_dir import check_output_dir
 from .pairs import Encoder, PairExample, encode_examples, pairs_to_unpaired, read_examples
 from .policy import Policy, build_policy
 from .settings import DPOConfig, TrainerConfig
-from .trainer import PreferenceTrainer, reference_logps
+from .trainer import PreferenceTrainer, reference_logps, resolve_precision
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.pt"
@@ -59,20 +59,22 @@ def data_key(data, base_dir: Path) -> str:
 def cached_reference(config: TrainerConfig, policy: Policy, data, ctx: DistContext, path: Path, key: str) -> torch.Tensor:
     """Reference log-probs of ``data`` from ``path`` if it matches ``key``, else computed (on the
     policy's current = initial weights) and written there by rank 0."""
+    precision = resolve_precision(config.precision, ctx.device)
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key and stored.get("impl") == config.logprob_impl:
+        if stored.get("key") == key and stored.get("impl") == config.logprob_impl and stored.get("precision", "fp32") == precision:
             return stored["logps"]
     was_training = policy.model.training
     policy.model.eval()
     try:
         # LoRA: the policy with its adapter switched off; full: the model itself, still at its initial weights.
         source = policy if policy.lora else policy.model
-        ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl, progress=config.progress)
+        ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl, progress=config.progress,
+                              precision=precision)
     finally:
         policy.model.train(was_training)
     if ctx.is_main:
-        torch.save({"key": key, "impl": config.logprob_impl, "logps": ref}, path)
+        torch.save({"key": key, "impl": config.logprob_impl, "precision": precision, "logps": ref}, path)
     barrier(ctx)
     return ref
 
@@ -98,7 +100,7 @@ def check_output(config: TrainerConfig, manager: CheckpointManager):
 
 def train_dpo(config: DPOConfig) -> dict:
     """Run the whole command; returns a summary (also the last record of metrics.jsonl)."""
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.device, config.threads)
     try:
         return _train(config, ctx)
     finally:

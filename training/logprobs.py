@@ -4,6 +4,9 @@
     logp_t = log softmax(hidden_{t-1} W^T)[x_t]       # for completion tokens t only
     sum_b  = sum_t logp_t                             # (B,) what every preference loss takes
 
+Under bf16 autocast the decoder runs in bf16; the LM head and the log-softmax always run outside
+it, in the head's own dtype (fp32 unless the model was loaded in bf16).
+
 Two implementations behind one switch (``impl``), compared directly in the tests and the bench:
 
 * ``fused`` (default): only the rows that predict a completion token (N of them) are gathered and
@@ -50,16 +53,20 @@ def sequence_logprobs(model, batch: Batch, *, impl: str = "fused") -> SequenceLo
     counts = valid.sum(1)  # (B,)
     B = targets.shape[0]
     bias = getattr(head, "bias", None)
-    if impl == "fused":
-        rows = hidden[valid]  # (N, H): only completion-predicting rows reach the LM head
-        logp = linear_logprob(rows, head.weight, targets[valid], bias=bias)  # (N,) float32
-        seq = torch.arange(B, device=targets.device)[:, None].expand_as(targets)[valid]  # (N,) row of each token
-        sums = torch.zeros(B, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)  # (B,)
-    else:
-        logits = head(hidden).float()  # (B, T-1, V): the tensor the fused path never builds
-        logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-        logp = logp_all.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        sums = (logp * valid).sum(1)  # (B,)
+    # The LM head and the log-softmax run in the head's own dtype even under bf16 autocast: a bf16
+    # log-sum-exp over 49k logits would cost the loss its precision where it is decided.
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden = hidden.to(head.weight.dtype)
+        if impl == "fused":
+            rows = hidden[valid]  # (N, H): only completion-predicting rows reach the LM head
+            logp = linear_logprob(rows, head.weight, targets[valid], bias=bias)  # (N,) float32
+            seq = torch.arange(B, device=targets.device)[:, None].expand_as(targets)[valid]  # (N,) row of each token
+            sums = torch.zeros(B, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)  # (B,)
+        else:
+            logits = head(hidden).float()  # (B, T-1, V): the tensor the fused path never builds
+            logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+            logp = logp_all.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            sums = (logp * valid).sum(1)  # (B,)
     return SequenceLogps(sums, counts)
 
 

@@ -111,3 +111,20 @@ def test_rng_state_round_trips():
     set_rng_state(state)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_bf16_run_resumes_exactly_in_bf16(tmp_path, pairs_file, tiny_model_dir):
+    """A checkpoint written under bf16 autocast resumes under it to the uninterrupted run's weights."""
+    args = ["--data", str(pairs_file), "--model", str(tiny_model_dir), "--batch-size", "3", "--epochs", "2",
+            "--save-every", "1", "--lr", "1e-2", "--lr-schedule", "constant", "--precision", "bf16", "--no-progress"]
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    assert main(args + ["--output", str(stopped), "--max-steps", "2"]) == 0
+    assert main(args + ["--output", str(stopped), "--resume"]) == 0
+    assert main(args + ["--output", str(full)]) == 0
+    a = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    steps = [r for r in read_metrics(stopped) if r["type"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]

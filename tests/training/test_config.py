@@ -72,10 +72,11 @@ def test_dpa_validation_and_choices(capsys):
 
 def test_settings_mirror_the_modules_they_stand_in_for():
     from steer.kernels.preference import LOSS_TYPES, NEEDS_REFERENCE
-    from steer.training import distributed, logprobs, settings
+    from steer.training import distributed, logprobs, settings, trainer
 
     assert settings.PREFERENCE_LOSSES == LOSS_TYPES and settings.NEEDS_REFERENCE == NEEDS_REFERENCE
     assert settings.LOGPROB_IMPLS == logprobs.IMPLS and settings.DEVICES == distributed.DEVICES
+    assert settings.PRECISIONS == trainer.PRECISIONS
 
 
 @pytest.mark.parametrize("command,expect", [("dpo", "--data"), ("dpa", "--prompts")])
