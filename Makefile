@@ -20,7 +20,7 @@ help:
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
 	@echo "make bench-serve  serving throughput/latency vs one-generate-per-request (writes JSON)"
 	@echo "make bench-rerank RERANK best-of-4 latency vs one CONDITIONED sample (writes JSON)"
-	@echo "make bench-train  one DPO step, fused vs naive log-probs (writes JSON)"
+	@echo "make bench-train  one DPO step: steer's defaults vs fp32 vs TRL's DPOTrainer on the same pairs (writes JSON)"
 	@echo "make loadtest     locust, headless, against a freshly started server (writes CSVs)"
 
 $(STAMP): pyproject.toml
@@ -68,4 +68,6 @@ clean:
 
 .PHONY: bench-train
 bench-train: $(STAMP)
+	# TRL is the peer the bench compares against (the optional `bench` extra); without it the bench still runs.
+	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -e '.[bench]' || echo "TRL could not be installed: bench-train runs without the TRL rows"
 	$(PY) -m steer.training.bench
