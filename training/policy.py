@@ -13,6 +13,7 @@ the resolved base model directory, loadable with plain transformers + peft and b
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,45 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
             peft_model = get_peft_model(lm, config)
         except ValueError as e:  # peft names the target modules it could not find
             raise InvalidInput("lora_target", str(e)) from e
+    fuse_lora_updates(peft_model)
     name = base_model_name(spec.model, base_dir)
     peft_model.peft_config["default"].base_model_name_or_path = name
     peft_model.to(device)
     peft_model.train()
     return Policy(peft_model, tokenizer, base_dir, lora=True, base_name=name)
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """peft's ``lora.Linear.forward`` for plain LoRA with the update fused into one GEMM:
+    ``addmm(base(x), A(x), B^T, alpha=scaling)`` instead of ``base(x) + B(A(x)) * scaling``, which
+    allocates and reads two more output-sized tensors per adapted layer and pass (forward and
+    backward), ~8% of a CPU training step. Anything else (adapter off, merged, mixed-batch
+    adapter names, DoRA or another variant, extra arguments) takes peft's own path."""
+    if (args or kwargs or self.disable_adapters or self.merged
+            or any(a not in self.lora_A or a in self.lora_variant or self.lora_B[a].bias is not None
+                   for a in self.active_adapters)):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dtype = result.dtype
+    for a in self.active_adapters:
+        lora_a, lora_b = self.lora_A[a], self.lora_B[a]
+        h = lora_a(self.lora_dropout[a](x.to(lora_a.weight.dtype)))  # (..., r)
+        out = result.to(lora_b.weight.dtype).reshape(-1, result.shape[-1])  # (N, out)
+        result = torch.addmm(out, h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=self.scaling[a]).view(result.shape)
+    return result.to(dtype)
+
+
+def fuse_lora_updates(peft_model: nn.Module) -> int:
+    """Give every plain peft LoRA Linear of ``peft_model`` the fused forward (on the instances: peft
+    itself and other models are untouched; saved adapters are the same files). Returns how many."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for module in peft_model.modules():
+        if type(module) is LoraLinear and not getattr(module, "fan_in_fan_out", False):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
 
 
 def base_model_name(model: str, base_dir: Path) -> str:

@@ -289,3 +289,31 @@ def test_bf16_step_matches_the_fp32_step(tmp_path, tiny_model_dir, pairs_file):
         a, b = g32[name].flatten(), g16[name].flatten()
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
         assert b.norm() == pytest.approx(a.norm().item(), rel=0.05), name
+
+
+def test_fused_lora_update_equals_peft_forward_and_gradients(tiny_model_dir, tokenizer):
+    """The fused ``addmm`` LoRA forward against peft's own ``lora.Linear.forward`` (the class's, which
+    the fused one replaces on the instances): outputs, log-probs and every LoRA gradient."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    spec = DPOConfig(output="unused", data=("unused",), model=str(tiny_model_dir)).policy_spec()
+    policy = build_policy(spec)
+    _perturb_adapter(policy)
+    layers = [m for m in policy.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all("forward" in vars(m) for m in layers), "build_policy did not fuse the LoRA layers"
+    enc = Encoder(tokenizer, 128, 96)
+    batch = collate([enc.encode(({"role": "user", "content": "Name a colour"},), "Blue, like the sea."),
+                     enc.encode(({"role": "user", "content": "Hi"},), "Hello")], tokenizer.pad_token_id)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            for m in layers:
+                del m.forward  # back to peft's class method
+        policy.model.zero_grad()
+        out = sequence_logprobs(policy.model, batch, impl="naive")
+        out.logps.sum().backward()
+        results.append((out.logps.detach(), {n: p.grad.clone() for n, p in policy.named_trainable()}))
+    (l_fused, g_fused), (l_peft, g_peft) = results
+    torch.testing.assert_close(l_fused, l_peft, rtol=1e-6, atol=1e-5)
+    for name in g_peft:
+        torch.testing.assert_close(g_fused[name], g_peft[name], rtol=1e-5, atol=1e-7)

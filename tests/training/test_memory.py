@@ -14,18 +14,26 @@ ROWS = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No 
 
 
 class FakeLibc:
-    """mallinfo2() reports ``free`` bytes free in the heap; malloc_trim counts its calls."""
+    """malloc_trim counts its calls."""
 
-    def __init__(self, free: int):
-        self.free, self.calls = free, 0
-
-    def mallinfo2(self):
-        return type("Info", (), {"fordblks": self.free})()
+    def __init__(self):
+        self.calls = 0
 
     def malloc_trim(self, pad):
         assert pad == 0
         self.calls += 1
         return 1
+
+
+class GrowingRSS:
+    """A resident size that grows by ``step`` bytes at every reading."""
+
+    def __init__(self, step: int):
+        self.step, self.now = step, 10**9
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
 
 
 @pytest.fixture
@@ -44,15 +52,15 @@ def setup(tmp_path, tiny_model_dir):
     return make
 
 
-def test_trims_once_per_layer_forward_and_backward_when_over_the_limit(setup):
+def test_trims_when_resident_memory_grew_past_the_limit(setup):
     config, policy, data = setup()
     layers = decoder_layers(policy.model)
     assert len(layers) == policy.base_model.config.num_hidden_layers == 2
     trainer = PreferenceTrainer(config, policy, DistContext(), total_steps=1)
     trainer.trimmer.remove()
-    for free, expected in ((10, 0), (10**12, None)):
-        fake = FakeLibc(free)
-        trimmer = HeapTrimmer(policy.model, limit_bytes=1000, libc=fake)
+    for growth, limit in ((0, 1000), (5000, 1000), (400, 1000)):
+        fake = FakeLibc()
+        trimmer = HeapTrimmer(policy.model, limit_bytes=limit, libc=fake, resident=GrowingRSS(growth))
         loss = trainer.micro_batch_loss(data, [0, 1, 2, 3]).loss  # outside active(): hooks do nothing
         loss.backward()
         assert fake.calls == 0
@@ -61,15 +69,18 @@ def test_trims_once_per_layer_forward_and_backward_when_over_the_limit(setup):
             forward_calls = fake.calls
             loss.backward()
         trimmer.remove()
-        if expected == 0:
-            assert fake.calls == 0  # under the limit: never
+        # Hooks: after each layer's forward in the reference pass and in the policy pass, and once
+        # before each layer's backward (the checkpointed recompute runs inside the layer's forward,
+        # outside its module hooks, so it adds none): 3 per layer.
+        if growth == 0:
+            assert fake.calls == 1  # the first hook sets the floor; nothing grows after it
+        elif growth > limit:
+            assert forward_calls == 2 * len(layers) and fake.calls == 3 * len(layers)  # every hook
         else:
-            # After each layer's forward in the reference pass and in the policy pass, then once
-            # before each layer's backward (the checkpointed recompute runs inside the layer's
-            # forward, outside its module hooks, so it adds none).
-            assert forward_calls == 2 * len(layers)
-            assert fake.calls == 3 * len(layers)
-            assert trimmer.trims == fake.calls
+            # The first hook trims (no floor yet); after it, readings grow 400 per hook and the
+            # fourth hook sees 1200 > 1000 since the floor: 2 trims in 6 hooks.
+            assert fake.calls == 2
+        assert trimmer.trims == fake.calls
 
 
 @pytest.mark.skipif(glibc() is None, reason="needs glibc >= 2.33")
@@ -80,7 +91,7 @@ def test_release_memory_changes_nothing_numeric(setup):
         trainer = PreferenceTrainer(config, policy, DistContext(), total_steps=2)
         assert (trainer.trimmer is not None) == release
         if release:
-            trainer.trimmer.limit = 0  # trim at every hook, so the step really runs through them
+            trainer.trimmer.limit = -1  # trim at every hook, so the step really runs through them
         losses = [trainer.train_step(data, [[0, 1, 2, 3]])["loss"] for _ in range(2)]
         results.append((losses, {n: p.detach().clone() for n, p in policy.named_trainable()}))
         if release:
