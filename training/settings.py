@@ -63,7 +63,7 @@ class TrainerConfig:
     lora_target: str = field(default="all-linear", metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
     precision: str = field(default="auto", metadata=_f("compute precision: bf16 (autocast: bf16 decoder matmuls; fp32 LoRA weights, gradients, AdamW state and log-probs), fp32, or auto: bf16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32", choices=PRECISIONS))
     gradient_checkpointing: bool = field(default=True, metadata=_f("recompute each decoder layer's activations in backward (one extra forward): a fraction of the memory; --no-gradient-checkpointing keeps them all"))
-    release_memory: bool = field(default=True, metadata=_f("CPU: give freed activation memory back to the OS between decoder layers (glibc malloc_trim once the process grew 256 MB since the last trim): less than half the peak RSS, ~12% slower steps; --no-release-memory when memory is plentiful"))
+    release_memory: bool = field(default=True, metadata=_f("CPU: give freed activation memory back to the OS between decoder layers (glibc malloc_trim once the process grew 256 MB since the last trim): 0.6x the peak RSS, ~7% slower steps; --no-release-memory when memory is plentiful"))
     threads: int = field(default=0, metadata=_f("CPU intra-op threads (0: the CPUs this process may use, from its affinity mask and cgroup quota, shared among the ranks on this machine)"))
     precompute_ref: bool = field(default=False, metadata=_f("LoRA: compute reference log-probs once before training instead of per step"))
     lr: float = field(default=5e-5, metadata=_f("AdamW peak learning rate"))
