@@ -304,11 +304,14 @@ def test_score_past_its_deadline_stops_scoring(gated_server):
         with pytest.raises(grpc.RpcError) as e:
             stub.Score(score_request(40), timeout=1.0)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server's deadline comes from the grpc-timeout header, counted from when it received the
+        # call: a little after the client's. Open the gate only once the server has ended the call
+        # too, or the remaining (instant) chunks could all run inside that gap.
+        wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
+            "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "DEADLINE_EXCEEDED"}) == 1)
         scorer.gate.set()
         wait_until(lambda: scoring.pending_responses == 0)
         assert scorer.calls == 1
-    wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
-        "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "DEADLINE_EXCEEDED"}) == 1)
 
 
 def test_score_text_limits(gated_server, tokenizer):
