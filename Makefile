@@ -9,7 +9,7 @@ PORT ?= 50051
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-slow fuzz proto bench-kernels bench-serve bench-rerank loadtest clean help
+.PHONY: install serve test test-slow fuzz proto bench-kernels bench-serve bench-rerank bench-long-prompt loadtest clean help
 
 help:
 	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
 	@echo "make bench-serve  serving throughput/latency vs one-generate-per-request (writes JSON)"
 	@echo "make bench-rerank RERANK best-of-4 latency vs one CONDITIONED sample (writes JSON)"
+	@echo "make bench-long-prompt  a 6k-token prompt: RSS after it, TTFT of a request behind it, SIGTERM during it (writes JSON)"
 	@echo "make bench-train  one DPO step: steer's defaults vs fp32 vs TRL's DPOTrainer on the same pairs (writes JSON)"
 	@echo "make loadtest     locust, headless, against a freshly started server (writes CSVs)"
 
@@ -62,6 +63,9 @@ bench-serve: $(STAMP)
 
 bench-rerank: $(STAMP)
 	$(PY) -m steer.server.bench_rerank
+
+bench-long-prompt: $(STAMP)
+	$(PY) -m steer.server.bench_long_prompt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

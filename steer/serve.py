@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves it unset")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent", type=int, default=32, help="sequences in the running batch")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="padded prompt tokens prefilled per engine step")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="padded prompt tokens prefilled per engine step; longer prompts are chunked (default: 256 on CPU, 2048 on GPU)")
     p.add_argument("--drain", type=float, default=2.0, help="on SIGTERM/SIGINT, seconds health says NOT_SERVING while calls are still served (load balancers move away)")
     p.add_argument("--grace", type=float, default=5.0, help="then, seconds in-flight calls get to finish; open streams end with a final chunk")
     p.add_argument(

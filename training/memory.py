@@ -19,27 +19,15 @@ glibc (musl, macOS) and on CUDA.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import os
 
 from torch import nn
+
+from steer.heap import glibc, resident_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT_BYTES = 256 * 2**20
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def glibc():
-    """The process's C library if it is glibc (has ``malloc_trim``), else None."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -49,15 +37,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     except ImportError:  # older transformers: no common base class
         return []
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def resident_bytes() -> int:
-    """This process's resident set size (``/proc/self/statm``), or 0 where there is no /proc."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class HeapTrimmer:

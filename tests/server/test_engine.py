@@ -333,7 +333,7 @@ class Recording(Engine):
         super().__init__(loaded, config)
 
     def _prefill(self, chunks):
-        budget = self.config.max_prefill_tokens
+        budget = self.max_prefill_tokens
         assert len(chunks) * max(c for _, c in chunks) <= budget  # padded tokens of this forward
         super()._prefill(chunks)
         for seq, count in chunks:
@@ -494,3 +494,73 @@ def test_cache_memory_follows_the_running_sequences(tiny_loaded):
     running_bound = sum(math.ceil((len(p) + s.max_new_tokens) / block) for p, s in requests)
     assert max(used for _, used, _ in seen) <= running_bound  # not 6 slots x the longest
     assert all(capacity <= max(cache.initial_blocks, 4 * used + 1) for _, used, capacity in seen)
+
+
+def test_prefill_budget_by_device():
+    import torch
+
+    from steer.server.engine import prefill_budget
+
+    assert prefill_budget(EngineConfig(), torch.device("cpu")) == 256
+    assert prefill_budget(EngineConfig(), torch.device("cuda")) == 2048
+    assert prefill_budget(EngineConfig(max_prefill_tokens=64), torch.device("cpu")) == 64
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        EngineConfig(max_prefill_tokens=0)
+
+
+def test_heap_is_trimmed_once_when_the_engine_goes_idle(slow_loaded, monkeypatch):
+    """After work, the engine gives the heap's free pages back once it has nothing to run -- not
+    between steps, and not again while it stays idle."""
+    seen = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            seen.append((pad, engine.stats()))
+            return 1
+
+    monkeypatch.setattr("steer.server.engine.glibc", lambda: FakeLibc())
+
+    async def main():
+        await asyncio.gather(collect(engine, SamplingParams(max_new_tokens=5, seed=0)),
+                             collect(engine, SamplingParams(max_new_tokens=9, seed=1)))
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # idle: no second trim
+        assert seen == [(0, {"waiting": 0, "running": 0})]
+        await collect(engine, SamplingParams(max_new_tokens=3, seed=2))
+        for _ in range(500):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(seen) == 2 and engine.heap_trims == 2
+
+    engine = Engine(slow_loaded, EngineConfig())
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_close_ends_running_sequences_after_the_cache_grew(slow_loaded):
+    """Shutdown with sequences running in a KV pool that grew (tensors made by the worker): every
+    caller still gets its final CANCELLED event."""
+
+    async def main():
+        engine = Engine(slow_loaded, EngineConfig(max_prefill_tokens=512))
+        initial = engine.cache.capacity_blocks
+        prompts = [[(7 * i + j) % 200 + 3 for j in range(300)] for i in range(4)]  # 1,200 tokens > the initial pool's 1,024
+        streams = [engine.generate(p, SamplingParams(max_new_tokens=150, seed=i)) for i, p in enumerate(prompts)]
+        firsts = [await s.__anext__() for s in streams]
+        assert engine.cache.capacity_blocks > initial
+        assert await asyncio.to_thread(engine.close, 30)
+
+        async def rest(stream):
+            return [e async for e in stream]
+
+        events = [[first, *await asyncio.wait_for(rest(s), 30)] for first, s in zip(firsts, streams)]
+        for ev in events:
+            assert isinstance(ev[-1], Finished) and ev[-1].finish_reason == FinishReason.CANCELLED
+
+    asyncio.run(main())
