@@ -19,6 +19,7 @@ Examples:
   python -m steer.server.bench --dtype bfloat16 --output bench-results/serve-bf16.json
   python -m steer.server.bench --concurrency 1,8 --max-new-tokens 32 --skip-baseline
   python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline   # MIXTURE vs CONDITIONED
+  python -m steer.server.bench --concurrency 1,32 --skip-baseline --server-args=--no-prepack   # one server flag changed
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -199,8 +201,9 @@ def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
     return {"greedy_prefix_agreement": round(agree / max(total, 1), 3), "mean_abs_logprob_drift": round(statistics.mean(drift), 4)}
 
 
-def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str, mixture: str | None = None) -> subprocess.Popen:
-    extra = ["--mixture", mixture] if mixture is not None else []
+def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str, mixture: str | None = None,
+                 server_args: str = "") -> subprocess.Popen:
+    extra = (["--mixture", mixture] if mixture is not None else []) + shlex.split(server_args)
     return subprocess.Popen([sys.executable, "-m", "steer.serve", "--model", model, "--dtype", dtype, "--port", str(port),
                              "--max-concurrent", str(max_concurrent), "--scorer", scorer, "--log-level", "WARNING", *extra])
 
@@ -219,6 +222,7 @@ def main(argv=None) -> int:
                         "so generation is measured alone, like the baseline)")
     p.add_argument("--strategies", default="conditioned", help="comma-separated: conditioned, mixture (both: the ratio at each level)")
     p.add_argument("--mixture", default=None, help="the server's --mixture (default: its own default, the shipped mixture)")
+    p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--no-prepack' (recorded in the JSON)")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -235,7 +239,8 @@ def main(argv=None) -> int:
     results = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
     port = free_port()
-    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture)
+    results["server_args"] = args.server_args
+    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture, args.server_args)
     results["strategies"] = strategies
     try:
         target = f"127.0.0.1:{port}"
