@@ -9,8 +9,8 @@ and p50/p99 latency and time to first token. Two systems, same requests, same ma
   one at a time (concurrent generate() calls on a small CPU only thrash), with a streamer for
   the first token. No gRPC in between, which favours the baseline.
 
-It also checks bf16 quality against fp32 (greedy token agreement, teacher-forced log-prob drift)
-when `--dtype bfloat16`. With `--strategies conditioned,mixture` the same server (loaded with its
+It also checks the served numerics (``--dtype``, ``--linears``) against plain fp32 torch: greedy
+token agreement and teacher-forced log-prob drift. With `--strategies conditioned,mixture` the same server (loaded with its
 mixture adapters) is measured for both strategies, level by level, and the MIXTURE / CONDITIONED
 throughput ratio is printed. Writes JSON and prints the ratios.
 
@@ -19,7 +19,8 @@ Examples:
   python -m steer.server.bench --dtype bfloat16 --output bench-results/serve-bf16.json
   python -m steer.server.bench --concurrency 1,8 --max-new-tokens 32 --skip-baseline
   python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline   # MIXTURE vs CONDITIONED
-  python -m steer.server.bench --concurrency 1,32 --skip-baseline --server-args=--no-prepack   # one server flag changed
+  python -m steer.server.bench --concurrency 1,32 --skip-baseline --linears int8   # weight-only int8 (and its quality)
+  python -m steer.server.bench --concurrency 1,32 --skip-baseline --server-args="--max-prefill-tokens 2048"
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def baseline_runner(loaded, max_new_tokens: int):
     return run_one
 
 
-def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
-    """Greedy continuations in fp32 vs bf16: token agreement and teacher-forced log-prob drift."""
+def precision_quality(model_spec: str, prompts, dtype: str = "float32", linears: str = "auto", new_tokens: int = 32) -> dict:
+    """Greedy continuations of the served numerics (``dtype``, ``linears``) against plain fp32 torch:
+    token agreement up to the first difference, and teacher-forced log-prob drift on the fp32 text."""
     import torch
 
     from steer.conditioning import render_prompt
@@ -180,7 +182,7 @@ def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
     from steer.objectives import Direction
 
     fp32 = load_model(model_spec, dtype="float32")
-    bf16 = load_model(model_spec, dtype="bfloat16")
+    served = load_model(model_spec, dtype=dtype, linears=linears)  # the served numerics
     tok = fp32.tokenizer
     agree, total, drift = 0, 0, []
     for prompt in prompts:
@@ -188,17 +190,18 @@ def bf16_quality(model_spec: str, prompts, new_tokens: int = 32) -> dict:
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             a = fp32.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            b = bf16.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            b = served.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             n = min(a.shape[1], b.shape[1]) - ids.shape[1]
             # Position of the first disagreement counts as agreement up to there.
             same = (a[0, ids.shape[1]:ids.shape[1] + n] == b[0, ids.shape[1]:ids.shape[1] + n]).int()
             agree += int(same.cumprod(0).sum())
             total += n
             lp32 = torch.log_softmax(fp32.model(a).logits[0, ids.shape[1] - 1:-1].float(), -1)
-            lp16 = torch.log_softmax(bf16.model(a).logits[0, ids.shape[1] - 1:-1].float(), -1)
+            lpx = torch.log_softmax(served.model(a).logits[0, ids.shape[1] - 1:-1].float(), -1)
             targets = a[0, ids.shape[1]:]
-            drift.append((lp32.gather(1, targets[:, None]) - lp16.gather(1, targets[:, None])).abs().mean().item())
-    return {"greedy_prefix_agreement": round(agree / max(total, 1), 3), "mean_abs_logprob_drift": round(statistics.mean(drift), 4)}
+            drift.append((lp32.gather(1, targets[:, None]) - lpx.gather(1, targets[:, None])).abs().mean().item())
+    return {"dtype": dtype, "linears": linears, "greedy_prefix_agreement": round(agree / max(total, 1), 3),
+            "mean_abs_logprob_drift": round(statistics.mean(drift), 4)}
 
 
 def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str, mixture: str | None = None,
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
                         "so generation is measured alone, like the baseline)")
     p.add_argument("--strategies", default="conditioned", help="comma-separated: conditioned, mixture (both: the ratio at each level)")
     p.add_argument("--mixture", default=None, help="the server's --mixture (default: its own default, the shipped mixture)")
-    p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--no-prepack' (recorded in the JSON)")
+    p.add_argument("--linears", default="auto", choices=["auto", "torch", "prepacked", "int8"], help="the server's --linears (default: its default)")
+    p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--max-prefill-tokens 2048' (recorded in the JSON)")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -236,11 +240,11 @@ def main(argv=None) -> int:
 
     import os
 
-    results = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
+    results = {"model": args.model, "dtype": args.dtype, "linears": args.linears, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
     port = free_port()
     results["server_args"] = args.server_args
-    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture, args.server_args)
+    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture, f"--linears {args.linears} {args.server_args}")
     results["strategies"] = strategies
     try:
         target = f"127.0.0.1:{port}"
@@ -282,9 +286,8 @@ def main(argv=None) -> int:
                   f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s"
                   f"  -> steer/baseline throughput x{level['throughput_ratio']}", flush=True)
         del loaded
-    if args.dtype == "bfloat16":
-        results["bf16_quality"] = bf16_quality(args.model, PROMPTS)
-        print(f"bf16 vs fp32: {results['bf16_quality']}")
+    results["quality"] = precision_quality(args.model, PROMPTS, args.dtype, args.linears)
+    print(f"served numerics ({args.dtype}, linears {args.linears}) vs fp32 torch: {results['quality']}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(f"wrote {output}")

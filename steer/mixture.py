@@ -112,13 +112,13 @@ class MixtureLinear(nn.Module):
         out = self.base.out_features
         B, T, _ = x.shape
         x2 = x.reshape(B * T, -1)
-        if getattr(self.base, "_packed_weight", None) is not None:  # steer.prepack: the base GEMM is faster on its own
+        if getattr(self.base, "linear_kind", None) is not None:  # steer.linears: the base's own kernel, then A_cat
             y, h = self.base(x2), torch.nn.functional.linear(x2, self.lora_A)  # (B*T, out), (B*T, n*r)
         else:
             hz = torch.nn.functional.linear(x2, self._serving)  # (B*T, out + n*r)
             y, h = hz[:, :out], hz[:, out:]
         hs = (h.view(B, T, -1) * w_rep.to(h.dtype)[:, None, :]).view(B * T, -1)  # (B*T, n*r)
-        if self.base.bias is not None and getattr(self.base, "_packed_weight", None) is None:
+        if self.base.bias is not None and getattr(self.base, "linear_kind", None) is None:
             y = y + self.base.bias
         return torch.addmm(y, hs, self.lora_B.t()).view(B, T, out)
 

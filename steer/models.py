@@ -233,7 +233,7 @@ def load_model(
     merge_adapter: bool = True,
     mixture: str | None = None,
     device: str = "cpu",
-    prepack: bool = False,
+    linears: str = "torch",
 ) -> LoadedModel:
     """Load a causal LM (and optionally a PEFT adapter) for inference, on ``device`` (``cpu``, ``cuda``
     or ``auto``; see :func:`resolve_device`).
@@ -245,8 +245,9 @@ def load_model(
     ``mixture``: a mixture directory (``steer.train mixture``), ``"default"`` (the shipped one) or
     None/``"none"``: its adapters are attached for MIXTURE (:mod:`steer.mixture`); the merged adapter,
     if any, joins their stack too, weighed -1 by MIXTURE rows (:func:`steer.mixture.serve_mixture`).
-    ``prepack`` (CPU, fp32; serving): linear layers compute through oneDNN-reordered weights
-    (:mod:`steer.prepack`: faster decode, a second copy of the weights, inference only).
+    ``linears``: how linear layers compute (:mod:`steer.linears`): ``torch``, ``prepacked``
+    (oneDNN-reordered fp32 weights), ``int8`` (weight-only) or ``auto`` (``prepacked`` on the CPU in
+    fp32, else ``torch``); anything but ``torch`` makes the model inference-only.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -255,6 +256,9 @@ def load_model(
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     spec = canonical_model(spec)
     target = resolve_device(device)
+    from steer.linears import convert_linears, resolve_linears
+
+    linears = resolve_linears(linears, target, dtype)  # before the slow part, like the adapter
     resolved = resolve_adapter(adapter, spec)  # before the slow part: a wrong --adapter fails at once
     model_dir = resolve_model_dir(spec)
     tokenizer = load_tokenizer(str(model_dir))
@@ -275,10 +279,8 @@ def load_model(
         served = serve_mixture(model, mixture_path, conditioned=resolved[0] if resolved is not None else None)
         log.info("mixture %s: adapters %s", mixture_path, list(served.names))
     model.to(target).eval()
-    if prepack and target.type == "cpu" and dtype == "float32":
-        from steer.prepack import prepack_linears
-
-        log.info("prepacked %d linear layers for oneDNN (inference only from here)", prepack_linears(model))
+    if linears != "torch":
+        log.info("linear layers: %d %s (inference only from here)", convert_linears(model, linears), linears)
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec),

@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; sampling stays on the CPU")
-    p.add_argument("--prepack", default=True, action=argparse.BooleanOptionalAction,
-                   help="CPU, float32: linear layers compute through oneDNN-reordered weights (faster decode; a second "
-                        "copy of the weights in memory, +540 MB for the default model). --no-prepack: plain torch linears")
+    p.add_argument("--linears", default="auto", choices=["auto", "torch", "prepacked", "int8"],
+                   help="how linear layers compute: prepacked (oneDNN-reordered fp32 weights, same math, faster; +540 MB "
+                        "for the default model), int8 (weight-only int8: faster for few streams, slower for many, changes "
+                        "the numbers), torch; auto: prepacked on the CPU in float32, else torch")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest sampling.max_new_tokens a request may ask for")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
         mixture = args.mixture if args.mixture is not None else default_mixture_for(args.model)
         loaded = load_model(args.model, adapter=adapter, dtype=args.dtype, mixture=mixture, device=args.device,
-                            prepack=args.prepack)
+                            linears=args.linears)
         stopped = asyncio.run(serve(loaded, config))
     except (InvalidInput, ValueError, FileNotFoundError, OSError) as e:
         print(f"steer.serve: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["steer.serve", "steer.client", "steer.train"])
+@pytest.mark.parametrize("module", ["steer.serve", "steer.client", "steer.train", "steer.server.bench", "steer.server.bench_long_prompt"])
 def test_help_shows_examples(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -48,8 +48,8 @@ def server(dirs, tiny_model_dir, start_tiny_server):
     from steer.server.engine import EngineConfig
 
     mixture, conditioned = dirs
-    # prepack: what `python -m steer.serve` loads on the CPU (the unpacked path: tests/steer/test_prepack.py)
-    loaded = load_model(str(tiny_model_dir), adapter=str(conditioned), mixture=str(mixture), prepack=True)
+    # prepacked: what `python -m steer.serve` loads on the CPU (the unpacked path: tests/steer/test_linears.py)
+    loaded = load_model(str(tiny_model_dir), adapter=str(conditioned), mixture=str(mixture), linears="prepacked")
     return start_tiny_server(ServerConfig(port=0, engine=EngineConfig(max_new_tokens=64)), loaded=loaded)
 
 
