@@ -29,8 +29,9 @@ the sequences in that forward. Beyond ``max_concurrent`` running and ``max_queue
 :class:`Overloaded` is raised at once (the servicer maps it to ``RESOURCE_EXHAUSTED``); a request
 whose caller left while it waited leaves the queue then, so it holds no place there.
 
-All model calls go through :meth:`Engine._forward`, the one place a per-row adapter mixture would
-hook in.
+All model calls go through :meth:`Engine._forward`: the engine's own forward for Llama-family models
+(:mod:`steer.server.llama_forward`; ``EngineConfig.forward="transformers"`` keeps transformers'
+forward, the reference), with each row's adapter mixture set around it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from steer.models import LoadedModel
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
 
 from steer.server.kv_cache import PagedKVCache
+from steer.server.llama_forward import LlamaForward
+from steer.server.llama_forward import supports as supports_lean
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,9 @@ class EngineConfig:
     # Prompt tokens (padding included) computed per iteration; longer prompts are chunked. None: by
     # device (PREFILL_TOKENS_BY_DEVICE), so that one iteration stays well under a second.
     max_prefill_tokens: int | None = None
+    # "steer": the engine's own forward where it covers the model (steer.server.llama_forward), else
+    # transformers'; "transformers": always transformers' forward (the reference).
+    forward: str = "steer"
 
     def __post_init__(self):
         for name, low in (("max_queue", 0), ("max_concurrent", 1), ("max_new_tokens", 1), ("max_prefill_tokens", 1)):
@@ -104,6 +110,8 @@ class EngineConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.forward not in ("steer", "transformers"):
+            raise ValueError(f"EngineConfig.forward must be 'steer' or 'transformers', got {self.forward!r}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ class Engine:
         dtype = first.dtype
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
         self.max_prefill_tokens = prefill_budget(config, self.device)
+        self._lean = LlamaForward(model) if config.forward == "steer" and supports_lean(model) else None
         self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length, device=self.device)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # Mixture adapters (steer.mixture): a forward with MIXTURE rows sets each row's adapter weights
@@ -414,6 +423,9 @@ class Engine:
             weights = torch.stack([s.job.mix if s.job.mix is not None else default for s in seqs])  # (rows, n)
             mix = mixing(self.loaded.model, weights.to(self.device))
         dev = self.device
+        if self._lean is not None:
+            with mix:
+                return self._lean(input_ids.to(dev), position_ids.to(dev), mask.to(dev), self.cache).cpu()
         with mix:
             out = self.loaded.model(
                 input_ids=input_ids.to(dev), position_ids=position_ids.to(dev), attention_mask=self._as_attention_mask(mask).to(dev),

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=32, help="sequences in the running batch")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="padded prompt tokens prefilled per engine step; longer prompts are chunked (default: 256 on CPU, 2048 on GPU)")
+    p.add_argument("--forward", default="steer", choices=["steer", "transformers"],
+                   help="the engine's model call: steer (its own Llama forward where it covers the model, else transformers') "
+                        "or transformers (always transformers' forward, the reference)")
     p.add_argument("--drain", type=float, default=2.0, help="on SIGTERM/SIGINT, seconds health says NOT_SERVING while calls are still served (load balancers move away)")
     p.add_argument("--grace", type=float, default=5.0, help="then, seconds in-flight calls get to finish; open streams end with a final chunk")
     p.add_argument(
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             http_port=args.http_port,
             engine=EngineConfig(
                 max_queue=args.max_queue, max_concurrent=args.max_concurrent,
-                max_new_tokens=args.max_new_tokens_limit, max_prefill_tokens=args.max_prefill_tokens,
+                max_new_tokens=args.max_new_tokens_limit, max_prefill_tokens=args.max_prefill_tokens, forward=args.forward,
             ),
             sampling_defaults=SamplingParams(max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
             scorer=args.scorer,

@@ -46,6 +46,30 @@ def tiny_loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def random_mixture(tiny_model_dir):
+    """``make(out, seed)``: a mixture of three random rank-4 adapters (helpfulness, creativity,
+    conciseness) on the tiny model, saved at ``out``; every adapter changes the output."""
+
+    def make(out, seed):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from steer.mixture import MixtureSpec, attach_mixture, mixture_layers, save_mixture
+
+        objectives = ("helpfulness", "creativity", "conciseness")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        attach_mixture(model, objectives, 4, 8.0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in mixture_layers(model):
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        return save_mixture(model, out, MixtureSpec(objectives, 4, 8.0, (), "tiny", "random test mixture"))
+
+    return make
+
+
 class ServerThread:
     """A steer gRPC server on its own event loop thread."""
 

@@ -18,26 +18,11 @@ PROMPT = [{"role": "user", "content": "Name a fruit."}]
 NEW = 6
 
 
-def _random_mixture(tiny_model_dir, out, seed):
-    from transformers import AutoModelForCausalLM
-
-    from steer.mixture import MixtureSpec, attach_mixture, mixture_layers, save_mixture
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    attach_mixture(model, OBJECTIVES, 4, 8.0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in mixture_layers(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-    return save_mixture(model, out, MixtureSpec(OBJECTIVES, 4, 8.0, (), "tiny", "random test mixture"))
-
-
 @pytest.fixture(scope="module")
-def dirs(tiny_model_dir, tmp_path_factory):
+def dirs(random_mixture, tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture-serving")
-    mixture = _random_mixture(tiny_model_dir, root / "mix", seed=1)
-    other = _random_mixture(tiny_model_dir, root / "other", seed=2)
+    mixture = random_mixture(root / "mix", seed=1)
+    other = random_mixture(root / "other", seed=2)
     return mixture, other / "helpfulness"  # a PEFT adapter to serve as the CONDITIONED one
 
 

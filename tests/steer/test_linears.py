@@ -38,21 +38,13 @@ def test_prepacked_model_gives_the_same_logits(tiny_model_dir):
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_prepacked_mixture_rows_equal_the_unpacked_serving_path(tiny_model_dir, tmp_path, monkeypatch):
+def test_prepacked_mixture_rows_equal_the_unpacked_serving_path(tiny_model_dir, random_mixture, tmp_path, monkeypatch):
     """A served mixture (CPU fast path) packed and unpacked: the same logits for mixed rows and plain rows."""
-    from steer.mixture import MixtureSpec, attach_mixture, mixing, mixture_layers, save_mixture
+    from steer.mixture import mixing, mixture_layers
     from steer.models import load_model
-    from transformers import AutoModelForCausalLM
 
-    objectives = ("helpfulness", "creativity", "conciseness")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    attach_mixture(model, objectives, 4, 8.0)
+    path = random_mixture(tmp_path / "mix", seed=3)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in mixture_layers(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-    path = save_mixture(model, tmp_path / "mix", MixtureSpec(objectives, 4, 8.0, (), "tiny"))
     plain = load_model(str(tiny_model_dir), mixture=str(path))
     packed = load_model(str(tiny_model_dir), mixture=str(path), linears="prepacked")
     assert all(getattr(layer.base, "linear_kind", None) == "prepacked" for _, layer in mixture_layers(packed.model))
