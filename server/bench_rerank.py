@@ -1,8 +1,9 @@
 """RERANK best-of-n latency against one CONDITIONED sample, over real gRPC, in one run.
 
-Baseline: a CONDITIONED Generate (one sample). With a scorer loaded every strategy also scores
-its output, so two baselines are reported: the CONDITIONED call's wall time (generation + scoring
-one response) and its generation alone (the engine's ``timing.total_seconds``). Measured: a RERANK Generate with ``--candidates`` samples (submitted
+The server is loaded as ``python -m steer.serve`` loads it (the default adapter and mixture for the
+default model, ``--linears auto``) with ``--scorer``. Baseline: a CONDITIONED Generate (one sample,
+no rewards asked, so no scoring), reported as the call's wall time and as the engine's generation
+time (``timing.total_seconds``). Measured: a RERANK Generate with ``--candidates`` samples (submitted
 together, so the batching engine decodes them as one batch), each scored, best ``v . r``
 returned. Same prompts, weights, seeds and ``max_new_tokens``, alternated request by request so
 both see the same machine load. Also times a Score call on the n candidates alone, which is the
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from steer.v1 import steer_pb2 as pb
     from steer.v1 import steer_pb2_grpc
 
-    loaded = load_model(args.model)
+    from steer.models import default_adapter_for, default_mixture_for
+
+    loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model), linears="auto")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     config = ServerConfig(port=0, scorer=args.scorer, engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),
