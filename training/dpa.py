@@ -186,13 +186,28 @@ def _generate_sorted(model, tokenizer, conversations, params, *, batch_size, see
     return out
 
 
-def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext,
-            principles=None, base_model=None) -> IterationData:
-    """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result.
+@dataclass
+class SampledPools:
+    """Steps 1-2 of one iteration on this rank: its slots' candidates (``pool[a]`` for ``slots[mine[a]]``)."""
+
+    slots: list[int]  # prompt index of every (prompt, direction) slot of the iteration
+    directions: list[Direction]  # per slot
+    mine: list[int]  # the slots this rank sampled
+    pool: list[list[Candidate]]  # per slot of ``mine``
+    seconds: float
+
+    def items(self) -> list[dict]:
+        """This rank's pools as plain rows (what ranks exchange and ``samples.jsonl`` holds)."""
+        return [{"slot": s, "prompt_index": self.slots[s], "weights": list(self.directions[s].weights),
+                 "cands": [tuple(c.__dict__.values()) for c in self.pool[a]]} for a, s in enumerate(self.mine)]
+
+
+def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles=None, base_model=None) -> SampledPools:
+    """Steps 1-2 of the module docstring for iteration ``iteration``, this rank's share of the slots.
 
     ``principles`` (a :class:`steer.principles.Principles`) and ``base_model`` (the model the guided and
     contrast candidates come from: ``None`` means the policy with its adapter switched off) are needed
-    when ``config.uses_principles``."""
+    when ``config.guided_samples + config.contrast_samples > 0``."""
     from steer.generation import generate_batch
     from steer.principles import instructed_messages
     from steer.sampling import SamplingParams
@@ -216,7 +231,7 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
         )
         for a, row in enumerate(gens):
             pool[a] += [Candidate(g.text, g.finished, len(g.token_ids), POLICY, None) for g in row]
-    if config.uses_principles:
+    if config.guided_samples + config.contrast_samples:
         requests = candidate_requests(config, principles, directions, mine, iteration)
         conversations = [instructed_messages(prompts[slots[mine[a]]], text) for a, _, text in requests]
         # Contrast and guided rows apart, and rows of the same instruction objective together: similar lengths per batch.
@@ -228,23 +243,42 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
                                     progress=show, keys=keys)
         for (a, src, text), g in zip(requests, gens):
             pool[a].append(Candidate(g.text, g.finished, len(g.token_ids), src, text))
+    policy.model.train()
+    return SampledPools(slots, directions, mine, pool, time.monotonic() - t0)
+
+
+def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext,
+            principles=None, base_model=None) -> IterationData:
+    """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result.
+    ``principles`` and ``base_model``: see :func:`sample_pools`."""
+    got = sample_pools(config, iteration, prompts, policy, ctx, principles, base_model)
     t1 = time.monotonic()
-    conversations = [list(prompts[slots[s]]) for a, s in enumerate(mine) for _ in pool[a]]
-    texts = [c.text for cands in pool for c in cands]
+    conversations = [list(prompts[got.slots[s]]) for a, s in enumerate(got.mine) for _ in got.pool[a]]
+    texts = [c.text for cands in got.pool for c in cands]
+    policy.model.eval()
     with _score_context(policy, scorer_shares_policy):
         rewards = scorer.rewards(conversations, texts)  # raw and scaled (n candidates, k), on the unconditioned conversation
-    t2 = time.monotonic()
     policy.model.train()
+    t2 = time.monotonic()
 
-    local, at = [], 0
-    for a, s in enumerate(mine):
-        rows = slice(at, at + len(pool[a]))
-        at += len(pool[a])
-        scaled, raw = rewards.scaled[rows], rewards.raw[rows]  # (pool, k)
-        local.append({"slot": s, "prompt_index": slots[s], "weights": list(directions[s].weights),
-                      "cands": [tuple(c.__dict__.values()) for c in pool[a]], "scaled": scaled.tolist(), "raw": raw.tolist()})
+    local, at = got.items(), 0
+    for a, item in enumerate(local):
+        rows = slice(at, at + len(got.pool[a]))
+        at += len(got.pool[a])
+        item["scaled"], item["raw"] = rewards.scaled[rows].tolist(), rewards.raw[rows].tolist()  # (pool, k) each
     merged = sorted((item for part in all_gather_object(ctx, local) for item in part), key=lambda x: x["slot"])
-    return pair_pool(config, iteration, prompts, merged, {"seconds/sample": round(t1 - t0, 3), "seconds/score": round(t2 - t1, 3)})
+    return pair_pool(config, iteration, prompts, merged, {"seconds/sample": round(got.seconds, 3), "seconds/score": round(t2 - t1, 3)})
+
+
+def collect_distill(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles, base_model=None) -> IterationData:
+    """Steps 1-2, then the distillation rows of :mod:`steer.training.distill` (no scoring); every rank
+    gets the same result. ``IterationData.pairs`` holds the rows."""
+    from .distill import distill_rows
+
+    got = sample_pools(config, iteration, prompts, policy, ctx, principles, base_model)
+    merged = sorted((item for part in all_gather_object(ctx, got.items()) for item in part), key=lambda x: x["slot"])
+    rows, samples, stats = distill_rows(config, iteration, prompts, merged, principles)
+    return IterationData(rows, samples, {**stats, "seconds/sample": round(got.seconds, 3)})
 
 
 def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
@@ -441,7 +475,11 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         frozen = load_base(str(base[2]), config.dtype, ctx.device)
         frozen[0].eval().requires_grad_(False)
     given = _given_pairs(config)  # mixture --data: pairs to train on, no sampling
-    scorer, scorer_shares_policy = (None, False) if given is not None else _build_scorer(config, base, frozen, show_progress=ctx.is_main)
+    distill = config.loss == "distill"  # context distillation: rows, not pairs, and no rewards
+    if given is not None or distill:
+        scorer, scorer_shares_policy = None, False
+    else:
+        scorer, scorer_shares_policy = _build_scorer(config, base, frozen, show_progress=ctx.is_main)
     if config.prompt_carries_direction:
         policy = build_policy(config.policy_spec(), ctx.device, base=base)
     else:
@@ -457,7 +495,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
 
     G = config.batch_size * config.grad_accum * ctx.world_size
     slots = config.prompts_per_iteration * config.directions_per_prompt
-    per_slot = 2 if config.loss == "kto" else 1
+    per_slot = 2 if config.loss == "kto" else (config.pool_size if distill else 1)
     if config.corner_pairs:
         per_slot *= len(config.objectives)  # its own direction and the corners it is not
     iterations = 1 if given is not None else config.iterations
@@ -483,7 +521,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
 
     for k in range(start, iterations):
         it_dir = output / ITERATIONS / f"{k:03d}"
-        pairs_file = it_dir / "pairs.jsonl"
+        pairs_file = it_dir / ("distill.jsonl" if distill else "pairs.jsonl")
         samples_file = it_dir / "samples.jsonl"
         if given is not None:
             rows = given
@@ -491,8 +529,10 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
         else:
             cursor = (0, 0)
-            saved = _saved_pool(config, samples_file) if config.resume else None
-            if saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
+            saved = _saved_pool(config, samples_file) if config.resume and not distill else None
+            if distill:
+                got = collect_distill(config, k, prompts, policy, ctx, principles, base_model=frozen[0] if frozen is not None else None)
+            elif saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
                 log.info("iteration %d: re-pairing the %d scored samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)
                 got = pair_pool(config, k, prompts, saved, {"seconds/sample": 0.0, "seconds/score": 0.0, "resampled": False})
             else:
@@ -505,16 +545,24 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                 atomic_write_text(pairs_file, _jsonl(rows))
             barrier(ctx)
             record = logger.log({"type": "iteration", "iteration": k, "step": trainer.step, **got.stats})
-            if ctx.is_main:
+            if ctx.is_main and distill:
+                print(f"dpa iteration {k}: {record['rows']} distillation rows from {record['samples']} responses "
+                      f"({record['finished']:.0%} ended), sampling {record['seconds/sample']:.0f}s", file=sys.stderr)
+            elif ctx.is_main:
                 print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
                       f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s", file=sys.stderr)
-        examples = examples_from_pairs(rows, config.loss, None if config.prompt_carries_direction else config.objectives)
+        if distill:
+            from .distill import encode_distill, examples_from_rows
+
+            examples = examples_from_rows(rows)
+        else:
+            examples = examples_from_pairs(rows, config.loss, None if config.prompt_carries_direction else config.objectives)
         if not examples:
             logger.log({"type": "skip", "iteration": k, "step": trainer.step, "reason": "every pair was a near-tie"})
             log.warning("iteration %d: no pairs (all below min_margin); no training this iteration", k)
         else:  # fewer than a global batch is fine: the trainer pads the epoch with repeats
-            data = encode_examples(examples, encoder, sft=config.loss == "sft")
+            data = encode_distill(examples, encoder) if distill else encode_examples(examples, encoder, sft=config.loss == "sft")
             trainer.ref = None
             if config.precomputes_reference:
                 policy.model.eval()

@@ -70,6 +70,19 @@ def sequence_logprobs(model, batch: Batch, *, impl: str = "fused") -> SequenceLo
     return SequenceLogps(sums, counts)
 
 
+def completion_logprob_rows(model, batch: Batch) -> Tensor:
+    """``(N, V)`` float32 log-softmax of every row that predicts a completion token (labels !=
+    IGNORE_INDEX), in row-major order: what distillation compares, where :func:`sequence_logprobs`
+    needs only each row's target entry. The LM head runs outside autocast as there."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    valid = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    with torch.autocast(hidden.device.type, enabled=False):
+        rows = hidden[:, :-1][valid].to(head.weight.dtype)  # (N, H)
+        logits = torch.nn.functional.linear(rows, head.weight, getattr(head, "bias", None)).float()  # (N, V)
+        return torch.log_softmax(logits, dim=-1)
+
+
 class SequenceLogprobs(nn.Module):
     """``forward(batch) -> (logps (B,), counts (B,))`` as a module, for DDP to wrap."""
 
@@ -80,6 +93,11 @@ class SequenceLogprobs(nn.Module):
         self.model = model
         self.impl = impl
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        out = sequence_logprobs(self.model, Batch(input_ids, attention_mask, labels), impl=self.impl)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, rows: bool = False):
+        """``(logps (B,), counts (B,))``; with ``rows``, the ``(N, V)`` completion log-prob rows instead
+        (:func:`completion_logprob_rows`), still through this module so that DDP sees the forward."""
+        batch = Batch(input_ids, attention_mask, labels)
+        if rows:
+            return completion_logprob_rows(self.model, batch)
+        out = sequence_logprobs(self.model, batch, impl=self.impl)
         return out.logps, out.counts

@@ -73,7 +73,8 @@ def plot_curves(output: str | Path, title: str = "") -> Path | None:
     output = Path(output)
     records = read_metrics(output)
     steps = [r for r in records if r.get("type") == "step"]
-    iterations = [r for r in records if r.get("type") == "iteration"]
+    # Iterations that scored their samples (a distillation run scores none).
+    iterations = [r for r in records if r.get("type") == "iteration" and r.get("score/mean") is not None]
     if not steps and not iterations:
         return None
     panels = 1 + bool(iterations) + bool(any("rewards/margins" in r for r in steps))

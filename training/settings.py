@@ -22,14 +22,14 @@ from .config import require_choice, require_float, require_int
 # Mirrors of steer.kernels.preference.LOSS_TYPES / NEEDS_REFERENCE (importing it loads torch).
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
 NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge", "kto")
-LOSSES = PREFERENCE_LOSSES + ("sft",)
+LOSSES = PREFERENCE_LOSSES + ("sft", "distill")
 LOGPROB_IMPLS = ("fused", "naive")  # steer.training.logprobs.IMPLS
 DEVICES = ("auto", "cpu", "cuda")  # steer.training.distributed.DEVICES
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # steer.logs.LEVELS
 
 
 # Per-loss beta when none is given: TRL's defaults (SimPO: the paper's 2.0; ORPO: lambda 0.1).
-DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1, "sft": 0.0}
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1, "sft": 0.0, "distill": 0.0}
 DEFAULT_SIMPO_GAMMA = 1.0  # TRL: gamma_beta_ratio 0.5 x beta 2.0
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")  # steer.training.trainer.resolve_precision
@@ -52,7 +52,7 @@ class TrainerConfig:
 
     output: str = field(default="", metadata=_f("run directory: adapter/ (or model/), checkpoints/, metrics.jsonl, training_curve.png, config.yaml"))
     model: str = field(default="default", metadata=_f("base causal LM: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
-    loss: str = field(default="sigmoid", metadata=_f("preference loss: sigmoid (DPO), ipo, hinge, simpo, orpo, kto, or sft (NLL on the chosen response)", choices=LOSSES))
+    loss: str = field(default="sigmoid", metadata=_f("preference loss: sigmoid (DPO), ipo, hinge, simpo, orpo, kto, sft (NLL on the chosen response), or distill (dpa only: context distillation of the principles into the direction line, see steer.training.distill)", choices=LOSSES))
     beta: float | None = field(default=None, metadata=_f("loss strength (DPO/hinge/KTO: KL weight; IPO: tau; SimPO: reward scale; ORPO: lambda)", unset="0.1; simpo 2.0"))
     gamma: float | None = field(default=None, metadata=_f("SimPO target reward margin (simpo only)", unset="1.0 for simpo"))
     label_smoothing: float = field(default=0.0, metadata=_f("cDPO label-flip probability in [0, 0.5) (sigmoid and simpo only)"))
@@ -170,6 +170,9 @@ class DPOConfig(TrainerConfig):
             raise InvalidInput("data", "is required: one or more JSONL/Parquet files")
         _require_paths("data", self.data)
         require_int("epochs", self.epochs, 1)
+        if self.loss == "distill":
+            raise InvalidInput("loss", "distill needs a teacher prompt per response, which pair files do not have; "
+                                       "use python -m steer.train dpa --loss distill")
         require_int("max_steps", self.max_steps, 0)
 
 
@@ -222,9 +225,12 @@ class DPAConfig(TrainerConfig):
         require_int("samples", self.samples, 0)
         require_int("guided_samples", self.guided_samples, 0)
         require_int("contrast_samples", self.contrast_samples, 0)
-        if self.pool_size < (1 if self.loss == "sft" else 2):
+        single = self.loss in ("sft", "distill")
+        if self.pool_size < (1 if single else 2):
             raise InvalidInput("samples", f"the candidate pool (samples + guided_samples + contrast_samples = {self.pool_size}) "
-                               f"needs at least {1 if self.loss == 'sft' else 2} responses per (prompt, direction) to pick a pair from")
+                               f"needs at least {1 if single else 2} responses per (prompt, direction) to pick a pair from")
+        if self.loss == "distill" and self.full:
+            raise InvalidInput("full", "distill's teacher is the base model with the adapter switched off; full fine-tuning has no such switch (use LoRA)")
         if not isinstance(self.principles, str):
             raise InvalidInput("principles", f"must be a file path, got {self.principles!r}")
         require_float("corner_share", self.corner_share, minimum=0, maximum=1)
@@ -249,7 +255,8 @@ class DPAConfig(TrainerConfig):
 
     @property
     def uses_principles(self) -> bool:
-        return self.guided_samples + self.contrast_samples > 0
+        """Guided or contrast samples need the principles; so does distill (its teacher's instructions)."""
+        return self.loss == "distill" or self.guided_samples + self.contrast_samples > 0
 
     @property
     def prompts_path(self) -> Path:
@@ -277,6 +284,8 @@ class MixtureConfig(DPAConfig):
                                           "(on-policy sampling of a mixture is not implemented)")
         if self.loss == "kto":
             raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
+        if self.loss == "distill":
+            raise InvalidInput("loss", "distill teaches the direction line, which a mixture's prompt does not carry; use sigmoid, ipo, hinge, simpo, orpo or sft")
         if self.full:
             raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
         _require_paths("data", self.data)

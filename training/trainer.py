@@ -26,7 +26,7 @@ from steer.kernels import preference_loss
 
 from .checkpoint import Checkpoint, CheckpointManager, set_rng_state
 from .distributed import DistContext, all_gather_object, all_reduce_mean, all_reduce_sum_, rank_micro_batches, wrap_ddp
-from .logprobs import SequenceLogprobs, sequence_logprobs
+from .logprobs import SequenceLogprobs, completion_logprob_rows, sequence_logprobs
 from .memory import HeapTrimmer
 from .metrics import MetricsLogger
 from .pairs import EncodedExample, collate
@@ -188,6 +188,8 @@ class PreferenceTrainer:
         examples = [data[i] for i in idx]
         b = len(examples)
         dev = self.ctx.device
+        if cfg.loss == "distill":
+            return self._distill_loss(examples)
         if cfg.loss == "sft":
             batch = collate([e.sequences[0] for e in examples], self.pad_id).to(dev)
             with self.autocast(), self.policy.rows(examples):
@@ -228,6 +230,29 @@ class PreferenceTrainer:
             beta=cfg.effective_beta, kl_policy_logps=kl_policy, kl_ref_logps=kl_ref,
         )
         return StepResult(out.loss, out.metrics(), batch.tokens + kl_batch.tokens)
+
+    def _distill_loss(self, examples: list[EncodedExample]) -> StepResult:
+        """Context distillation (:mod:`steer.training.distill`): the teacher is the adapter-disabled
+        model on ``sequences[1]`` (the instructed prompt), the student the policy on ``sequences[0]``
+        (the direction line), on the same completion tokens. Teacher first, under inference mode,
+        so its activations never coexist with the student's graph."""
+        from .distill import distill_loss
+
+        dev = self.ctx.device
+        student = collate([e.sequences[0] for e in examples], self.pad_id).to(dev)
+        teacher = collate([e.sequences[1] for e in examples], self.pad_id).to(dev)
+        model = self.policy.model
+        with torch.inference_mode(), self.policy.reference(), self.autocast():
+            model.eval()
+            try:
+                teacher_logp = completion_logprob_rows(model, teacher)  # (N, V)
+            finally:
+                model.train()
+        teacher_logp = teacher_logp.clone()  # a normal tensor next to the student's graph
+        with self.autocast(), self.policy.rows(examples):
+            student_logp = self.forward(student.input_ids, student.attention_mask, student.labels, rows=True)  # (N, V)
+        loss, metrics = distill_loss(student_logp, teacher_logp)
+        return StepResult(loss, metrics, student.tokens + teacher.tokens)
 
     # -- steps ------------------------------------------------------------------------------
 
