@@ -7,7 +7,8 @@ distillation (Askell et al. 2021, arXiv 2112.00861, section 3; Snell et al. 2022
 moves the whole behaviour instead: the *teacher* is the base model (adapter off) under an
 instruction chosen for direction ``e`` (:mod:`steer.principles`), the *student* is the policy under
 the direction line of ``e`` and no instruction, and on the same response tokens the student matches
-the teacher's next-token distribution at every position:
+the teacher's next-token distribution at every position (``steer.train mixture --loss distill``: the
+student is the mixture of adapters weighted by ``e`` on the plain prompt):
 
     loss = (1 / N) sum_{completion tokens t} KL( p_teacher(. | instruction(e), y_<t) || p_student(. | line(e), y_<t) )
 
@@ -47,6 +48,7 @@ class DistillExample:
     completion: str
     eos: bool  # the response ended with the end-of-turn token (else it is not taught to stop there)
     where: str = ""
+    direction: tuple[float, ...] | None = None  # mixture: the weights of the student's adapters (its prompt has no line)
 
 
 def targets(direction: Direction, corners: bool) -> list[tuple[Direction, bool]]:
@@ -84,7 +86,8 @@ def distill_rows(config, iteration: int, prompts, pools: list[dict], principles)
             for t, (e, relabeled) in enumerate(targets(d, config.corner_pairs)):
                 rng = np.random.default_rng([config.seed, 17, iteration, s, j, t])
                 instruction = principles.instruction(e, "positive", rng)
-                rows.append({"prompt": condition_messages(conv, e), "teacher_prompt": instructed_messages(conv, instruction),
+                student = condition_messages(conv, e) if config.prompt_carries_direction else list(conv)
+                rows.append({"prompt": student, "teacher_prompt": instructed_messages(conv, instruction),
                              "completion": c.text, "finished": c.finished, "direction": _weights(e), "instruction": instruction,
                              "source": c.source, "sample_instruction": c.instruction, "relabeled": relabeled,
                              "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"], "sample": j})
@@ -99,8 +102,9 @@ def distill_rows(config, iteration: int, prompts, pools: list[dict], principles)
     return rows, samples, stats
 
 
-def examples_from_rows(rows: list[dict]) -> list[DistillExample]:
-    """Examples from ``distill.jsonl`` rows; a malformed row is named by its iteration and slot."""
+def examples_from_rows(rows: list[dict], objectives: tuple[str, ...] | None = None) -> list[DistillExample]:
+    """Examples from ``distill.jsonl`` rows; a malformed row is named by its iteration and slot. With
+    ``objectives`` (a mixture), each example carries its direction's weights in that order."""
     out = []
     for r in rows:
         where = r.get("where") or f"iteration {r.get('iteration')} slot {r.get('slot')} sample {r.get('sample')}"
@@ -110,8 +114,13 @@ def examples_from_rows(rows: list[dict]) -> list[DistillExample]:
                     raise InvalidInput(key, "is missing (a distill row has prompt, teacher_prompt, completion and finished)")
             if not isinstance(r["completion"], str) or not r["completion"].strip():
                 raise InvalidInput("completion", "is empty: there is nothing to distill on")
+            direction = None
+            if objectives is not None:
+                if not isinstance(r.get("direction"), dict) or set(r["direction"]) != set(objectives):
+                    raise InvalidInput("direction", f"must name exactly {list(objectives)}, got {r.get('direction')!r}")
+                direction = tuple(float(r["direction"][o]) for o in objectives)
             out.append(DistillExample(parse_prompt(r["prompt"]), parse_prompt(r["teacher_prompt"], "teacher_prompt"),
-                                      r["completion"], bool(r["finished"]), where))
+                                      r["completion"], bool(r["finished"]), where, direction))
         except InvalidInput as e:
             raise InvalidInput(where, str(e)) from None
     return out
@@ -134,7 +143,7 @@ def encode_distill(examples: list[DistillExample], encoder: Encoder) -> list[Enc
         student = encoder.encode(ex.prompt, ex.completion, ex.eos, ex.where, pids(ex.prompt))
         teacher = encoder.encode(ex.teacher_prompt, ex.completion, ex.eos, ex.where, pids(ex.teacher_prompt))
         n = min(student.completion_len, teacher.completion_len)
-        out.append(EncodedExample((_cut(student, n), _cut(teacher, n))))
+        out.append(EncodedExample((_cut(student, n), _cut(teacher, n)), direction=ex.direction))
     return out
 
 

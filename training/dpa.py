@@ -555,7 +555,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         if distill:
             from .distill import encode_distill, examples_from_rows
 
-            examples = examples_from_rows(rows)
+            examples = examples_from_rows(rows, None if config.prompt_carries_direction else config.objectives)
         else:
             examples = examples_from_pairs(rows, config.loss, None if config.prompt_carries_direction else config.objectives)
         if not examples:

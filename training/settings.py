@@ -284,8 +284,8 @@ class MixtureConfig(DPAConfig):
                                           "(on-policy sampling of a mixture is not implemented)")
         if self.loss == "kto":
             raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
-        if self.loss == "distill":
-            raise InvalidInput("loss", "distill teaches the direction line, which a mixture's prompt does not carry; use sigmoid, ipo, hinge, simpo, orpo or sft")
+        if self.loss == "distill" and self.data:
+            raise InvalidInput("data", "distill samples its own responses and needs a teacher prompt per response, which pair files do not have; drop --data")
         if self.full:
             raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
         _require_paths("data", self.data)

@@ -96,8 +96,9 @@ def test_encoding_gives_both_sequences_the_same_completion_tokens(tokenizer):
 def test_configs_refuse_distill_where_it_has_no_teacher(tmp_path):
     with pytest.raises(InvalidInput, match="loss"):
         DPOConfig(output=str(tmp_path), data=("x.jsonl",), loss="distill")
-    with pytest.raises(InvalidInput, match="loss"):
+    with pytest.raises(InvalidInput, match="data"):
         MixtureConfig(output=str(tmp_path), loss="distill", data=("x.jsonl",))
+    assert MixtureConfig(output=str(tmp_path), loss="distill").uses_principles
     with pytest.raises(InvalidInput, match="full"):
         DPAConfig(output=str(tmp_path), loss="distill", full=True)
     ok = DPAConfig(output=str(tmp_path), loss="distill", samples=0, guided_samples=1, contrast_samples=0)
@@ -135,3 +136,21 @@ def test_distill_run_end_to_end_moves_the_student_toward_the_teacher(tmp_path, t
     before = (it / "distill.jsonl").read_text()
     assert main(args + ["--resume"]) == 0
     assert (it / "distill.jsonl").read_text() == before
+
+
+def test_mixture_distill_trains_each_row_through_its_directions_mix(tmp_path, tiny_model_dir):
+    from steer.training.mixture_cli import main as mixture_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a fruit.", "What is two plus two?"]))
+    out = tmp_path / "mix"
+    assert mixture_main(["--prompts", str(prompts), "--model", str(tiny_model_dir), "--output", str(out), "--loss", "distill",
+                         "--objectives", "helpfulness", "conciseness", "--prompts-per-iteration", "2", "--guided-samples", "1",
+                         "--contrast-samples", "0", "--max-new-tokens", "6", "--batch-size", "2", "--lr", "3e-2",
+                         "--temperature", "1.0", "--epochs-per-iteration", "3", "--no-progress", "--iterations", "1"]) == 0
+    rows = [json.loads(line) for line in (out / "iterations" / "000" / "distill.jsonl").read_text().splitlines()]
+    assert rows and all(r["prompt"] == [{"role": "user", "content": r["teacher_prompt"][-1]["content"]}] for r in rows)  # no line
+    assert all(set(r["direction"]) == {"helpfulness", "conciseness"} for r in rows)
+    steps = [r for r in read_metrics(out) if r["type"] == "step"]
+    assert steps and all(math.isfinite(r["kl"]) for r in steps)
+    assert (out / "mixture" / "mixture.json").is_file()
