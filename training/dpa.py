@@ -287,7 +287,7 @@ def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
         return None
     rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     try:
-        pools = pool_from_samples(rows, config.objectives)
+        pools = pool_from_samples(rows, config.objectives, scored=config.loss != "distill")
     except (KeyError, TypeError, ValueError) as e:
         log.warning("%s does not hold scored pools (%s); sampling again", samples_file, e)
         return None
@@ -299,17 +299,19 @@ def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
     return pools
 
 
-def pool_from_samples(rows: list[dict], objectives: tuple[str, ...]) -> list[dict]:
+def pool_from_samples(rows: list[dict], objectives: tuple[str, ...], scored: bool = True) -> list[dict]:
     """The scored pools of an iteration, rebuilt from its ``samples.jsonl`` rows (what :func:`collect`
-    gathers before pairing): ``--resume`` re-pairs a sampled iteration instead of sampling it again."""
+    gathers before pairing): ``--resume`` re-pairs a sampled iteration instead of sampling it again.
+    ``scored=False`` (distillation, whose samples carry no rewards): the candidates only."""
     by_slot: dict[int, dict] = {}
     for r in sorted(rows, key=lambda r: (r["slot"], r["sample"])):
         item = by_slot.setdefault(r["slot"], {"slot": r["slot"], "prompt_index": r["prompt_index"],
                                               "weights": [float(r["direction"][o]) for o in objectives],
                                               "cands": [], "scaled": [], "raw": []})
         item["cands"].append((r["response"], r["finished"], r["tokens"], r["source"], r["instruction"]))
-        item["scaled"].append([float(r["rewards"][o]) for o in objectives])
-        item["raw"].append([float(r["rewards_raw"][o]) for o in objectives])
+        if scored:
+            item["scaled"].append([float(r["rewards"][o]) for o in objectives])
+            item["raw"].append([float(r["rewards_raw"][o]) for o in objectives])
     return [by_slot[s] for s in sorted(by_slot)]
 
 
@@ -529,8 +531,14 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
         else:
             cursor = (0, 0)
-            saved = _saved_pool(config, samples_file) if config.resume and not distill else None
-            if distill:
+            saved = _saved_pool(config, samples_file) if config.resume else None
+            if distill and saved is not None:  # sampled before the run stopped (or copied from another run): sample nothing
+                from .distill import distill_rows
+
+                log.info("iteration %d: distilling on the %d saved samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)
+                rows_, samples_, stats_ = distill_rows(config, k, prompts, saved, principles)
+                got = IterationData(rows_, samples_, {**stats_, "seconds/sample": 0.0, "resampled": False})
+            elif distill:
                 got = collect_distill(config, k, prompts, policy, ctx, principles, base_model=frozen[0] if frozen is not None else None)
             elif saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
                 log.info("iteration %d: re-pairing the %d scored samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)

@@ -136,6 +136,14 @@ def test_distill_run_end_to_end_moves_the_student_toward_the_teacher(tmp_path, t
     before = (it / "distill.jsonl").read_text()
     assert main(args + ["--resume"]) == 0
     assert (it / "distill.jsonl").read_text() == before
+    # A new run given the saved samples (--resume, no checkpoint yet) distills on them instead of sampling.
+    again = tmp_path / "again"
+    (again / "iterations" / "000").mkdir(parents=True)
+    (again / "iterations" / "000" / "samples.jsonl").write_text((it / "samples.jsonl").read_text())
+    assert main([a if a != str(out) else str(again) for a in args] + ["--resume", "--epochs-per-iteration", "1"]) == 0
+    assert (again / "iterations" / "000" / "distill.jsonl").read_text() == before
+    record = [r for r in read_metrics(again) if r["type"] == "iteration"][0]
+    assert record["seconds/sample"] == 0.0 and record["resampled"] is False
 
 
 def test_mixture_distill_trains_each_row_through_its_directions_mix(tmp_path, tiny_model_dir):
