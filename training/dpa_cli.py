@@ -14,6 +14,8 @@ Examples:
   python -m steer.train dpa --scorer flr --iterations 4 --samples 4 --output runs/dpa-flr
   python -m steer.train dpa --scorer runs/rm --loss ipo --output runs/dpa-rm    # a trained reward model
   python -m steer.train dpa --loss sft --samples 8 --output runs/rft            # rejection-sampling fine-tuning
+  python -m steer.train dpa --loss distill --samples 0 --guided-samples 1 --contrast-samples 1 --corner-pairs --output runs/distill
+                                                                                # context distillation of the principles into the line
   python -m steer.train dpa --prompts my_prompts.jsonl --prompts-per-iteration 64 --max-new-tokens 96 --output runs/dpa
   python -m steer.train dpa --config dpa.yaml --resume
   torchrun --nproc_per_node 2 -m steer.train dpa --output runs/dpa-ddp

@@ -201,7 +201,7 @@ class DPAConfig(TrainerConfig):
     corner_share: float = field(default=0.25, metadata=_f("share of directions that are corners (one objective only); the rest are Dirichlet mixes"))
     dirichlet_alpha: float = field(default=1.0, metadata=_f("Dirichlet concentration of the mixed directions (1: uniform on the simplex)"))
     min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common scale) is below this; sft ignores it"))
-    corner_pairs: bool = field(default=False, metadata=_f("also pair every pool under each corner direction it was not sampled for (reward vectors do not depend on the direction): the same prompt with opposite preferences, at no sampling cost"))
+    corner_pairs: bool = field(default=False, metadata=_f("also pair every pool under each corner direction it was not sampled for (reward vectors do not depend on the direction): the same prompt with opposite preferences, at no sampling cost; distill: also distill every response under each other corner"))
     missing_eos_penalty: float = field(default=1.0, metadata=_f("subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
     max_new_tokens: int = field(default=128, metadata=_f("tokens per sampled response at most"))
     temperature: float = field(default=0.8, metadata=_f("sampling temperature (> 0: pairs need diverse samples)"))
