@@ -34,7 +34,7 @@ from steer.conditioning import condition_messages
 from steer.errors import InvalidInput
 from steer.objectives import Direction
 
-from .pairs import EncodedExample, Encoder, TokenizedSequence, parse_prompt
+from .pairs import EncodedExample, Encoder, TokenizedSequence, cached_prompt_ids, parse_prompt
 
 ROWS_FILE = "distill.jsonl"
 
@@ -131,14 +131,7 @@ def encode_distill(examples: list[DistillExample], encoder: Encoder) -> list[Enc
     same count (the longer prompt may leave less room under ``max_length``), so the two sequences'
     completion-predicting rows pair up one to one."""
     out = []
-    cache: dict[tuple, list[int]] = {}
-
-    def pids(prompt) -> list[int]:
-        key = tuple((m["role"], m["content"]) for m in prompt)
-        if key not in cache:
-            cache[key] = encoder.prompt_ids(prompt)
-        return cache[key]
-
+    pids = cached_prompt_ids(encoder)
     for ex in examples:
         student = encoder.encode(ex.prompt, ex.completion, ex.eos, ex.where, pids(ex.prompt))
         teacher = encoder.encode(ex.teacher_prompt, ex.completion, ex.eos, ex.where, pids(ex.teacher_prompt))

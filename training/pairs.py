@@ -303,17 +303,23 @@ class EncodedExample:
     direction: tuple[float, ...] | None = None  # mixture training: the weights this example was paired under
 
 
-def encode_examples(examples: Sequence[Example], tok: Encoder, *, sft: bool = False) -> list[EncodedExample]:
-    """Tokenise every example once. Unpaired example i's KL sequence is prompt i + completion (i+1) mod n."""
-    out = []
-    prompt_cache: dict[tuple, list[int]] = {}
+def cached_prompt_ids(tok: Encoder):
+    """``prompt -> ids`` through ``tok``, each distinct conversation tokenised once (rows share prompts)."""
+    cache: dict[tuple, list[int]] = {}
 
     def pids(prompt) -> list[int]:
         key = tuple((m["role"], m["content"]) for m in prompt)
-        if key not in prompt_cache:
-            prompt_cache[key] = tok.prompt_ids(prompt)
-        return prompt_cache[key]
+        if key not in cache:
+            cache[key] = tok.prompt_ids(prompt)
+        return cache[key]
 
+    return pids
+
+
+def encode_examples(examples: Sequence[Example], tok: Encoder, *, sft: bool = False) -> list[EncodedExample]:
+    """Tokenise every example once. Unpaired example i's KL sequence is prompt i + completion (i+1) mod n."""
+    out = []
+    pids = cached_prompt_ids(tok)
     for i, ex in enumerate(examples):
         if isinstance(ex, PairExample):
             chosen = tok.encode(ex.prompt, ex.chosen, ex.chosen_eos, ex.where, pids(ex.prompt))
