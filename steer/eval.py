@@ -35,176 +35,44 @@ shipped in steer.training (training/data/prompts_heldout.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from itertools import combinations
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from steer import eval_stats as st
 from steer.errors import InvalidInput
+from steer.eval_grid import DEFAULT_GRID, default_prompts_path, direction_grid, direction_label, load_prompts
+from steer.eval_judges import HeldoutJudge, ScorerJudge, build_heldout_judge
+from steer.eval_report import (
+    BASE,
+    HELDOUT,
+    POLICY,
+    TRAINING,
+    EvalResult,
+    Sample,
+    format_table,
+    write_report,
+)
+from steer.eval_stats import PLAIN
 from steer.logs import add_log_level_flag, configure_logging
-from steer.eval_stats import PLAIN, mean_and_se, rankdata, spearman  # noqa: F401  (re-exported)
 from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
-DEFAULT_GRID = "default"
-JSON_NAME, PLOT_NAME, GENERATIONS_NAME = "steerability.json", "steerability.png", "generations.jsonl"
-MAX_SIMPLEX_STEPS = 20  # simplex:N has C(N+k-1, k-1) points: 231 directions at N=20, k=3
+__all__ = [  # the names other modules and the tests import from here; the rest is in eval_grid/eval_report
+    "BASE", "HELDOUT", "PLAIN", "POLICY", "TRAINING", "EvalConfig", "EvalResult", "HeldoutJudge", "ScorerJudge",
+    "default_prompts_path", "direction_grid", "direction_label", "evaluate", "generate_samples", "load_policy_and_judge",
+    "load_prompts", "main", "run_eval",
+]
+
 STRATEGIES = ("conditioned", "rerank", "mixture")
-HELDOUT, TRAINING = "heldout", "training"  # judge names; HELDOUT is the headline
-POLICY, BASE = "policy", "base"  # system names
-TOKEN_OBJECTIVE = "conciseness"  # judged by the held-out judge as minus the token count
-
-
-# ------------------------------------------------------------------------------------- directions
-
-def direction_grid(spec: str, objectives: Sequence[str] = DEFAULT_OBJECTIVES, field: str = "grid") -> list[Direction]:
-    """The directions a spec names, without duplicates, in a stable order.
-
-    * ``default``: every corner, the uniform mix, and every pairwise 50/50 mix
-    * ``corners``: every corner
-    * ``simplex:N``: every point whose weights are multiples of 1/N
-    * ``name=w,name=w;name=w;...``: explicit directions (normalised like request weights)
-    """
-    objectives = validate_objectives(objectives)
-    spec = (spec or "").strip()
-    if spec in ("default", "corners"):
-        out = [Direction.corner(o, objectives) for o in objectives]
-        if spec == "default":
-            out.append(Direction.uniform(objectives))
-            out += [Direction.from_weights({a: 1.0, b: 1.0}, objectives) for a, b in combinations(objectives, 2)]
-    elif spec.startswith("simplex:"):
-        steps = spec.partition(":")[2]
-        if not steps.isdigit() or not 1 <= int(steps) <= MAX_SIMPLEX_STEPS:
-            raise InvalidInput(field, f"simplex:N needs an integer N in 1..{MAX_SIMPLEX_STEPS}, got {spec!r}")
-        out = [Direction.from_weights(dict(zip(objectives, c)), objectives) for c in _compositions(int(steps), len(objectives))]
-    elif "=" in spec:
-        out = []
-        for i, part in enumerate(p for p in spec.split(";") if p.strip()):
-            weights = {}
-            for item in part.split(","):
-                name, eq, value = item.strip().partition("=")
-                try:
-                    weights[name.strip()] = float(value)
-                except ValueError:
-                    raise InvalidInput(f"{field}[{i}]", f"expected name=weight, got {item.strip()!r}") from None
-                if not eq:
-                    raise InvalidInput(f"{field}[{i}]", f"expected name=weight, got {item.strip()!r}")
-            out.append(Direction.from_weights(weights, objectives, field=f"{field}[{i}]"))
-    else:
-        raise InvalidInput(field, f"expected 'default', 'corners', 'simplex:N' or 'name=w,...;name=w,...', got {spec!r}")
-    unique: dict[tuple[float, ...], Direction] = {}
-    for d in out:
-        unique.setdefault(tuple(round(w, 9) for w in d.weights), d)
-    return list(unique.values())
-
-
-def _compositions(total: int, parts: int):
-    """Every tuple of ``parts`` non-negative integers summing to ``total``, lexicographically descending."""
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total, -1, -1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
-
-
-def direction_label(direction: Direction) -> str:
-    """Short plot/table label: the objective's name for a corner, ``uniform``, else ``h.50 cr.50``."""
-    nonzero = [(o, w) for o, w in zip(direction.objectives, direction.weights) if w > 0]
-    if len(nonzero) == 1:
-        return nonzero[0][0]
-    if len(nonzero) == len(direction.objectives) and max(direction.weights) - min(direction.weights) < 1e-9:
-        return "uniform"
-    short = _short_names(direction.objectives)
-    return " ".join(f"{short[o]}{w:.2f}".replace("0.", ".", 1) for o, w in nonzero)
-
-
-def _short_names(objectives: Sequence[str]) -> dict[str, str]:
-    """The shortest prefix that tells each objective from the others (helpfulness -> h, creativity -> cr)."""
-    out = {}
-    for o in objectives:
-        n = 1
-        while n < len(o) and any(p != o and p.startswith(o[:n]) for p in objectives):
-            n += 1
-        out[o] = o[:n]
-    return out
-
-
-# ---------------------------------------------------------------------------------------- prompts
-
-@dataclass(frozen=True)
-class PromptRecord:
-    prompt: str
-    category: str = ""
-
-
-def default_prompts_path(split: str = "heldout") -> Path:
-    """The prompt set shipped in ``steer.training`` (``train`` or ``heldout``).
-
-    Located through the import system without importing ``steer.training`` (the core never does),
-    so it works for the editable checkout and for an installed wheel alike.
-    """
-    import importlib.util
-
-    names = {"train": "prompts.jsonl", "heldout": "prompts_heldout.jsonl"}
-    if split not in names:
-        raise InvalidInput("split", f"expected one of {sorted(names)}, got {split!r}")
-    spec = importlib.util.find_spec("steer.training")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("steer.training is not installed: pass --prompts explicitly")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / names[split]
-
-
-def load_prompts(path: str | Path, field: str = "prompts") -> list[PromptRecord]:
-    """Read a JSONL prompt set; errors name ``file:line``. Blank lines are skipped."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InvalidInput(field, f"cannot read {path}: {e.strerror or e}") from None
-    out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(field, f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InvalidInput(field, f"{where}: expected an object {{\"prompt\": ..., \"category\": ...}}")
-        prompt, category = row.get("prompt"), row.get("category", "")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput(field, f"{where}: 'prompt' must be a non-empty string")
-        if not isinstance(category, str):
-            raise InvalidInput(field, f"{where}: 'category' must be a string")
-        out.append(PromptRecord(prompt, category))
-    if not out:
-        raise InvalidInput(field, f"{path} holds no prompts")
-    return out
 
 
 # ------------------------------------------------------------------------------------- generation
-
-@dataclass(frozen=True)
-class Sample:
-    """One evaluated response."""
-
-    prompt_index: int
-    direction_index: int  # index into the run's directions; PLAIN: answered without a direction line
-    seed: int
-    text: str
-    num_tokens: int
-    finished: bool  # ended with end-of-turn rather than max_new_tokens
-    candidate: int = 0  # rerank: which of its seed's candidates won v . r
-
 
 def _user_turns(prompts: Sequence[str]) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": p}] for p in prompts]
@@ -269,125 +137,7 @@ def generate_samples(
     return out
 
 
-# ----------------------------------------------------------------------------------------- judges
-
-def _score_in_chunks(scorer, conversations, texts, batch_size: int, progress: bool, desc: str):
-    """``scorer.rewards`` over every pair, ``batch_size`` pairs per call; returns (raw, scaled) as (n, k) float64 arrays."""
-    chunks = range(0, len(texts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=desc, unit="batch")
-    raw, scaled = [], []
-    for start in chunks:
-        rewards = scorer.rewards(conversations[start:start + batch_size], texts[start:start + batch_size])
-        raw.append(rewards.raw.double().numpy())
-        scaled.append(rewards.scaled.double().numpy())
-    k = len(scorer.objectives)
-    return (np.concatenate(raw) if raw else np.zeros((0, k))), (np.concatenate(scaled) if scaled else np.zeros((0, k)))
-
-
-class ScorerJudge:
-    """A steer Scorer as a judge: its common-scale rewards. Scores are cached per (conversation,
-    response), so under rerank the chosen responses are not scored a second time for the report."""
-
-    def __init__(self, scorer, batch_size: int = 32, progress: bool = False, name: str = TRAINING):
-        self.scorer, self.batch_size, self.progress, self.name = scorer, batch_size, progress, name
-        self.objectives = tuple(scorer.objectives)
-        self._cache: dict[tuple[str, str], tuple[float, ...]] = {}
-
-    def describe(self) -> str:
-        return f"{self.scorer.describe()} (common scale)"
-
-    def score(self, conversations, texts, num_tokens=None):
-        keys = [(json.dumps(c, sort_keys=True), t) for c, t in zip(conversations, texts)]
-        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
-        if todo:
-            _, scaled = _score_in_chunks(
-                self.scorer, [json.loads(c) for c, _ in todo], [t for _, t in todo], self.batch_size, self.progress, f"judge {self.name}",
-            )
-            self._cache.update(zip(todo, map(tuple, scaled.tolist())))
-        return np.array([self._cache[k] for k in keys], dtype=np.float64).reshape(len(keys), len(self.objectives))  # (n, k)
-
-
-class HeldoutJudge:
-    """Judges training did not optimise: ``TOKEN_OBJECTIVE`` is minus the response's token count;
-    every other objective comes from ``flr`` (an FLRScorer with the held-out follow-up sets and no
-    calibration: raw values, since Spearman is rank-based and needs no common scale)."""
-
-    def __init__(self, flr, objectives: Sequence[str], batch_size: int = 32, progress: bool = False, name: str = HELDOUT):
-        self.flr, self.batch_size, self.progress, self.name = flr, batch_size, progress, name
-        self.objectives = tuple(objectives)
-        self._flr_objectives = tuple(o for o in self.objectives if o != TOKEN_OBJECTIVE)
-        if self._flr_objectives and (flr is None or not set(self._flr_objectives) <= set(flr.objectives)):
-            raise InvalidInput("objectives", f"the held-out judge's FLR scores {list(getattr(flr, 'objectives', []))}, need {list(self._flr_objectives)}")
-
-    def describe(self) -> str:
-        parts = [f"{o}: raw FLR, held-out follow-ups" for o in self._flr_objectives]
-        if TOKEN_OBJECTIVE in self.objectives:
-            parts.append(f"{TOKEN_OBJECTIVE}: -tokens")
-        return "; ".join(parts) + (f" [{self.flr.describe()}]" if self._flr_objectives else "")
-
-    def score(self, conversations, texts, num_tokens):
-        out = np.empty((len(texts), len(self.objectives)))  # (n, k)
-        if self._flr_objectives:
-            raw, _ = _score_in_chunks(self.flr, list(conversations), list(texts), self.batch_size, self.progress, f"judge {self.name}")
-            for j, o in enumerate(self.objectives):
-                if o != TOKEN_OBJECTIVE:
-                    out[:, j] = raw[:, list(self.flr.objectives).index(o)]
-        if TOKEN_OBJECTIVE in self.objectives:
-            out[:, self.objectives.index(TOKEN_OBJECTIVE)] = -np.asarray(num_tokens, dtype=np.float64)
-        return out
-
-
-def build_heldout_judge(loaded, objectives: Sequence[str], batch_size: int = 32, progress: bool = False) -> HeldoutJudge:
-    """The held-out judge on ``loaded`` (the base model): FLR with HELDOUT_FOLLOWUPS, no calibration."""
-    from steer.rewards.heldout_followups import HELDOUT_FOLLOWUPS
-
-    flr_objectives = tuple(o for o in objectives if o != TOKEN_OBJECTIVE)
-    missing = [o for o in flr_objectives if o not in HELDOUT_FOLLOWUPS]
-    if missing:
-        raise InvalidInput(
-            "objectives", f"no held-out judge for {missing}: add a follow-up set to steer/rewards/heldout_followups.py "
-            f"(sets exist for {sorted(HELDOUT_FOLLOWUPS)}; {TOKEN_OBJECTIVE} is judged by token count)",
-        )
-    flr = None
-    if flr_objectives:
-        from steer.rewards.flr import FLRConfig, FLRScorer
-
-        config = FLRConfig(objectives=flr_objectives, followups=HELDOUT_FOLLOWUPS, calibration="none")
-        flr = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, context_length=loaded.context_length)
-    return HeldoutJudge(flr, objectives, batch_size=batch_size, progress=progress)
-
-
 # --------------------------------------------------------------------------------------- analysis
-
-@dataclass(frozen=True)
-class EvalResult:
-    objectives: tuple[str, ...]
-    directions: tuple[Direction, ...]
-    prompts: tuple[str, ...]
-    seeds: tuple[int, ...]
-    strategy: str
-    judges: dict[str, str]  # name -> description; the first is the headline
-    systems: dict  # POLICY, BASE -> eval_stats.SystemResult (one object when there is no adapter)
-    samples: dict[str, tuple[Sample, ...]]  # system -> its samples, rows aligned with its scores
-    comparison: dict  # eval_stats.compare(policy, base)
-    timing: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def headline(self) -> str:
-        return next(iter(self.judges))
-
-    @property
-    def policy_is_base(self) -> bool:
-        return self.systems[POLICY] is self.systems[BASE]
-
-    def distinct_systems(self) -> list[str]:
-        """The systems that were generated separately (base alone without an adapter)."""
-        return [BASE] if self.policy_is_base else [POLICY, BASE]
-
-
 def evaluate(
     policy_model,
     base_model,
@@ -457,207 +207,6 @@ def evaluate(
         {POLICY: systems[POLICY], BASE: systems[BASE]}, {POLICY: samples_by_system[POLICY], BASE: samples_by_system[BASE]},
         st.compare(systems[POLICY], systems[BASE], objectives, indices),
     )
-
-
-# ---------------------------------------------------------------------------------------- reports
-
-def _num(x: float | None, fmt: str = "+.3f") -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
-
-
-def _pm(mean: float, se: float) -> str:
-    return _num(mean, "+.2f") if math.isnan(se) else f"{mean:+.2f}±{se:.2f}"
-
-
-def _ci(mean: float, ci: Sequence[float]) -> str:
-    return f"{_num(mean)} [{_num(ci[0], '+.2f')},{_num(ci[1], '+.2f')}]"
-
-
-def format_table(result: EvalResult) -> str:
-    """Per system: tokens, end-of-turn share and headline-judge mean ± se per direction; then every
-    judge's within-prompt Spearman [95% CI], the headline effect sizes; then policy versus base."""
-    names, head = result.objectives, result.headline
-    width = max(16, *(len(d.label) for d in result.systems[BASE].directions)) + 2
-    col = max(24, *(len(o) + 2 for o in names))
-    lines = []
-    for name in result.distinct_systems():
-        system = result.systems[name]
-        note = " (= policy: no adapter)" if result.policy_is_base else ""
-        header = f"{'direction':<{width}}{'n':>5}{'tokens':>8}{'ended':>7}" + "".join(f"{o:>{col}}" for o in names)
-        lines += ["", f"{name}{note}; judge {head!r}: {result.judges[head]}", header, "-" * len(header)]
-        for d in system.directions:
-            cells = "".join(f"{_pm(d.mean[head][o], d.se[head][o]):>{col}}" for o in names)
-            lines.append(f"{d.label:<{width}}{d.n:>5}{d.mean_tokens:>8.1f}{d.finished:>7.2f}{cells}")
-        lines.append("-" * len(header))
-        for judge in system.spearman:
-            cells = "".join(f"{_ci(s.mean, s.ci95):>{col}}" for s in system.spearman[judge].values())
-            lines.append(f"{'spearman ' + judge:<{width + 20}}{cells}")
-        cells = "".join(f"{_num(e.diff, '+.3g') + ' (d ' + _num(e.cohens_d, '+.2f') + ')':>{col}}" for e in system.effect[head].values())
-        lines.append(f"{'w=1 - w=0 (d)':<{width + 20}}{cells}")
-    if not result.policy_is_base:
-        cells = "".join(f"{_ci(g['mean'], g['ci95']):>{col}}" for g in result.comparison["spearman_gain"][head].values())
-        lines += ["", f"{'spearman gain':<{width + 20}}{cells}", f"(policy - base, judge {head!r}, paired over prompts)"]
-    at1 = result.comparison["at_weight_1"][head]
-    if "helpfulness" in at1:
-        h = at1["helpfulness"]
-        lines.append(f"\nhelpfulness ({head}) at helpfulness=1: policy {_num(h[POLICY])}, base {_num(h[BASE])}; "
-                     f"base plain answers {_num(h['base_plain'])} ({_num(result.comparison['base_plain_tokens'], '.1f')} tokens)")
-    return "\n".join(lines).lstrip("\n")
-
-
-def _finite(obj):
-    """JSON has no NaN: undefined statistics (a constant column, a single sample) become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-DEFINITIONS = {  # written into steerability.json so the numbers explain themselves
-    "spearman": "per prompt: Spearman rho between the weight each request gave the objective and the realised "
-                "score, over that prompt's directions x seeds (plain answers excluded); a prompt whose score never "
-                "moved counts as 0; 'mean' averages over prompts; 'ci95' is a percentile bootstrap over prompts",
-    "effect": "mean realised score of generations whose request gave the objective weight 1 minus weight 0, "
-              "pooled over prompts; cohens_d = diff / pooled sample SD; diff_ci95 bootstraps prompts",
-    "side_effects": "matrix[i][j] = within-prompt mean Spearman of realised score i against requested weight j; "
-                    "the diagonal is 'spearman'; on the simplex the weights are negatively related, so a perfectly "
-                    "steerable policy has negative off-diagonal entries",
-    HELDOUT: "helpfulness, creativity: raw FLR (mean log-likelihood of held-out positive minus negative follow-ups, "
-             "nats) on the base model; conciseness: minus the response's token count (higher = shorter)",
-    TRAINING: "the training scorer (--scorer) on the base model, on its common scale ((raw - mean) / std); under "
-              "--strategy rerank it also chose among the candidates, so only the held-out judge is independent of the choice",
-    "spearman_gain": "per prompt, policy rho minus base rho, averaged; bootstrapped over the same prompt resamples",
-    "at_weight_1": "mean realised score where the request gave that objective weight 1; base_plain: the base "
-                   "model's answers without a direction line",
-}
-
-
-def result_to_json(result: EvalResult, **extra) -> dict:
-    return _finite({
-        **extra,
-        "strategy": result.strategy,
-        "seeds": list(result.seeds),
-        "objectives": list(result.objectives),
-        "num_prompts": len(result.prompts),
-        "directions": [{"label": direction_label(d), "weights": d.as_dict()} for d in result.directions],
-        "judges": result.judges,
-        "headline_judge": result.headline,
-        "policy_is_base": result.policy_is_base,
-        "systems": {name: s.to_json() for name, s in result.systems.items()},
-        "comparison": result.comparison,
-        "definitions": DEFINITIONS,
-        "timing": result.timing,
-    })
-
-
-def plot_steerability(result: EvalResult, path: str | Path, title: str = "") -> Path:
-    """Top row: one frontier panel per pair of objectives (headline judge, mean ± se per direction;
-    policy filled circles, base hollow squares, base plain answers a red star). Bottom row:
-    within-prompt Spearman with 95% intervals per system, mean tokens per direction per system,
-    and the policy's side-effect matrix."""
-    import matplotlib
-    from matplotlib.figure import Figure  # object API: no pyplot state or GUI backend; saves with Agg
-
-    head, objectives = result.headline, result.objectives
-    shown = result.distinct_systems()
-    pairs = list(combinations(range(len(objectives)), 2))
-    cols = max(3, len(pairs))
-    fig = Figure(figsize=(4.8 * cols, 9.0), layout="constrained")
-    axes = fig.subplots(2, cols, squeeze=False)
-    for ax in [*axes[0][len(pairs):], *axes[1][3:]]:
-        ax.axis("off")
-    cmap = matplotlib.colormaps["viridis"]
-    colour_of = {POLICY: "tab:blue", BASE: "tab:grey"}
-    unit = {"helpfulness": "helpfulness (raw FLR, nats)", "creativity": "creativity (raw FLR, nats)", TOKEN_OBJECTIVE: f"{TOKEN_OBJECTIVE} (-tokens)"} if head == HELDOUT else {}
-
-    def err(se: float):
-        return None if math.isnan(se) else se
-
-    for ax, (a, b) in zip(axes[0], pairs):
-        oa, ob = objectives[a], objectives[b]
-        for name in shown:
-            for d in result.systems[name].directions:
-                x, y, xe, ye = d.mean[head][oa], d.mean[head][ob], err(d.se[head][oa]), err(d.se[head][ob])
-                if d.weights is None:
-                    ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="*", color="red", markersize=11, ecolor="lightgrey")
-                    ax.annotate("base plain", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="red")
-                    continue
-                wa, wb = d.weights[oa], d.weights[ob]
-                colour = cmap(wa / (wa + wb)) if wa + wb > 0 else "grey"  # share of the pair's weight on x
-                ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o" if name == POLICY else "s", color=colour,
-                            mfc=colour if name == POLICY else "none", ecolor="lightgrey", capsize=2)
-                ax.annotate(d.label if name == POLICY else f"{d.label} (base)", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
-        ax.set(xlabel=unit.get(oa, oa), ylabel=unit.get(ob, ob))
-        ax.set_title(f"{oa} vs {ob} ({head} judge)", fontsize=9)
-        ax.grid(alpha=0.3)
-    width = 0.8 / len(shown)
-    ax = axes[1][0]
-    for s_i, name in enumerate(shown):
-        stats = [result.systems[name].spearman[head][o] for o in objectives]
-        xs = np.arange(len(objectives)) + (s_i - (len(shown) - 1) / 2) * width
-        means = np.nan_to_num([s.mean for s in stats])
-        lo = np.nan_to_num([m - s.ci95[0] for s, m in zip(stats, means)]).clip(0)
-        hi = np.nan_to_num([s.ci95[1] - m for s, m in zip(stats, means)]).clip(0)
-        ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=name, color=colour_of[name])
-        for x, s in zip(xs, stats):
-            ax.annotate(_num(s.mean, "+.2f"), (x, 1.0), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(objectives)), list(objectives), rotation=15)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_ylim(-1.05, 1.15)
-    ax.legend(fontsize=8)
-    ax.set_title(f"within-prompt Spearman(weight, {head} score), 95% CI", fontsize=9)
-    ax = axes[1][1]
-    labels = [d.label for d in result.systems[BASE].directions]
-    for s_i, name in enumerate(shown):
-        tokens = {d.label: d.mean_tokens for d in result.systems[name].directions}
-        xs = np.arange(len(labels)) + (s_i - (len(shown) - 1) / 2) * width
-        ax.bar(xs, [tokens.get(label, 0.0) for label in labels], width, label=name, color=colour_of[name])
-    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("mean tokens")
-    ax.legend(fontsize=8)
-    ax.set_title("response length per direction", fontsize=9)
-    ax = axes[1][2]
-    matrix = result.systems[POLICY].side_effects[head]
-    image = ax.imshow(np.nan_to_num(matrix), vmin=-1, vmax=1, cmap="RdBu")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, _num(float(v), "+.2f"), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(objectives)), [f"weight {o}" for o in objectives], rotation=15, fontsize=7)
-    ax.set_yticks(range(len(objectives)), list(objectives), fontsize=7)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title(f"{shown[0]} side effects: Spearman(realised row, requested column)", fontsize=9)
-    fig.suptitle(f"{title}\n" * bool(title) + "● policy   □ base   ★ base model's plain answers   (mean ± se over prompts x seeds; "
-                 "colour: share of the pair's weight on the x objective)", fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def write_report(result: EvalResult, out_dir: str | Path, prompts: Sequence[PromptRecord] | None = None, **extra) -> dict[str, Path]:
-    """steerability.json, steerability.png and generations.jsonl under ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_NAME, "plot": out / PLOT_NAME, "generations": out / GENERATIONS_NAME}
-    doc = result_to_json(result, **extra, files={k: p.name for k, p in paths.items()})
-    paths["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    with paths["generations"].open("w") as f:
-        for name in result.distinct_systems():
-            scores = result.systems[name].scores
-            for i, s in enumerate(result.samples[name]):
-                plain = s.direction_index == PLAIN
-                row = {
-                    "system": name, "prompt_index": s.prompt_index, "prompt": result.prompts[s.prompt_index],
-                    "category": prompts[s.prompt_index].category if prompts else None,
-                    "direction": "plain" if plain else direction_label(result.directions[s.direction_index]),
-                    "weights": None if plain else result.directions[s.direction_index].as_dict(),
-                    "seed": s.seed, "candidate": s.candidate, "text": s.text, "num_tokens": s.num_tokens, "finished": s.finished,
-                    "scores": {j: dict(zip(result.objectives, m[i].tolist())) for j, m in scores.items()},
-                }
-                f.write(json.dumps(_finite(row), ensure_ascii=False, allow_nan=False) + "\n")
-    plot_steerability(result, paths["plot"], title=str(extra.get("title", "")))
-    return paths
 
 
 # ------------------------------------------------------------------------------------ entry point
@@ -747,7 +296,6 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
 
     if mixture is not None:
         from steer.mixture import load_mixture
-
         from steer.models import resolve_mixture
 
         path = resolve_mixture(mixture, model)  # 'default': the shipped one
