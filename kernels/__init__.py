@@ -30,9 +30,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .logprob import LinearLogprobOutput, linear_logprob
-    from .logprob_torch import naive_linear_logprob
-    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+    from .logprob import LinearLogprobOutput as LinearLogprobOutput
+    from .logprob import linear_logprob as linear_logprob
+    from .logprob_torch import naive_linear_logprob as naive_linear_logprob
+    from .preference import PreferenceLossConfig as PreferenceLossConfig
+    from .preference import PreferenceLossOutput as PreferenceLossOutput
+    from .preference import preference_loss as preference_loss
 
 
 def __getattr__(name: str):

@@ -315,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
-
     from steer.kernels.logprob import select_backend
 
     if args.threads:

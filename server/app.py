@@ -36,6 +36,12 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from steer.server.engine import Engine, EngineConfig
+from steer.server.observability import Metrics, ObservabilityInterceptor
+from steer.server.security import BearerTokenInterceptor
+from steer.server.servicer import SteerServicer
+from steer.server.strategies import build_strategies
+from steer.server.validation import ServiceInfo
 
 from steer.chat_tokens import ChatTokenizer, text_byte_limit
 from steer.models import LoadedModel
@@ -43,13 +49,6 @@ from steer.objectives import DEFAULT_OBJECTIVES
 from steer.rewards.service import ScoringConfig, ScoringService
 from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
-
-from steer.server.engine import Engine, EngineConfig
-from steer.server.observability import Metrics, ObservabilityInterceptor
-from steer.server.security import BearerTokenInterceptor
-from steer.server.servicer import SteerServicer
-from steer.server.strategies import build_strategies
-from steer.server.validation import ServiceInfo
 
 if TYPE_CHECKING:
     from steer.server.http_api import HttpServer

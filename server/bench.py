@@ -235,10 +235,10 @@ def main(argv=None) -> int:
         p.error(f"--strategies: choose from {', '.join(STRATEGIES)}, got {args.strategies!r}")
     output = Path(args.output or f"bench-results/serve-{args.dtype}.json")
 
+    import os
+
     from steer.client import free_port, wait_until_serving
     from steer.models import load_model
-
-    import os
 
     results = {"model": args.model, "dtype": args.dtype, "linears": args.linears, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}

@@ -50,15 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import grpc
     import torch
-
-    from steer.models import load_model
-    from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig, start_server
     from steer.server.engine import EngineConfig
+
+    from steer.models import default_adapter_for, default_mixture_for, load_model
+    from steer.sampling import SamplingParams
     from steer.v1 import steer_pb2 as pb
     from steer.v1 import steer_pb2_grpc
-
-    from steer.models import default_adapter_for, default_mixture_for
 
     loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model), linears="auto")
     loop = asyncio.new_event_loop()

@@ -47,14 +47,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from steer.server.kv_cache import PagedKVCache
+from steer.server.llama_forward import LlamaForward
+from steer.server.llama_forward import supports as supports_lean
 
 from steer.heap import glibc
 from steer.models import LoadedModel
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
-
-from steer.server.kv_cache import PagedKVCache
-from steer.server.llama_forward import LlamaForward
-from steer.server.llama_forward import supports as supports_lean
 
 log = logging.getLogger(__name__)
 

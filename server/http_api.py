@@ -55,15 +55,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from steer.errors import InvalidInput
-from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
-
 from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
 from steer.server.observability import Metrics, access_log, request_id
 from steer.server.security import bearer_denial
 from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
 from steer.server.validation import ScorerUnavailable, ServiceInfo, build_steer_request, offered_strategy
+
+from steer.errors import InvalidInput
+from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,16 @@ import logging
 import time
 
 import grpc
+from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
+from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
+from steer.server.validation import (
+    SAMPLING_FIELDS,
+    ScorerUnavailable,
+    ServiceInfo,
+    build_steer_request,
+    check_text_bytes,
+    offered_strategy,
+)
 
 from steer.conditioning import FORMAT as CONDITIONING_FORMAT
 from steer.conversation import build_conversation
@@ -41,10 +51,6 @@ from steer.errors import InvalidInput
 from steer.objectives import Direction
 from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
 from steer.v1 import steer_pb2, steer_pb2_grpc
-
-from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
-from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
-from steer.server.validation import SAMPLING_FIELDS, ScorerUnavailable, ServiceInfo, build_steer_request, check_text_bytes, offered_strategy
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
+from steer.server.engine import Engine, Finished, FinishReason, TextDelta
+
 from steer.chat_tokens import ChatTokenizer
 from steer.conditioning import condition_messages
 from steer.errors import InvalidInput
 from steer.objectives import Direction
 from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
-
-from steer.server.engine import Engine, Finished, FinishReason, TextDelta
 
 CONDITIONED = "conditioned"
 RERANK = "rerank"

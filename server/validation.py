@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from steer.server.strategies import SteerRequest, StrategyUnavailable
+
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
 from steer.sampling import SamplingParams
-
-from steer.server.strategies import SteerRequest, StrategyUnavailable
 
 # Overrides a request may give for SamplingParams (None: the server's default).
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")

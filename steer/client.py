@@ -141,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_meta(direction, finish_reason, usage, rewards) -> None:
-    from steer.v1 import steer_pb2
-
     from steer.objectives import DEFAULT_OBJECTIVES
+    from steer.v1 import steer_pb2
 
     # protobuf maps are unordered: print the default objectives in their usual order, others after
     rank = {name: i for i, name in enumerate(DEFAULT_OBJECTIVES)}

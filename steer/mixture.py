@@ -238,9 +238,9 @@ def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec
     """Write ``mixture.json`` and one PEFT adapter per objective (the first ``len(spec.objectives)``
     adapters of the stack), atomically: a temporary sibling renamed into place. ``target_modules``
     is taken from the layers the model carries."""
-    from safetensors.torch import save_file
-
     from dataclasses import replace
+
+    from safetensors.torch import save_file
 
     layers = list(mixture_layers(model))
     if not layers:

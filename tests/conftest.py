@@ -112,9 +112,10 @@ def start_tiny_server(tiny_loaded):
 @pytest.fixture(scope="session")
 def tiny_server(start_tiny_server):
     """A server over the tiny model with default limits but short default generations."""
-    from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig
     from steer.server.engine import EngineConfig
+
+    from steer.sampling import SamplingParams
 
     return start_tiny_server(
         ServerConfig(port=0, engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))

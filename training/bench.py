@@ -107,13 +107,13 @@ def child_steer(args) -> dict:
     import tempfile
 
     import torch
-
-    from steer.threads import configure_threads
     from steer.training.distributed import DistContext
     from steer.training.pairs import EncodedExample, TokenizedSequence
     from steer.training.policy import build_policy
     from steer.training.settings import TrainerConfig
     from steer.training.trainer import PreferenceTrainer
+
+    from steer.threads import configure_threads
 
     config = TrainerConfig(output=tempfile.mkdtemp(prefix="steer-bench-"), model=args.model, loss="sigmoid",
                            lora_r=args.lora_r, batch_size=args.pairs, max_length=args.seq_tokens + 1,

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer.files import TMP_PREFIX as _TMP_PREFIX
+from steer.files import atomic_directory_write as atomic_directory_write  # re-exported: adapters, exports
+
 from .distributed import DistContext, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
-from steer.files import TMP_PREFIX as _TMP_PREFIX
-from steer.files import atomic_directory_write  # noqa: F401  (re-exported: adapters, exports)
 
 
 def rng_state() -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from steer.models import DEVICES  # one list for every command
+from steer.models import DEVICES as DEVICES  # one list for every command (re-exported)
 
 
 @dataclass(frozen=True)

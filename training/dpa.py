@@ -57,7 +57,7 @@ from .distributed import DistContext, all_gather_object, barrier, init_distribut
 from .dpo import check_output, seed_everything
 from .metrics import MetricsLogger, plot_curves
 from .output_dir import check_output_dir
-from .pairs import Encoder, PairExample, encode_examples, parse_prompt, pairs_to_unpaired, read_rows
+from .pairs import Encoder, PairExample, encode_examples, pairs_to_unpaired, parse_prompt, read_rows
 from .policy import Policy, build_policy, load_base
 from .settings import DPAConfig
 from .trainer import PreferenceTrainer, reference_logps

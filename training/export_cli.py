@@ -37,11 +37,11 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
     """Write the exported adapter to ``output`` (see the module docstring); returns ``output``."""
     import torch
     from safetensors.torch import load_file, save_file
+    from steer.training.checkpoint import atomic_directory_write
+    from steer.training.output_dir import check_output_dir
 
     from steer.errors import InvalidInput
     from steer.models import DEFAULT_MODEL_NAME
-    from steer.training.checkpoint import atomic_directory_write
-    from steer.training.output_dir import check_output_dir
 
     adapter, output = Path(adapter), Path(output)
     mixture = (adapter / "mixture.json").is_file()

@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
 from steer.kernels import linear_logprob
+from torch import Tensor, nn
 
 from steer.models import decoder_and_head
 

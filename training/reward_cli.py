@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
-    from steer.logs import configure_logging
     from steer.training.reward_model import train_reward_model
+
+    from steer.logs import configure_logging
 
     try:
         config = config_from_args(argv)

@@ -29,9 +29,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer.training.pairs import SUFFIXES, json_lines  # one JSONL reader and file-type table for all training data
+
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
-from steer.training.pairs import SUFFIXES, json_lines  # one JSONL reader and file-type table for all training data
 
 
 @dataclass(frozen=True)

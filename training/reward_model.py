@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from steer.training.output_dir import check_output_dir
+from steer.training.reward_cli import RewardTrainConfig
+from steer.training.reward_data import Example, PreferenceExample, RatingExample, read_reward_files
 
 from steer.errors import InvalidInput
 from steer.rewards.calibration import Calibration
@@ -43,10 +46,6 @@ from steer.rewards.reward_model import (
     render_for_reward,
     save_reward_model,
 )
-
-from steer.training.output_dir import check_output_dir
-from steer.training.reward_cli import RewardTrainConfig
-from steer.training.reward_data import Example, PreferenceExample, RatingExample, read_reward_files
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from steer.kernels import preference_loss
 
 from steer.errors import InvalidInput
-from steer.kernels import preference_loss
 
 from .checkpoint import Checkpoint, CheckpointManager, set_rng_state
 from .distributed import DistContext, all_gather_object, all_reduce_mean, all_reduce_sum_, rank_micro_batches, wrap_ddp

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default="default", help="'default', a model directory or a .gguf file")
     p.add_argument("--objectives", default="helpfulness,creativity,conciseness", help="comma-separated, each with built-in follow-ups")
-    p.add_argument("--output", default=None, help=f"JSON to write (default: the shipped file for the default model, else $STEER_CACHE/calibration/)")
+    p.add_argument("--output", default=None, help="JSON to write (default: the shipped file for the default model, else $STEER_CACHE/calibration/)")
     add_log_level_flag(p)
     args = p.parse_args(argv)
 

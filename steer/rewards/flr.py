@@ -49,7 +49,14 @@ from steer.chat_tokens import ChatTokenizer
 from steer.errors import InvalidInput
 from steer.models import decoder_and_head
 from steer.objectives import validate_objectives
-from steer.rewards.calibration import Calibration, cache_dir, config_key, find_calibration, model_fingerprint, read_calibration_file
+from steer.rewards.calibration import (
+    Calibration,
+    cache_dir,
+    config_key,
+    find_calibration,
+    model_fingerprint,
+    read_calibration_file,
+)
 from steer.rewards.calibration_set import CALIBRATION_SET_ID, calibration_conversations
 from steer.rewards.followups import BUILTIN_FOLLOWUPS, FollowUps
 from steer.rewards.scorer import Conversation, Scorer

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from steer.kernels import LinearLogprobOutput, linear_logprob, naive_linear_logprob
 from steer.kernels.logprob import select_backend
 from steer.kernels.logprob_torch import chunk_rows_for, torch_linear_logprob

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from steer.kernels.mixture_lora import mixture_lora, mixture_lora_delta, stack_lora_adapters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from steer.kernels import PreferenceLossConfig, preference_loss
 
 

@@ -61,6 +61,7 @@ def describe(server) -> pb.DescribeResponse:
 def serve_main(monkeypatch):
     """``steer.serve.main`` with the server replaced by a recorder of the model it was given."""
     import steer.server.app
+
     from steer.serve import main
 
     served = []
@@ -118,8 +119,9 @@ def test_serve_adapter_directory(serve_main, tiny_model_dir, adapter_dir):
 # -- Describe.adapter ------------------------------------------------------------------------------
 
 def test_describe_reports_no_adapter_as_empty(start_tiny_server, tiny_model_dir):
-    from steer.models import load_model
     from steer.server.app import ServerConfig
+
+    from steer.models import load_model
 
     server = start_tiny_server(ServerConfig(port=0), loaded=load_model(str(tiny_model_dir), adapter="none"))
     assert describe(server).adapter == ""
@@ -133,8 +135,9 @@ def test_describe_names_the_adapter(start_tiny_server, adapted, adapter_dir):
 
 
 def test_describe_names_the_shipped_adapter(start_tiny_server, shipped):
-    from steer.models import load_model
     from steer.server.app import ServerConfig
+
+    from steer.models import load_model
 
     d = describe(start_tiny_server(ServerConfig(port=0), loaded=load_model("default", adapter="default")))
     assert d.adapter == f"default ({shipped}: DPA LoRA r4 for the tiny test model)"
@@ -186,8 +189,9 @@ def test_scorer_model_still_overrides_the_base(adapted, tiny_model_dir, small_ca
 
 
 def test_score_on_an_adapted_server_equals_the_base_models_score(start_tiny_server, adapted, tiny_loaded, small_calibration):
-    from steer.rewards.build import build_scorer
     from steer.server.app import ServerConfig
+
+    from steer.rewards.build import build_scorer
 
     server = start_tiny_server(ServerConfig(port=0, scorer="default"), loaded=adapted)
     with grpc.insecure_channel(server.target) as channel:

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from steer.server.engine import Engine, EngineConfig, Finished
 
 from steer.sampling import SamplingParams
-from steer.server.engine import Engine, EngineConfig, Finished
 from steer.v1 import steer_pb2 as pb
 from steer.v1 import steer_pb2_grpc
 
@@ -79,8 +79,9 @@ def test_batched_engine_logprobs_match_single_sequence_forward(tiny_loaded):
 
 @pytest.fixture(scope="module")
 def slow_server(start_tiny_server, tiny_loaded):
-    from steer.models import LoadedModel
     from steer.server.app import ServerConfig
+
+    from steer.models import LoadedModel
 
     class Slow:
         def __init__(self, model):

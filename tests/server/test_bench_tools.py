@@ -8,8 +8,9 @@ import pytest
 
 
 def test_precision_quality_separates_exact_from_quantised(tiny_model_dir):
-    from steer.linears import available
     from steer.server.bench import precision_quality
+
+    from steer.linears import available
 
     prompts = ["Name a fruit.", "Say hi."]
     if available():

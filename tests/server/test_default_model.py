@@ -9,8 +9,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_server(start_tiny_server):
-    from steer.models import load_model
     from steer.server.app import ServerConfig
+
+    from steer.models import load_model
 
     return start_tiny_server(ServerConfig(port=0), loaded=load_model("default"))
 

@@ -5,10 +5,10 @@ import time
 
 import grpc
 import pytest
+from steer.server.engine import Engine, EngineConfig, Finished, FinishReason, Overloaded, TextDelta
 
 from steer.models import LoadedModel
 from steer.sampling import SamplingParams
-from steer.server.engine import Engine, EngineConfig, Finished, FinishReason, Overloaded, TextDelta
 from steer.v1 import steer_pb2 as pb
 
 
@@ -166,11 +166,11 @@ def test_stream_sees_time_limit_before_the_call_deadline(start_tiny_server, slow
 import math  # noqa: E402
 import threading  # noqa: E402
 
-import torch  # noqa: E402
-
 import steer.server.engine as engine_module  # noqa: E402
-from steer.sampling import StopStringDetokenizer  # noqa: E402
+import torch  # noqa: E402
 from steer.server.engine import SequenceFailed  # noqa: E402
+
+from steer.sampling import StopStringDetokenizer  # noqa: E402
 
 
 def token_ids(n, seed):
@@ -498,7 +498,6 @@ def test_cache_memory_follows_the_running_sequences(tiny_loaded):
 
 def test_prefill_budget_by_device():
     import torch
-
     from steer.server.engine import prefill_budget
 
     assert prefill_budget(EngineConfig(), torch.device("cpu")) == 256

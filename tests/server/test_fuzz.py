@@ -342,11 +342,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def fuzz_server(start_tiny_server, tiny_loaded):
+    from steer.server.app import ServerConfig
+    from steer.server.engine import EngineConfig
+
     from steer.rewards.build import build_scorer
     from steer.rewards.service import ScoringConfig
     from steer.sampling import SamplingParams
-    from steer.server.app import ServerConfig
-    from steer.server.engine import EngineConfig
 
     scorer = build_scorer("default", tiny_loaded, calibration="none")  # FLR + length, as served by default
     config = ServerConfig(

@@ -22,9 +22,10 @@ HI = [{"role": "user", "content": "Tell me a story."}]
 
 
 def _config(**overrides):
-    from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig
     from steer.server.engine import EngineConfig
+
+    from steer.sampling import SamplingParams
 
     fields = dict(port=0, http_port=0, engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
     fields.update(overrides)

@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-
 from steer.server.kv_cache import PagedKVCache
 
 B = PagedKVCache.BLOCK

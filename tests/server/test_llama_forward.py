@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import torch
-
-from steer.sampling import SamplingParams
 from steer.server.engine import Engine, EngineConfig, Finished
 from steer.server.llama_forward import LlamaForward, supports
+
+from steer.sampling import SamplingParams
 
 
 class Both(Engine):

@@ -28,9 +28,10 @@ def dirs(random_mixture, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(dirs, tiny_model_dir, start_tiny_server):
-    from steer.models import load_model
     from steer.server.app import ServerConfig
     from steer.server.engine import EngineConfig
+
+    from steer.models import load_model
 
     mixture, conditioned = dirs
     # prepacked: what `python -m steer.serve` loads on the CPU (the unpacked path: tests/steer/test_linears.py)

@@ -31,12 +31,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def scored_server(start_tiny_server, tmp_path_factory):
-    from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig
     from steer.server.engine import EngineConfig
 
     import steer.rewards.flr as flr
     from steer.rewards.calibration_set import calibration_conversations
+    from steer.sampling import SamplingParams
 
     # The tiny model has no shipped calibration: the server computes it at start into this cache
     # (on the first six pairs of the built-in set, to keep the test fast).
@@ -249,8 +249,9 @@ class GatedScorer(Scorer):
 
 @pytest.fixture(scope="module")
 def gated_server(start_tiny_server):
-    from steer.rewards.service import ScoringConfig
     from steer.server.app import ServerConfig
+
+    from steer.rewards.service import ScoringConfig
 
     scorer = GatedScorer()
     server = start_tiny_server(ServerConfig(port=0, scoring=ScoringConfig(max_pending_responses=70, chunk_responses=4)), scorer=scorer)

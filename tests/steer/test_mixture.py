@@ -9,7 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from steer.errors import InvalidInput
-from steer.mixture import MixtureSpec, attach_mixture, load_mixture, mixing, mixture_layers, read_mixture_spec, save_mixture
+from steer.mixture import (
+    MixtureSpec,
+    attach_mixture,
+    load_mixture,
+    mixing,
+    mixture_layers,
+    read_mixture_spec,
+    save_mixture,
+)
 
 OBJECTIVES = ("helpfulness", "creativity", "conciseness")
 RANK, ALPHA = 4, 8.0

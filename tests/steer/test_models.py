@@ -223,8 +223,9 @@ def test_hub_id_is_read_from_the_local_cache_only(tiny_model_dir, tmp_path, monk
 
 
 def test_default_models_hub_id_means_the_default_model(tokenizer):
-    from steer.models import DEFAULT_MODEL_NAME, default_adapter_for
     from steer.training.policy import base_model_name
+
+    from steer.models import DEFAULT_MODEL_NAME, default_adapter_for
 
     assert resolve_model_dir(DEFAULT_MODEL_NAME) == resolve_model_dir("default")
     assert default_adapter_for(DEFAULT_MODEL_NAME) == "default"

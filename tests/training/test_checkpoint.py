@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from steer.training.checkpoint import CheckpointManager, atomic_directory_write, rng_state, set_rng_state
 from steer.training.distributed import DistContext
 from steer.training.dpo_cli import main

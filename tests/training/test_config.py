@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-
-from steer.errors import InvalidInput
 from steer.training.config import merge_config, parse_config, read_config_file, write_config
 from steer.training.settings import DPAConfig, DPOConfig
+
+from steer.errors import InvalidInput
 
 PROG = "test"
 

@@ -7,14 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from steer.training.distill import (
+    DistillExample,
+    distill_loss,
+    distill_rows,
+    encode_distill,
+    examples_from_rows,
+    targets,
+)
+from steer.training.dpa_cli import main
+from steer.training.metrics import read_metrics
+from steer.training.settings import DPAConfig, DPOConfig, MixtureConfig
 
 from steer.conditioning import parse_direction
 from steer.errors import InvalidInput
 from steer.objectives import Direction
-from steer.training.distill import DistillExample, distill_loss, distill_rows, encode_distill, examples_from_rows, targets
-from steer.training.dpa_cli import main
-from steer.training.metrics import read_metrics
-from steer.training.settings import DPAConfig, DPOConfig, MixtureConfig
 
 OBJECTIVES = ("helpfulness", "creativity", "conciseness")
 

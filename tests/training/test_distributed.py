@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from steer.training.distributed import rank_micro_batches
 from steer.training.dpo_cli import main
 from steer.training.metrics import read_metrics

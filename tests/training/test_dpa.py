@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from steer.conditioning import direction_line, parse_direction
-from steer.objectives import Direction
 from steer.training.dpa import prompt_schedule, sample_directions
 from steer.training.dpa_cli import main
 from steer.training.metrics import read_metrics
+
+from steer.conditioning import direction_line, parse_direction
+from steer.objectives import Direction
 
 OBJECTIVES = ("helpfulness", "creativity", "conciseness")
 
@@ -58,9 +58,10 @@ def dpa_args(prompts_file, model_dir, output, *extra):
 
 
 def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
+    from steer.training.pairs import read_examples
+
     from steer.models import load_model
     from steer.rewards.build import build_scorer
-    from steer.training.pairs import read_examples
 
     out = tmp_path / "dpa"
     assert main(dpa_args(prompts_file, tiny_model_dir, out, "--iterations", "1")) == 0
@@ -174,11 +175,12 @@ def test_choose_pair_by_hand():
 
 @pytest.mark.parametrize("min_margin", [0.0, 3.0])
 def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, min_margin):
-    from steer.principles import load_principles
     from steer.training.distributed import DistContext
     from steer.training.dpa import collect, read_prompts
     from steer.training.policy import build_policy
     from steer.training.settings import DPAConfig
+
+    from steer.principles import load_principles
 
     objectives = ("helpfulness", "conciseness")
     config = DPAConfig(output=str(tmp_path), model=str(tiny_model_dir), objectives=objectives, prompts=str(prompts_file),

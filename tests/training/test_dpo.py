@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from steer.kernels import preference_loss
 from steer.training.distributed import DistContext
 from steer.training.dpo import prepare_examples
@@ -16,7 +15,6 @@ from steer.training.pairs import IGNORE_INDEX, Encoder, collate, encode_examples
 from steer.training.policy import build_policy
 from steer.training.settings import DPOConfig
 from steer.training.trainer import PreferenceTrainer
-
 
 PAIRS = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I would rather talk about the weather today, it is nice."},
@@ -144,10 +142,9 @@ def test_each_loss_matches_naive_at_step_0_and_trains(loss, tmp_path, tiny_model
 
 
 def test_full_finetuning_uses_precomputed_reference(tmp_path, tiny_model_dir, pairs_file):
-    from transformers import AutoModelForCausalLM
-
     from steer.training.dpo import REFERENCE_FILE, train_dpo
     from steer.training.metrics import read_metrics
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
     train_dpo(DPOConfig(output=str(out), data=(str(pairs_file),), model=str(tiny_model_dir), full=True,
@@ -166,10 +163,10 @@ def test_full_finetuning_uses_precomputed_reference(tmp_path, tiny_model_dir, pa
 
 def test_cli_writes_a_standard_adapter_that_steer_and_peft_load(tmp_path, tiny_model_dir, pairs_file):
     from peft import PeftModel
+    from steer.training.dpo_cli import main
     from transformers import AutoModelForCausalLM
 
     from steer.models import load_model
-    from steer.training.dpo_cli import main
 
     out = tmp_path / "run"
     assert main(["--data", str(pairs_file), "--model", str(tiny_model_dir), "--output", str(out), "--batch-size", "2",
@@ -245,8 +242,9 @@ def test_epochs_are_padded_to_whole_global_batches(tmp_path, tiny_model_dir, pai
 
 
 def test_precision_auto_follows_native_bf16_and_bad_values_are_named(monkeypatch, tmp_path, pairs_file):
-    from steer.errors import InvalidInput
     from steer.training import trainer as trainer_module
+
+    from steer.errors import InvalidInput
 
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "fp32")):

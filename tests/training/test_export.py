@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from steer.training.export_cli import export_adapter, main
 
 from steer.errors import InvalidInput
-from steer.training.export_cli import export_adapter, main
 
 
 @pytest.fixture()
@@ -75,8 +75,9 @@ def test_cli_reports_errors_and_writes(adapter, tmp_path, capsys):
 
 
 def test_saved_configs_name_the_default_base_by_id(tmp_path):
-    from steer.models import DEFAULT_MODEL_NAME
     from steer.training.policy import base_model_name
+
+    from steer.models import DEFAULT_MODEL_NAME
 
     assert base_model_name("default", tmp_path / "cache" / "smollm2") == DEFAULT_MODEL_NAME
     assert base_model_name(str(tmp_path / "mine"), tmp_path / "mine") == str(tmp_path / "mine")
@@ -85,10 +86,10 @@ def test_saved_configs_name_the_default_base_by_id(tmp_path):
 def test_export_of_a_mixture_casts_every_adapter_and_still_loads(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
+    from steer.training.export_cli import export_adapter
     from transformers import AutoModelForCausalLM
 
     from steer.mixture import MixtureSpec, attach_mixture, load_mixture, mixing, mixture_layers, save_mixture
-    from steer.training.export_cli import export_adapter
 
     objectives = ("helpfulness", "conciseness")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

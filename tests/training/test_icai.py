@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from steer.errors import InvalidInput
 from steer.training.icai import (
     KEPT,
     REDUNDANT,
@@ -26,6 +24,8 @@ from steer.training.icai import (
 from steer.training.icai_cli import main
 from steer.training.judge_settings import ICAIConfig
 from steer.training.judged_principles import PACKAGED_CANDIDATES, read_candidates, read_principles_file
+
+from steer.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "training" / "data" / "icai_example.jsonl"

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from steer.errors import InvalidInput
-from steer.rewards.principle_judge import DEFAULT_TEMPLATES, JudgedPrinciple, PrincipleJudge
 from steer.training.judge_settings import LabelConfig
 from steer.training.judged_principles import read_principles_file
 from steer.training.label import label_items, parse_label_row, read_label_items, run_label
 from steer.training.label_cli import main
 from steer.training.pairs import PairExample, read_examples
+
+from steer.errors import InvalidInput
+from steer.rewards.principle_judge import DEFAULT_TEMPLATES, JudgedPrinciple, PrincipleJudge
 
 
 def write_jsonl(path, rows):

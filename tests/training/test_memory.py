@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from steer.training.distributed import DistContext
 from steer.training.memory import HeapTrimmer, decoder_layers, glibc
 from steer.training.pairs import Encoder, encode_examples, read_examples

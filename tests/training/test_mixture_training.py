@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from steer.training.metrics import read_metrics
+from steer.training.mixture import read_pair_files
+from steer.training.mixture_cli import main
+from steer.training.settings import MixtureConfig
 
 from steer.conditioning import PREFIX, condition_messages
 from steer.errors import InvalidInput
 from steer.objectives import Direction
-from steer.training.mixture import read_pair_files
-from steer.training.mixture_cli import main
-from steer.training.metrics import read_metrics
-from steer.training.settings import MixtureConfig
 
 OBJECTIVES = ("helpfulness", "conciseness")
 PROMPTS = ["What is the capital of France?", "Explain photosynthesis.", "Give me a tip for sleeping well."]

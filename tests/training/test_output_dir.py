@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-
-from steer.errors import InvalidInput
 from steer.training import output_dir
 from steer.training.output_dir import check_output_dir
+
+from steer.errors import InvalidInput
 
 PAIRS = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No idea about {i}."} for i in range(4)]
 

@@ -3,9 +3,6 @@
 import json
 
 import pytest
-
-from steer.conditioning import render_prompt
-from steer.errors import InvalidInput
 from steer.training.pairs import (
     IGNORE_INDEX,
     Encoder,
@@ -16,6 +13,9 @@ from steer.training.pairs import (
     pairs_to_unpaired,
     read_examples,
 )
+
+from steer.conditioning import render_prompt
+from steer.errors import InvalidInput
 
 
 def write_jsonl(path, rows, blank_after=None):

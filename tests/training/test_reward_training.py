@@ -5,11 +5,11 @@ import random
 
 import pytest
 import torch
+from steer.training.reward_cli import RewardTrainConfig, config_from_args, main
+from steer.training.reward_model import CHECKPOINT_FILE, train_reward_model
 
 from steer.errors import InvalidInput
 from steer.rewards.reward_model import RewardModelScorer, read_reward_model_spec
-from steer.training.reward_cli import RewardTrainConfig, config_from_args, main
-from steer.training.reward_model import CHECKPOINT_FILE, train_reward_model
 
 WORDS = "the cat sat on a mat and then we went home to eat some bread with tea in the garden".split()
 PROMPTS = ["Tell me something.", "Say a few words.", "Write a line."]
