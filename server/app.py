@@ -66,7 +66,8 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port (tests)
     grace_seconds: float = 5.0  # in-flight calls get this long to finish on SIGTERM/SIGINT (after the drain)
     drain_seconds: float = 2.0  # on SIGTERM/SIGINT, health says NOT_SERVING this long while calls are still served
-    max_input_bytes: int | None = None  # UTF-8 bytes of text per conversation / Score response; None: context x longest token
+    # UTF-8 bytes of text per conversation / Score response; None: context x longest token
+    max_input_bytes: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
@@ -76,7 +77,8 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
     tls_key: str | None = None  # PEM private key file
     metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (same host); None = off
-    http_port: int | None = None  # OpenAI-compatible HTTP API on this port (same host, token and TLS); 0: a free port; None = off
+    # OpenAI-compatible HTTP API on this port (same host, token and TLS); 0: a free port; None = off
+    http_port: int | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)  # Score admission and chunking
 
     def __post_init__(self):
@@ -89,7 +91,8 @@ class ServerConfig:
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"ServerConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.max_input_bytes is not None and (not isinstance(self.max_input_bytes, int) or self.max_input_bytes < 1):
-            raise ValueError(f"ServerConfig.max_input_bytes must be an integer >= 1 or None, got {self.max_input_bytes!r}")
+            raise ValueError(
+                f"ServerConfig.max_input_bytes must be an integer >= 1 or None, got {self.max_input_bytes!r}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -116,7 +119,8 @@ class RunningServer:
         return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None, drain: float = 0.0) -> bool:
-        """Drain, stop within ``grace`` and close the engine (module docstring). True when the engine's worker stopped."""
+        """Drain, stop within ``grace`` and close the engine (module docstring). True when the engine's worker
+        stopped."""
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.drain()
@@ -186,7 +190,8 @@ def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DE
                 f"the served model carries adapter {loaded.adapter} but does not say which base it was loaded from "
                 "(LoadedModel.base_spec): set ServerConfig.scorer_model so FLR judges with the base weights"
             )
-        log.info("scorer: FLR judges with the base model %s, not the adapted weights (a second copy, loaded if FLR is used)", loaded.base_spec)
+        log.info("scorer: FLR judges with the base model %s, not the adapted weights (a second copy, loaded if FLR "
+                 "is used)", loaded.base_spec)
         scorer_model = loaded.base_spec
     return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model)
 
@@ -197,12 +202,15 @@ def _describe_adapters(loaded: LoadedModel, objectives) -> str | None:
     if mixture is None:
         return loaded.adapter
     if tuple(mixture.objectives) != tuple(objectives):
-        raise ValueError(f"the mixture {mixture.path} mixes {list(mixture.objectives)}; the server's objectives are {list(objectives)} (same order)")
-    mixed = f"mixture {mixture.path}: {', '.join(mixture.objectives)}" + (f" ({mixture.description})" if mixture.description else "")
+        raise ValueError(f"the mixture {mixture.path} mixes {list(mixture.objectives)}; the server's objectives are "
+                         f"{list(objectives)} (same order)")
+    mixed = f"mixture {mixture.path}: {', '.join(mixture.objectives)}" + (
+        f" ({mixture.description})" if mixture.description else "")
     return f"{loaded.adapter}; {mixed}" if loaded.adapter else mixed
 
 
-async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES, scorer=None) -> RunningServer:
+async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(), objectives=DEFAULT_OBJECTIVES,
+                       scorer=None) -> RunningServer:
     """Build and start the server; returns once it listens (``port`` is the bound port).
 
     ``scorer`` (a :class:`steer.rewards.Scorer` over ``objectives``) overrides ``config.scorer``.
@@ -253,7 +261,8 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
     )
     address = f"{config.host}:{config.port}"
     if config.tls_cert:
-        credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
@@ -297,7 +306,8 @@ async def serve(loaded: LoadedModel, config: ServerConfig = ServerConfig()) -> b
     if running.http is not None:
         scheme = "https" if config.tls_cert else "http"
         http = f", OpenAI-compatible HTTP at {scheme}://{config.host}:{running.http_port}/v1"
-    print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port}{http} (Ctrl-C to stop)", flush=True)
+    print(f"steer: serving {loaded.model_id}{adapter} on {config.host}:{running.port}{http} (Ctrl-C to stop)",
+          flush=True)
     await stop.wait()
     log.info("shutting down: drain %.1fs, then grace %.1fs", config.drain_seconds, config.grace_seconds)
     return await running.stop(config.grace_seconds, drain=config.drain_seconds)

@@ -10,15 +10,16 @@ and p50/p99 latency and time to first token. Two systems, same requests, same ma
   the first token. No gRPC in between, which favours the baseline.
 
 It also checks the served numerics (``--dtype``, ``--linears``) against plain fp32 torch: greedy
-token agreement and teacher-forced log-prob drift. With `--strategies conditioned,mixture` the same server (loaded with its
-mixture adapters) is measured for both strategies, level by level, and the MIXTURE / CONDITIONED
-throughput ratio is printed. Writes JSON and prints the ratios.
+token agreement and teacher-forced log-prob drift. With `--strategies conditioned,mixture` the same
+server (loaded with its mixture adapters) is measured for both strategies, level by level, and the
+MIXTURE / CONDITIONED throughput ratio is printed. Writes JSON and prints the ratios.
 
 Examples:
   python -m steer.server.bench                                  # fp32, concurrency 1,4,16,32
   python -m steer.server.bench --dtype bfloat16 --output bench-results/serve-bf16.json
   python -m steer.server.bench --concurrency 1,8 --max-new-tokens 32 --skip-baseline
-  python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline   # MIXTURE vs CONDITIONED
+  # MIXTURE vs CONDITIONED
+  python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline
   python -m steer.server.bench --concurrency 1,32 --skip-baseline --linears int8   # weight-only int8 (and its quality)
   python -m steer.server.bench --concurrency 1,32 --skip-baseline --server-args="--max-prefill-tokens 2048"
 """
@@ -119,7 +120,8 @@ def steer_runner(target: str, max_new_tokens: int, strategy: str = "conditioned"
 
     def run_one(prompt, weights, seed) -> Sample:
         req = pb.GenerateRequest(prompt=prompt, weights=weights, strategy=getattr(pb, f"STRATEGY_{strategy.upper()}"),
-                                 sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed))
+                                 sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9,
+                                                            seed=seed))
         start = time.perf_counter()
         first = None
         tokens = 0
@@ -172,7 +174,8 @@ def baseline_runner(loaded, max_new_tokens: int):
     return run_one
 
 
-def precision_quality(model_spec: str, prompts, dtype: str = "float32", linears: str = "auto", new_tokens: int = 32) -> dict:
+def precision_quality(model_spec: str, prompts, dtype: str = "float32", linears: str = "auto",
+                      new_tokens: int = 32) -> dict:
     """Greedy continuations of the served numerics (``dtype``, ``linears``) against plain fp32 torch:
     token agreement up to the first difference, and teacher-forced log-prob drift on the fp32 text."""
     import torch
@@ -207,13 +210,15 @@ def precision_quality(model_spec: str, prompts, dtype: str = "float32", linears:
 def start_server(model: str, dtype: str, port: int, max_concurrent: int, scorer: str, mixture: str | None = None,
                  server_args: str = "") -> subprocess.Popen:
     extra = (["--mixture", mixture] if mixture is not None else []) + shlex.split(server_args)
-    return subprocess.Popen([sys.executable, "-m", "steer.serve", "--model", model, "--dtype", dtype, "--port", str(port),
-                             "--max-concurrent", str(max_concurrent), "--scorer", scorer, "--log-level", "WARNING", *extra])
+    return subprocess.Popen([sys.executable, "-m", "steer.serve", "--model", model, "--dtype", dtype,
+                             "--port", str(port), "--max-concurrent", str(max_concurrent), "--scorer", scorer,
+                             "--log-level", "WARNING", *extra])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m steer.server.bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
@@ -223,10 +228,14 @@ def main(argv=None) -> int:
     p.add_argument("--scorer", default="default",
                    help="server's --scorer (default: 'default', what make serve runs; requests do not ask for rewards, "
                         "so generation is measured alone, like the baseline)")
-    p.add_argument("--strategies", default="conditioned", help="comma-separated: conditioned, mixture (both: the ratio at each level)")
-    p.add_argument("--mixture", default=None, help="the server's --mixture (default: its own default, the shipped mixture)")
-    p.add_argument("--linears", default="auto", choices=["auto", "torch", "prepacked", "int8"], help="the server's --linears (default: its default)")
-    p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--max-prefill-tokens 2048' (recorded in the JSON)")
+    p.add_argument("--strategies", default="conditioned",
+                   help="comma-separated: conditioned, mixture (both: the ratio at each level)")
+    p.add_argument("--mixture", default=None,
+                   help="the server's --mixture (default: its own default, the shipped mixture)")
+    p.add_argument("--linears", default="auto", choices=["auto", "torch", "prepacked", "int8"],
+                   help="the server's --linears (default: its default)")
+    p.add_argument("--server-args", default="",
+                   help="more flags for the server, e.g. '--max-prefill-tokens 2048' (recorded in the JSON)")
     p.add_argument("--output", default=None, help="JSON path (default bench-results/serve-<dtype>.json)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -240,11 +249,12 @@ def main(argv=None) -> int:
     from steer.client import free_port, wait_until_serving
     from steer.models import load_model
 
-    results = {"model": args.model, "dtype": args.dtype, "linears": args.linears, "max_new_tokens": args.max_new_tokens, "scorer": args.scorer,
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
+    results = {"model": args.model, "dtype": args.dtype, "linears": args.linears, "max_new_tokens": args.max_new_tokens,
+               "scorer": args.scorer, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}
     port = free_port()
     results["server_args"] = args.server_args
-    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture, f"--linears {args.linears} {args.server_args}")
+    server = start_server(args.model, args.dtype, port, max(levels), args.scorer, args.mixture,
+                          f"--linears {args.linears} {args.server_args}")
     results["strategies"] = strategies
     try:
         target = f"127.0.0.1:{port}"
@@ -260,9 +270,11 @@ def main(argv=None) -> int:
                 stats = closed_loop(c, jobs, run_one)
                 level["steer" if x == "conditioned" else f"steer_{x}"] = stats
                 print(f"steer {x:<11} c={c:>3}: {stats['tokens_per_s']:8.1f} tok/s  p50 {stats['latency_p50_s']:.2f}s  "
-                      f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s", flush=True)
+                      f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s "
+                      f"p99 {stats['ttft_p99_s']:.2f}s", flush=True)
             if "steer" in level and "steer_mixture" in level:
-                level["mixture_vs_conditioned"] = round(level["steer_mixture"]["tokens_per_s"] / level["steer"]["tokens_per_s"], 3)
+                level["mixture_vs_conditioned"] = round(
+                    level["steer_mixture"]["tokens_per_s"] / level["steer"]["tokens_per_s"], 3)
                 print(f"  -> MIXTURE / CONDITIONED throughput at c={c}: x{level['mixture_vs_conditioned']}", flush=True)
         for _, channel in runners.values():
             channel.close()
@@ -283,7 +295,8 @@ def main(argv=None) -> int:
             level["throughput_ratio"] = round(ours["tokens_per_s"] / stats["tokens_per_s"], 2)
             level["ttft_p99_ratio"] = round(ours["ttft_p99_s"] / max(stats["ttft_p99_s"], 1e-9), 3)
             print(f"baseline  c={c:>3}: {stats['tokens_per_s']:8.1f} tok/s  p50 {stats['latency_p50_s']:.2f}s  "
-                  f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s p99 {stats['ttft_p99_s']:.2f}s"
+                  f"p99 {stats['latency_p99_s']:.2f}s  ttft p50 {stats['ttft_p50_s']:.2f}s "
+                  f"p99 {stats['ttft_p99_s']:.2f}s"
                   f"  -> steer/baseline throughput x{level['throughput_ratio']}", flush=True)
         del loaded
     results["quality"] = precision_quality(args.model, PROMPTS, args.dtype, args.linears)

@@ -47,12 +47,14 @@ def long_prompt(tokenizer, tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m steer.server.bench_long_prompt", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m steer.server.bench_long_prompt",
+                                description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--prompt-tokens", type=int, default=6000, help="length of the long prompt (default 6000)")
     p.add_argument("--delay", type=float, default=1.0, help="seconds between the long prompt and the 2-token request")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds the server is left idle before memory is read again")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds the server is left idle before memory is read again")
     p.add_argument("--drain", type=float, default=2.0, help="the server's --drain")
     p.add_argument("--grace", type=float, default=5.0, help="the server's --grace")
     p.add_argument("--output", default="bench-results/long-prompt.json")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return proc, target
 
     def stream(stub, prompt: str, max_new_tokens: int) -> dict:
-        req = pb.GenerateRequest(prompt=prompt, weights=weights, sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+        req = pb.GenerateRequest(prompt=prompt, weights=weights,
+                                 sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
         start = time.perf_counter()
         first, last = None, None
         for chunk in stub.GenerateStream(req, timeout=900):
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"long prompt: {out['prompt_tokens']} tokens, {out['total_s']:.1f}s")
         print(f"RSS: {before:.0f} MB before, {peak:.0f} MB right after, {after:.0f} MB after {args.settle:.0f}s idle "
               f"-> after/before x{after / before:.3f} (target <= 1.10)")
-        print(f"2-token request: TTFT {short_behind['ttft_s']:.2f}s behind the long prompt (sent {args.delay:.1f}s after it) "
+        print(f"2-token request: TTFT {short_behind['ttft_s']:.2f}s behind the long prompt "
+              f"(sent {args.delay:.1f}s after it) "
               f"vs {short_idle['ttft_s']:.2f}s on an idle server (target <= 2 s)")
 
         # Shutdown: SIGTERM in the middle of a long prefill.
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.drain + args.grace + 5
         results["sigterm_during_prefill"] = {"exit_code": code, "exit_s": round(took, 2), "budget_s": budget,
                                              "client_error": errors[0] if errors else None}
-        print(f"SIGTERM during a long prefill: exit code {code} after {took:.1f}s (budget drain + grace + 5 = {budget:.0f}s); "
+        print(f"SIGTERM during a long prefill: exit code {code} after {took:.1f}s "
+              f"(budget drain + grace + 5 = {budget:.0f}s); "
               f"the client got {errors[0] if errors else 'its final chunk'}")
     finally:
         if proc.poll() is None:

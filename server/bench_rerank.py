@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from steer.v1 import steer_pb2 as pb
     from steer.v1 import steer_pb2_grpc
 
-    loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model), linears="auto")
+    loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model),
+                        linears="auto")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     config = ServerConfig(port=0, scorer=args.scorer, engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),
@@ -91,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, prompt in enumerate(PROMPTS):
             seed = 100 * r + i
             t_cond, cond = timed(stub.Generate, request(prompt, seed, pb.STRATEGY_CONDITIONED), timeout=600)
-            t_rr, rr = timed(stub.Generate, request(prompt, seed, pb.STRATEGY_RERANK, candidates=args.candidates, return_candidates=True), timeout=600)
+            t_rr, rr = timed(stub.Generate, request(prompt, seed, pb.STRATEGY_RERANK, candidates=args.candidates,
+                                                    return_candidates=True), timeout=600)
             texts = [c.text for c in rr.candidates if c.text.strip()]
-            t_score, _ = timed(stub.Score, pb.ScoreRequest(prompt=prompt, responses=texts, weights=WEIGHTS), timeout=600)
+            t_score, _ = timed(stub.Score, pb.ScoreRequest(prompt=prompt, responses=texts, weights=WEIGHTS),
+                               timeout=600)
             rows.append({
                 "prompt": prompt, "seed": seed,
                 "conditioned_s": round(t_cond, 3), "conditioned_generation_s": round(cond.timing.total_seconds, 3),
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": round(t_rr / t_cond, 3),
             })
             print(f"{prompt[:40]:40s} conditioned {t_cond:6.2f}s ({cond.usage.completion_tokens} tok)  "
-                  f"rerank {t_rr:6.2f}s ({rr.usage.completion_tokens} tok)  score {t_score:5.2f}s  ratio {t_rr / t_cond:.2f}x")
+                  f"rerank {t_rr:6.2f}s ({rr.usage.completion_tokens} tok)  score {t_score:5.2f}s  "
+                  f"ratio {t_rr / t_cond:.2f}x")
     channel.close()
     asyncio.run_coroutine_threadsafe(running.stop(0), loop).result()
 
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     rr_med = statistics.median(r["rerank_s"] for r in rows)
     score_med = statistics.median(r["score_candidates_s"] for r in rows)
     result = {
-        "model": loaded.model_id, "scorer": scorer, "candidates": args.candidates, "max_new_tokens": args.max_new_tokens,
+        "model": loaded.model_id, "scorer": scorer, "candidates": args.candidates,
+        "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "engine": "continuous batching (server/engine.py), max_concurrent 32",
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "server_startup_s": round(startup, 2),
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"RERANK best-of-{args.candidates}: median {rr_med:.2f}s vs CONDITIONED {cond_med:.2f}s -> {rr_med / cond_med:.2f}x "
+    print(f"RERANK best-of-{args.candidates}: median {rr_med:.2f}s vs CONDITIONED {cond_med:.2f}s "
+          f"-> {rr_med / cond_med:.2f}x "
           f"(target <= 1.6x); vs CONDITIONED generation alone {gen_med:.2f}s -> {rr_med / gen_med:.2f}x; "
           f"scoring {args.candidates} candidates alone {score_med:.2f}s; wrote {out}")
     return 0

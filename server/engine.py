@@ -32,21 +32,36 @@ whose caller left while it waited leaves the queue then, so it holds no place th
 All model calls go through :meth:`Engine._forward`: the engine's own forward for Llama-family models
 (:mod:`steer.server.llama_forward`; ``EngineConfig.forward="transformers"`` keeps transformers'
 forward, the reference), with each row's adapter mixture set around it.
+
+The configuration, events, errors and per-request state are in :mod:`steer.server.engine_types`
+(re-exported here), the batched forwards in :mod:`steer.server.engine_forward`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import enum
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
+from steer.server.engine_forward import EngineForwards
+from steer.server.engine_types import PREFILL_TOKENS_BY_DEVICE as PREFILL_TOKENS_BY_DEVICE
+from steer.server.engine_types import PREFILL_TOKENS_OTHER as PREFILL_TOKENS_OTHER
+from steer.server.engine_types import (
+    EngineConfig,
+    Finished,
+    FinishReason,
+    Overloaded,
+    SequenceFailed,
+    TextDelta,
+    _Chunks,
+    _Job,
+    _Sequence,
+    prefill_budget,
+)
 from steer.server.kv_cache import PagedKVCache
 from steer.server.llama_forward import LlamaForward
 from steer.server.llama_forward import supports as supports_lean
@@ -58,121 +73,8 @@ from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
 log = logging.getLogger(__name__)
 
 
-class FinishReason(enum.Enum):
-    STOP = "stop"  # end-of-turn token
-    LENGTH = "length"  # max_new_tokens or the model's context
-    STOP_SEQUENCE = "stop_sequence"
-    CANCELLED = "cancelled"
-    TIME_LIMIT = "time_limit"
 
-
-class Overloaded(Exception):
-    """No room for another request right now (queue full or engine shutting down)."""
-
-
-# The prefill budget by device type when EngineConfig leaves it unset. It bounds how long every
-# other stream waits behind a long prompt: one iteration computes at most this many prompt tokens.
-# CPU (SmolLM2-135M, 2 cores, fp32): about 3 ms per prompt token at short context and 5 ms at 6k,
-# so a 2,048-token chunk held everyone for 5-10 s; 256 keeps an iteration under ~1.4 s at 6k tokens
-# of context and, prefilling a 6k prompt, costs no throughput (22.2 s vs 23.6 s in all).
-PREFILL_TOKENS_BY_DEVICE = {"cpu": 256}
-PREFILL_TOKENS_OTHER = 2048  # accelerators: the usual chunked-prefill budget
-
-
-def prefill_budget(config: EngineConfig, device: torch.device) -> int:
-    """The prompt tokens one iteration computes: ``config.max_prefill_tokens``, or the device's default."""
-    if config.max_prefill_tokens is not None:
-        return config.max_prefill_tokens
-    return PREFILL_TOKENS_BY_DEVICE.get(torch.device(device).type, PREFILL_TOKENS_OTHER)
-
-
-class SequenceFailed(RuntimeError):
-    """Generating this one request failed (the message says where and why); others went on."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
-    max_concurrent: int = 32  # sequences in the running batch (decoding or prefilling)
-    max_new_tokens: int = 1024  # upper bound a request may ask for
-    # Prompt tokens (padding included) computed per iteration; longer prompts are chunked. None: by
-    # device (PREFILL_TOKENS_BY_DEVICE), so that one iteration stays well under a second.
-    max_prefill_tokens: int | None = None
-    # "steer": the engine's own forward where it covers the model (steer.server.llama_forward), else
-    # transformers'; "transformers": always transformers' forward (the reference).
-    forward: str = "steer"
-
-    def __post_init__(self):
-        for name, low in (("max_queue", 0), ("max_concurrent", 1), ("max_new_tokens", 1), ("max_prefill_tokens", 1)):
-            value = getattr(self, name)
-            if value is None and name == "max_prefill_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"EngineConfig.{name} must be an integer >= {low}, got {value!r}")
-        if self.forward not in ("steer", "transformers"):
-            raise ValueError(f"EngineConfig.forward must be 'steer' or 'transformers', got {self.forward!r}")
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    text: str  # the whole generated text (stop strings and end-of-turn removed)
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    queue_seconds: float
-    time_to_first_token_seconds: float
-    total_seconds: float
-    token_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float | None  # time.monotonic() value, or None
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    arrived: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    mix: torch.Tensor | None = None  # (n,) this request's row of adapter weights (mixture models; None: the default row)
-
-    def emit(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            self.cancelled.set()
-
-
-@dataclass
-class _Sequence:
-    """A running sequence: its job, decoding state and slot in the KV cache."""
-
-    job: _Job
-    slot: int
-    generator: torch.Generator
-    detok: StopStringDetokenizer
-    limit: int  # completion tokens allowed (max_new_tokens, capped by the context)
-    length: int = 0  # cache positions written: prompt tokens prefilled, then + tokens fed back
-    last_token: int = 0
-    started: float = 0.0
-    first_token_at: float | None = None
-
-    @property
-    def prompt_left(self) -> int:
-        """Prompt tokens not yet in the cache (0 once the sequence decodes)."""
-        return max(0, len(self.job.prompt_ids) - self.length)
-
-
-# One prefill forward: (sequence, number of its next prompt tokens to compute).
-_Chunks = list[tuple[_Sequence, int]]
-
-
-class Engine:
+class Engine(EngineForwards):
     """Continuous-batching generation over one loaded model (see module docstring)."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
@@ -186,7 +88,8 @@ class Engine:
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
         self.max_prefill_tokens = prefill_budget(config, self.device)
         self._lean = LlamaForward(model) if config.forward == "steer" and supports_lean(model) else None
-        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length, device=self.device)
+        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length,
+                                            device=self.device)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # Mixture adapters (steer.mixture): a forward with MIXTURE rows sets each row's adapter weights
         # (other rows get the default row, every adapter off); a forward without any runs the plain weights.
@@ -240,7 +143,8 @@ class Engine:
                 raise ValueError("this model carries no mixture adapters; mix must be None")
             row = torch.tensor(list(mix), dtype=torch.float32)
             if row.shape != (len(self._mixture.names),) or not bool(torch.isfinite(row).all()):
-                raise ValueError(f"mix must hold {len(self._mixture.names)} finite weights ({list(self._mixture.names)}), got {list(mix)}")
+                raise ValueError(f"mix must hold {len(self._mixture.names)} finite weights "
+                                 f"({list(self._mixture.names)}), got {list(mix)}")
         job = _Job(list(prompt_ids), params, deadline, asyncio.get_running_loop(), asyncio.Queue(), mix=row)
         self._admit(job)
         try:
@@ -370,7 +274,8 @@ class Engine:
         while self._waiting and len(self._running) < self.config.max_concurrent:
             job = self._waiting.popleft()
             if job.cancelled.is_set() or self._expired(job):
-                self._finish_unstarted(job, FinishReason.CANCELLED if job.cancelled.is_set() else FinishReason.TIME_LIMIT)
+                self._finish_unstarted(
+                    job, FinishReason.CANCELLED if job.cancelled.is_set() else FinishReason.TIME_LIMIT)
                 continue
             self._running.append(_Sequence(
                 job=job, slot=self.cache.open(), generator=job.params.make_generator(),
@@ -409,78 +314,6 @@ class Engine:
         if chunked is not None:
             plan.append([(chunked, min(chunked.prompt_left, budget - len(whole) * width))])
         return plan
-
-    # -- forwards --------------------------------------------------------------------------------
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
-        """The engine's only model call: logits of the last position of each row, ``(rows, V)``; row i is ``seqs[i]``."""
-        mix = contextlib.nullcontext()
-        if self._mixture is not None and any(s.job.mix is not None for s in seqs):  # else: the weights as loaded, no stack
-            from steer.mixture import mixing
-
-            default = self._mixture.default_row
-            weights = torch.stack([s.job.mix if s.job.mix is not None else default for s in seqs])  # (rows, n)
-            mix = mixing(self.loaded.model, weights.to(self.device))
-        dev = self.device
-        if self._lean is not None:
-            with mix:
-                return self._lean(input_ids.to(dev), position_ids.to(dev), mask.to(dev), self.cache).cpu()
-        with mix:
-            out = self.loaded.model(
-                input_ids=input_ids.to(dev), position_ids=position_ids.to(dev), attention_mask=self._as_attention_mask(mask).to(dev),
-                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-            )
-        return out.logits[:, -1].cpu()
-
-    def _as_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Boolean 'may attend' mask for SDPA; an additive float mask for eager attention."""
-        if self._sdpa:
-            return allowed
-        zero = torch.zeros((), dtype=self._mask_dtype)
-        return torch.where(allowed, zero, torch.finfo(self._mask_dtype).min)
-
-    def _prefill(self, chunks: _Chunks) -> None:
-        """One forward over the next ``count`` prompt tokens of each sequence, left-padded to a common
-        width so that every row's last real token is the last column (whose logits we keep)."""
-        m = len(chunks)
-        width = max(count for _, count in chunks)
-        input_ids = torch.full((m, width), self._pad_id, dtype=torch.long)  # (m, W)
-        write = torch.full((m, width), -1, dtype=torch.long)  # (m, W): cache position per column, -1 = padding
-        for i, (seq, count) in enumerate(chunks):
-            start = seq.length
-            input_ids[i, width - count:] = torch.tensor(seq.job.prompt_ids[start:start + count])
-            write[i, width - count:] = torch.arange(start, start + count)
-            self.cache.reserve(seq.slot, start + count)
-        view = int(write.max()) + 1
-        real = write >= 0  # (m, W)
-        keys = torch.arange(view)
-        allowed = (keys[None, None, :] <= write[:, :, None]) & real[:, :, None]  # (m, W, L): causal, earlier chunks included
-        # A padding query would see no key at all (NaN rows in SDPA); let it see position 0, which
-        # every row has. Nothing real reads a padding column, and padding is never stored.
-        allowed[:, :, 0] |= ~real
-        self.cache.prepare([s.slot for s, _ in chunks], write, view)
-        logits = self._forward(input_ids, write.clamp(min=0), allowed[:, None], [s for s, _ in chunks])  # (m, V); RoPE position = cache position
-        self.prefill_forwards += 1
-        for seq, count in chunks:
-            seq.length += count
-        done = [i for i, (seq, _) in enumerate(chunks) if seq.prompt_left == 0]
-        if done:
-            self._advance([chunks[i][0] for i in done], logits[done])
-
-    def _decode(self, seqs: list[_Sequence]) -> None:
-        """One token for each sequence: its last sampled token goes in at position ``length``."""
-        for s in seqs:
-            self.cache.reserve(s.slot, s.length + 1)
-        lengths = torch.tensor([s.length for s in seqs])  # (n,) next write position
-        view = int(lengths.max()) + 1
-        allowed = torch.arange(view)[None, :] <= lengths[:, None]  # (n, L)
-        input_ids = torch.tensor([[s.last_token] for s in seqs])  # (n, 1)
-        self.cache.prepare([s.slot for s in seqs], lengths[:, None], view)
-        logits = self._forward(input_ids, lengths[:, None], allowed[:, None, None, :], seqs)  # (n, V)
-        for s in seqs:
-            s.length += 1
-        self.steps += 1
-        self._advance(seqs, logits)
 
     # -- tokens, per sequence --------------------------------------------------------------------
 

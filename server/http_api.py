@@ -15,7 +15,7 @@ Routes (Starlette, served by uvicorn inside the gRPC server's event loop):
 * ``GET /health``: 200 while serving, 503 from the start of a drain (it needs no token).
 
 This module only translates: JSON is checked for shape (is ``messages`` a list, is ``stop`` a
-string or a list) and turned into plain values for
+string or a list; :mod:`steer.server.http_request`) and turned into plain values for
 :func:`steer.server.validation.build_steer_request`, the same call the gRPC servicer makes.
 ``InvalidInput.field`` is renamed into the request's own spelling (``weights[helpfulness]`` ->
 ``weights.helpfulness``, ``sampling.max_new_tokens`` -> ``max_tokens``). Errors are OpenAI-shaped
@@ -44,10 +44,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -56,6 +55,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
+from steer.server.http_request import IGNORED_FIELDS as IGNORED_FIELDS
+from steer.server.http_request import STANDARD_FIELDS as STANDARD_FIELDS
+from steer.server.http_request import STEERING_FIELDS as STEERING_FIELDS
+from steer.server.http_request import UNSUPPORTED_FIELDS as UNSUPPORTED_FIELDS
+from steer.server.http_request import HttpError, _ChatRequest, _json_body
 from steer.server.observability import Metrics, access_log, request_id
 from steer.server.security import bearer_denial
 from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
@@ -76,141 +80,17 @@ FINISH_REASONS = {
     FinishReason.TIME_LIMIT: "length",
     FinishReason.CANCELLED: "length",  # the server cut the text short (shutting down)
 }
-STEERING_FIELDS = ("weights", "strategy", "candidates", "return_rewards", "return_candidates", "top_k")
-STANDARD_FIELDS = (
-    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-    "stream", "stream_options", "n",
-)
-# Accepted and ignored: they do not change what is generated.
-IGNORED_FIELDS = (
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
-    "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "verbosity",
-)
-# OpenAI features this server does not have; refused unless left at their "off" value.
-UNSUPPORTED_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
-    "frequency_penalty", "presence_penalty", "response_format", "audio", "modalities", "prediction",
-    "web_search_options",
-)
-_OFF_VALUES = (None, False, 0, "", "none", "auto", [], {}, ["text"], {"type": "text"})
-_KEYED = re.compile(r"\[(?!\d+\])([^\]]+)\]")  # weights[helpfulness] -> weights.helpfulness; messages[0] stays
-
-
-class HttpError(Exception):
-    """An answer other than 200, OpenAI-shaped."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error", headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-class _ChatRequest:
-    """The JSON body of a chat completion, checked for shape and turned into plain values."""
-
-    def __init__(self, body: object):
-        if not isinstance(body, dict):
-            raise HttpError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        for name in body:
-            if name in UNSUPPORTED_FIELDS:
-                if body[name] not in _OFF_VALUES:
-                    raise HttpError(400, f"{name}: is not supported by this server; leave it out", name, "unsupported_parameter")
-            elif name not in STANDARD_FIELDS + STEERING_FIELDS + IGNORED_FIELDS:
-                raise HttpError(400, f"{name}: unknown parameter", name, "unknown_parameter")
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise HttpError(400, f"model: must be a string, got {type(model).__name__}", "model")
-        self.messages = _messages(body.get("messages"))
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise HttpError(400, f"n: only n=1 is supported, got {n!r}; send one request per completion", "n")
-        self.stream = False if body.get("stream") is None else body["stream"]
-        if not isinstance(self.stream, bool):
-            raise HttpError(400, f"stream: must be true or false, got {self.stream!r}", "stream")
-        options = body.get("stream_options")
-        self.include_usage = False
-        if options is not None:
-            if not self.stream:
-                raise HttpError(400, "stream_options: only allowed when stream is true", "stream_options")
-            if not isinstance(options, dict):
-                raise HttpError(400, "stream_options: must be an object", "stream_options")
-            self.include_usage = options.get("include_usage", False)
-            if not isinstance(self.include_usage, bool):
-                raise HttpError(400, "stream_options.include_usage: must be true or false", "stream_options.include_usage")
-        # max_completion_tokens is OpenAI's current name, max_tokens the older one; errors use the one given.
-        self.max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-            raise HttpError(400, "max_tokens: give max_tokens or max_completion_tokens, not both", "max_tokens")
-        stop = body.get("stop")
-        self.stop_is_string = isinstance(stop, str)
-        if stop is not None and not isinstance(stop, (str, list)):
-            raise HttpError(400, f"stop: must be a string or a list of strings, got {type(stop).__name__}", "stop")
-        self.sampling = {
-            "max_new_tokens": body.get(self.max_tokens_field),
-            "temperature": body.get("temperature"),
-            "top_p": body.get("top_p"),
-            "top_k": body.get("top_k"),
-            "seed": body.get("seed"),
-            "stop": None if stop is None else (stop,) if self.stop_is_string else tuple(stop),
-        }
-        # Steering fields go to the domain as given (null: the default); it checks their types and values.
-        # weights left out (a plain OpenAI client, an eval harness): None, every objective weighted equally.
-        unset = {"weights": None, "strategy": CONDITIONED, "candidates": 0, "return_rewards": False, "return_candidates": False}
-        self.weights, self.strategy, self.candidates, self.return_rewards, self.return_candidates = (
-            default if body.get(name) is None else body[name] for name, default in unset.items()
-        )
-
-    def param(self, field: str) -> str:
-        """The domain's field name (gRPC spelling) as this request spells it."""
-        if field == "sampling.max_new_tokens":
-            return self.max_tokens_field
-        if field.startswith("sampling."):
-            field = field[len("sampling."):]
-            if self.stop_is_string and field.startswith("stop["):
-                return "stop"
-        return _KEYED.sub(r".\1", field)
-
-
-def _messages(messages: object) -> list:
-    """OpenAI messages as build_conversation takes them: text parts joined, ``developer`` read as ``system``."""
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages: must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            out.append(m)  # build_conversation names it
-            continue
-        role, content = m.get("role"), m.get("content")
-        if role == "developer":  # OpenAI's newer name for the system turn
-            role = "system"
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    where = f"messages[{i}].content[{j}]"
-                    raise HttpError(400, f"{where}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported", where)
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        out.append({"role": role, "content": content})
-    return out
-
-
 class OpenAIApi:
     """The Starlette application: OpenAI JSON in, domain calls, OpenAI JSON out."""
 
-    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo, scoring: ScoringService | None = None,
-                 auth_token: str | None = None, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo,
+                 scoring: ScoringService | None = None, auth_token: str | None = None, metrics: Metrics | None = None):
         self.engine = engine
         self.strategies = strategies
         self.info = info
@@ -247,8 +127,8 @@ class OpenAIApi:
         try:
             self._authorise(request)
             if request.path_params["model_id"] != self.info.model_id:
-                raise HttpError(404, f"model: {request.path_params['model_id']!r} is not served here; this server serves "
-                                f"{self.info.model_id!r}", "model", "model_not_found")
+                raise HttpError(404, f"model: {request.path_params['model_id']!r} is not served here; "
+                                f"this server serves {self.info.model_id!r}", "model", "model_not_found")
         except HttpError as e:
             return e.response()
         return JSONResponse(self._model_card())
@@ -278,7 +158,8 @@ class OpenAIApi:
             strategy = offered_strategy(self.strategies, steer_request.strategy, spell=str)
             if chat.stream:
                 if not hasattr(strategy, "stream"):
-                    raise HttpError(400, f"stream: strategy {steer_request.strategy} does not stream; send stream: false", "stream")
+                    raise HttpError(400, f"stream: strategy {steer_request.strategy} does not stream; "
+                                    "send stream: false", "stream")
                 return await self._stream(request, rid, chat, steer_request, strategy)
             result: SteerResult = await _unless_disconnected(request, strategy.run(steer_request))
             return JSONResponse(self._completion(rid, steer_request, result))
@@ -315,7 +196,8 @@ class OpenAIApi:
         if isinstance(e, ScoringStopped):
             return HttpError(503, str(e), None, "unavailable", "server_error")
         log.error("unexpected error in a chat completion (request id %s)", rid, exc_info=e)
-        return HttpError(500, f"internal error (request id {rid}); the server log has the details", None, "internal_error", "server_error")
+        return HttpError(500, f"internal error (request id {rid}); the server log has the details", None,
+                         "internal_error", "server_error")
 
     def _model_card(self) -> dict:
         return {
@@ -362,7 +244,8 @@ class OpenAIApi:
             "steer": steer,
         }
 
-    async def _stream(self, request: Request, rid: str, chat: _ChatRequest, steer_request: SteerRequest, strategy) -> Response:
+    async def _stream(self, request: Request, rid: str, chat: _ChatRequest, steer_request: SteerRequest,
+                      strategy) -> Response:
         events = strategy.stream(steer_request)
         try:
             # Admission (429) and the prompt's token count (400) are settled before any header is sent.
@@ -374,14 +257,17 @@ class OpenAIApi:
         body = self._sse(rid, chat, steer_request, strategy, events, first)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
-    async def _sse(self, rid: str, chat: _ChatRequest, steer_request: SteerRequest, strategy, events: AsyncIterator, first) -> AsyncIterator[str]:
+    async def _sse(self, rid: str, chat: _ChatRequest, steer_request: SteerRequest, strategy, events: AsyncIterator,
+                   first) -> AsyncIterator[str]:
         created = int(time.time())
         extra = {"usage": None} if chat.include_usage else {}
 
         def chunk(delta: dict, finish_reason: str | None = None, **more) -> str:
             body = {
-                "id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": self.info.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra, **more,
+                "id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
+                "model": self.info.model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **extra, **more,
             }
             return _event(body)
 
@@ -418,7 +304,8 @@ def _event(body: dict) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _shutting_down() -> HttpError:
@@ -428,7 +315,8 @@ def _shutting_down() -> HttpError:
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     """Starlette's own refusals (unknown path 404, wrong method 405), OpenAI-shaped."""
     if exc.status_code == 404:
-        message = f"{request.method} {request.url.path}: no such route (routes: /v1/chat/completions, /v1/models, /health)"
+        message = (f"{request.method} {request.url.path}: no such route "
+                   "(routes: /v1/chat/completions, /v1/models, /health)")
     elif exc.status_code == 405:
         message = f"{request.url.path}: method {request.method} is not allowed here"
     else:
@@ -437,24 +325,9 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
                      headers=exc.headers).response()
 
 
-async def _json_body(request: Request, limit: int) -> object:
-    """The request body parsed as JSON; at most ``limit`` bytes are read (413 beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, f"request body: {declared} bytes; this server takes at most {limit}", None, "request_too_large")
-    data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > limit:
-            raise HttpError(413, f"request body: more than {limit} bytes; this server takes at most {limit}", None, "request_too_large")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HttpError(400, f"request body: not valid JSON ({e})", None, "invalid_json") from None
-
-
 async def _unless_disconnected(request: Request, awaitable):
-    """Await ``awaitable``; if the client disconnects first, cancel it (freeing its batch slot) and raise _ClientGone."""
+    """Await ``awaitable``; if the client disconnects first, cancel it (freeing its batch slot) and raise
+    _ClientGone."""
     work = asyncio.ensure_future(awaitable)
     watch = asyncio.ensure_future(_disconnect(request))
     try:
@@ -506,7 +379,8 @@ class _Observed:
         finally:
             elapsed = time.perf_counter() - started
             path = scope.get("path", "")
-            label = f"HTTP {path}" if path in self.api.paths else ("HTTP /v1/models/{id}" if path.startswith("/v1/models/") else "HTTP unknown")
+            label = f"HTTP {path}" if path in self.api.paths else (
+                "HTTP /v1/models/{id}" if path.startswith("/v1/models/") else "HTTP unknown")
             if self.api.metrics is not None:
                 self.api.metrics.requests.labels(label, str(status)).inc()
                 self.api.metrics.latency.labels(label).observe(elapsed)
@@ -537,7 +411,8 @@ class HttpServer:
         self.port = sock.getsockname()[1]
 
     @classmethod
-    async def start(cls, api: OpenAIApi, host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None) -> HttpServer:
+    async def start(cls, api: OpenAIApi, host: str, port: int, tls_cert: str | None = None,
+                    tls_key: str | None = None) -> HttpServer:
         """Bind ``host:port`` (0: a free port) and serve ``api`` there; returns once it accepts connections."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

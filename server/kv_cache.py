@@ -49,7 +49,8 @@ class PagedKVCache:
         self.slots = slots
         self.max_length = max_length  # positions one sequence may reserve (the model's context)
         self.dtype = dtype
-        self.device = torch.device(device)  # where the pools live (the model's device); the block table stays on the CPU
+        # where the pools live (the model's device); the block table stays on the CPU
+        self.device = torch.device(device)
         self.initial_blocks = 1 + math.ceil(initial_tokens / self.BLOCK)  # + the reserved block 0
         self._max_blocks = math.ceil(max_length / self.BLOCK)
         self._table = torch.zeros((slots, self._max_blocks), dtype=torch.long)  # (slots, blocks) -> pool block
@@ -67,7 +68,8 @@ class PagedKVCache:
         self._view_len = 0
 
     @classmethod
-    def for_model(cls, config, slots: int, dtype: torch.dtype, max_length: int, device: torch.device | str = "cpu") -> PagedKVCache:
+    def for_model(cls, config, slots: int, dtype: torch.dtype, max_length: int,
+                  device: torch.device | str = "cpu") -> PagedKVCache:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -37,7 +37,8 @@ def supports(model: nn.Module) -> bool:
     if not isinstance(model, LlamaForCausalLM):  # a PeftModel around one runs transformers' forward
         return False
     cfg, inner = model.config, model.model
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or getattr(cfg, "hidden_act", "silu") != "silu":
+    if (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
+            or getattr(cfg, "hidden_act", "silu") != "silu"):
         return False
     if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return False
@@ -50,7 +51,8 @@ class LlamaForward:
 
     def __init__(self, model: nn.Module):
         if not supports(model):
-            raise ValueError("LlamaForward needs a transformers LlamaForCausalLM with SDPA/eager attention and no biases")
+            raise ValueError(
+                "LlamaForward needs a transformers LlamaForCausalLM with SDPA/eager attention and no biases")
         cfg = model.config
         self.model = model
         self.inner = model.model

@@ -76,9 +76,12 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("steer_requests", "RPCs by method and status code", ["method", "code"], registry=self.registry)
-        self.latency = Histogram("steer_request_seconds", "RPC wall time", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("steer_time_to_first_token_seconds", "Arrival to first generated token", buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("steer_requests", "RPCs by method and status code", ["method", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("steer_request_seconds", "RPC wall time", ["method"], buckets=_LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.ttft = Histogram("steer_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("steer_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
         self.batch_size = Gauge("steer_batch_size", "Sequences in the running batch", registry=self.registry)
 
@@ -187,7 +190,8 @@ class _Call:
             self._metrics.requests.labels(self._label, name).inc()
             self._metrics.latency.labels(self._label).observe(elapsed)
         access_log.info(json.dumps({
-            "request_id": self.rid, "method": self._method, "code": name, "seconds": round(elapsed, 4), "peer": self._peer,
+            "request_id": self.rid, "method": self._method, "code": name, "seconds": round(elapsed, 4),
+            "peer": self._peer,
         }))
 
 
@@ -287,7 +291,8 @@ async def _decoded_stream(call: _Call, raw_requests):
         yield call.decode(raw)
 
 
-def _handler(request_streaming: bool, response_streaming: bool, behaviour, response_serializer) -> grpc.RpcMethodHandler:
+def _handler(request_streaming: bool, response_streaming: bool, behaviour,
+             response_serializer) -> grpc.RpcMethodHandler:
     """A handler of the given cardinality that receives raw request bytes (decoded by the wrapper)."""
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,

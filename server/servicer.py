@@ -62,7 +62,8 @@ _STRATEGY_NAMES = {
     steer_pb2.STRATEGY_RERANK: RERANK,
     steer_pb2.STRATEGY_MIXTURE: MIXTURE,
 }
-_STRATEGY_ENUMS = {CONDITIONED: steer_pb2.STRATEGY_CONDITIONED, RERANK: steer_pb2.STRATEGY_RERANK, MIXTURE: steer_pb2.STRATEGY_MIXTURE}
+_STRATEGY_ENUMS = {CONDITIONED: steer_pb2.STRATEGY_CONDITIONED, RERANK: steer_pb2.STRATEGY_RERANK,
+                   MIXTURE: steer_pb2.STRATEGY_MIXTURE}
 _FINISH = {
     FinishReason.STOP: steer_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: steer_pb2.FINISH_REASON_LENGTH,
@@ -70,7 +71,8 @@ _FINISH = {
     FinishReason.CANCELLED: steer_pb2.FINISH_REASON_CANCELLED,
     FinishReason.TIME_LIMIT: steer_pb2.FINISH_REASON_TIME_LIMIT,
 }
-_SCORING_STOPPED = {"deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "closed": grpc.StatusCode.UNAVAILABLE, "cancelled": grpc.StatusCode.CANCELLED}
+_SCORING_STOPPED = {"deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "closed": grpc.StatusCode.UNAVAILABLE,
+                    "cancelled": grpc.StatusCode.CANCELLED}
 
 
 class _Refusal(Exception):
@@ -103,7 +105,8 @@ def _refuse(context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
 
 
 class SteerServicer(steer_pb2_grpc.SteerServicer):
-    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo, scoring: ScoringService | None = None):
+    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo,
+                 scoring: ScoringService | None = None):
         self.engine = engine
         self.strategies = strategies
         self.info = info
@@ -111,7 +114,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
 
-    async def Generate(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> steer_pb2.GenerateResponse:
+    async def Generate(self, request: steer_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> steer_pb2.GenerateResponse:
         try:
             with _domain_errors():
                 steer_request = self._steer_request(request, context)
@@ -136,7 +140,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             response.timing.total_seconds = result.total_seconds
         for c in result.candidates:
             response.candidates.add(
-                text=c.text, rewards=c.rewards, weighted_reward=c.weighted_reward, finish_reason=_FINISH[c.finished.finish_reason]
+                text=c.text, rewards=c.rewards, weighted_reward=c.weighted_reward,
+                finish_reason=_FINISH[c.finished.finish_reason],
             )
         return response
 
@@ -147,7 +152,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                 steer_request = self._steer_request(request, context)
                 strategy = self._strategy(steer_request.strategy)
                 if not hasattr(strategy, "stream"):
-                    raise StrategyUnavailable(f"strategy {steer_request.strategy.upper()} does not stream; use Generate")
+                    raise StrategyUnavailable(
+                        f"strategy {steer_request.strategy.upper()} does not stream; use Generate")
                 async for event in strategy.stream(steer_request):
                     if isinstance(event, TextDelta):
                         chunk = steer_pb2.GenerateChunk(delta=event.text)
@@ -156,7 +162,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                             finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
                         )
                         if steer_request.return_rewards and event.finish_reason is not FinishReason.CANCELLED:
-                            chunk.rewards.update((await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
+                            chunk.rewards.update(
+                                (await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
                     else:
                         continue
                     if first:
@@ -166,7 +173,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         except _Refusal as e:
             _refuse(context, e)
 
-    async def Score(self, request: steer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> steer_pb2.ScoreResponse:
+    async def Score(self, request: steer_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> steer_pb2.ScoreResponse:
         try:
             with _domain_errors():
                 if self.scoring is None:
@@ -178,7 +186,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                 conversation = build_conversation(
                     request.prompt, [{"role": m.role, "content": m.content} for m in request.messages]
                 )
-                self._check_text_bytes([m["content"] for m in conversation], "messages" if request.messages else "prompt")
+                self._check_text_bytes([m["content"] for m in conversation],
+                                       "messages" if request.messages else "prompt")
                 responses = list(request.responses)
                 if not responses:
                     raise InvalidInput("responses", "is empty: give at least one response to score")
@@ -190,7 +199,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                     self._check_text_bytes([text], f"responses[{i}]")
                 objectives = self.scoring.objectives
                 direction = Direction.from_weights(dict(request.weights), objectives) if request.weights else None
-                rewards = await self.scoring.rewards_for(conversation, responses, deadline=_deadline(context), admit=True)
+                rewards = await self.scoring.rewards_for(conversation, responses, deadline=_deadline(context),
+                                                         admit=True)
         except _Refusal as e:
             _refuse(context, e)
             return steer_pb2.ScoreResponse()  # not sent: the status is not OK
@@ -203,7 +213,8 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
                 vector.weighted_reward = direction.dot(rewards.scaled[i].tolist())
         return response
 
-    async def Describe(self, request: steer_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> steer_pb2.DescribeResponse:
+    async def Describe(self, request: steer_pb2.DescribeRequest,
+                       context: grpc.aio.ServicerContext) -> steer_pb2.DescribeResponse:
         cfg = self.engine.config
         defaults = self.info.sampling_defaults
         return steer_pb2.DescribeResponse(

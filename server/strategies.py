@@ -109,7 +109,8 @@ class ConditionedStrategy:
         if len(ids) >= context:
             raise InvalidInput(
                 request.input_field,
-                f"is {len(ids)} tokens with the chat template{' and direction line' if self.name == CONDITIONED else ''}; "
+                f"is {len(ids)} tokens with the chat template"
+                f"{' and direction line' if self.name == CONDITIONED else ''}; "
                 f"this model's context is {context} tokens and at least one must be left to generate",
             )
         return ids
@@ -158,7 +159,8 @@ class RerankStrategy:
 
     name = RERANK
 
-    def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES, chat: ChatTokenizer | None = None):
+    def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES,
+                 chat: ChatTokenizer | None = None):
         self.engine = engine
         self.scoring = scoring
         self.default_candidates = default_candidates
@@ -169,15 +171,18 @@ class RerankStrategy:
         n = request.candidates or self.default_candidates
         ids = await asyncio.to_thread(self._conditioned.prompt_ids, request)
         params = request.params
-        per_candidate = [params if params.seed is None else params.with_overrides(seed=(params.seed + i) % 2**64) for i in range(n)]
+        per_candidate = [params if params.seed is None else params.with_overrides(seed=(params.seed + i) % 2**64)
+                         for i in range(n)]
         finished = await _all_or_none([self._sample(ids, p, request.deadline) for p in per_candidate])
-        rewards = (await self.scoring.rewards_for(request.conversation, [f.text for f in finished])).select(request.direction.objectives)
+        rewards = (await self.scoring.rewards_for(request.conversation, [f.text for f in finished])).select(
+            request.direction.objectives)
         weighted = [request.direction.dot(rewards.scaled[i].tolist()) for i in range(n)]
         order = sorted(range(n), key=lambda i: (-weighted[i], i))
         best = order[0]
         candidates = ()
         if request.return_candidates:
-            candidates = tuple(ScoredCandidate(finished[i].text, rewards.row(i), weighted[i], finished[i]) for i in order)
+            candidates = tuple(ScoredCandidate(finished[i].text, rewards.row(i), weighted[i], finished[i])
+                               for i in order)
         return SteerResult(
             text=finished[best].text,
             direction=request.direction,
@@ -216,7 +221,8 @@ def _message_fields(request: SteerRequest, n: int) -> list[str]:
     return own if n == len(own) else ["system prompt"] + own
 
 
-def build_strategies(engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None) -> dict[str, object]:
+def build_strategies(engine: Engine, scoring: ScoringService | None = None,
+                     chat: ChatTokenizer | None = None) -> dict[str, object]:
     """The strategies this server offers, by name (RERANK only with a scorer, MIXTURE only with mixture
     adapters); they share one ChatTokenizer."""
     chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)

@@ -60,12 +60,14 @@ def check_text_bytes(texts: Sequence[str], field: str, limit: int | None) -> Non
         raise InvalidInput(field, f"is {size} bytes of text; this server takes at most {limit} bytes here; shorten it")
 
 
-def sampling_params(overrides: Mapping[str, object], defaults: SamplingParams, max_new_tokens_limit: int) -> SamplingParams:
+def sampling_params(overrides: Mapping[str, object], defaults: SamplingParams,
+                    max_new_tokens_limit: int) -> SamplingParams:
     """``defaults`` with the request's overrides (keys of :data:`SAMPLING_FIELDS`; None keeps the default)."""
     params = defaults.with_overrides(**overrides)
     if params.max_new_tokens > max_new_tokens_limit:
         raise InvalidInput(
-            "sampling.max_new_tokens", f"must be <= {max_new_tokens_limit} (this server's limit), got {params.max_new_tokens}"
+            "sampling.max_new_tokens",
+            f"must be <= {max_new_tokens_limit} (this server's limit), got {params.max_new_tokens}"
         )
     return params
 
@@ -75,8 +77,8 @@ def offered_strategy(strategies: Mapping[str, object], name: str, spell=str.uppe
     strategy = strategies.get(name)
     if strategy is None:
         offered = ", ".join(spell(s) for s in strategies)
-        how = {"mixture": "; it needs per-objective adapters: start the server with --mixture DIR (a python -m steer.train "
-                          "mixture output) or --mixture default where the package ships one",
+        how = {"mixture": "; it needs per-objective adapters: start the server with --mixture DIR "
+                          "(a python -m steer.train mixture output) or --mixture default where the package ships one",
                "rerank": "; it needs a reward scorer: start the server with --scorer default"}.get(name, "")
         raise StrategyUnavailable(f"strategy: {spell(name)} is not offered by this server (offered: {offered}){how}")
     return strategy
