@@ -118,7 +118,8 @@ def tiny_server(start_tiny_server):
     from steer.sampling import SamplingParams
 
     return start_tiny_server(
-        ServerConfig(port=0, engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
+        ServerConfig(port=0, engine=EngineConfig(max_new_tokens=64),
+                     sampling_defaults=SamplingParams(max_new_tokens=16))
     )
 
 
@@ -153,4 +154,5 @@ def slow_tiny_loaded(tiny_loaded):
     """Factory: the tiny model with ``delay`` seconds added to every forward."""
     import dataclasses
 
-    return lambda delay: dataclasses.replace(tiny_loaded, model=SlowModel(tiny_loaded.model, delay), model_id=f"slow-tiny-{delay}")
+    return lambda delay: dataclasses.replace(tiny_loaded, model=SlowModel(tiny_loaded.model, delay),
+                                             model_id=f"slow-tiny-{delay}")

@@ -8,7 +8,8 @@ import pytest
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["steer.serve", "steer.client", "steer.train", "steer.server.bench", "steer.server.bench_long_prompt"])
+@pytest.mark.parametrize("module", ["steer.serve", "steer.client", "steer.train", "steer.server.bench",
+                                    "steer.server.bench_long_prompt"])
 def test_help_shows_examples(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -29,7 +30,8 @@ def test_client_prints_text_and_direction(tiny_server):
 
 def test_client_stream_and_server_error(tiny_server):
     out = subprocess.run(
-        [sys.executable, "-m", "steer.client", "Say hi", "--target", tiny_server.target, "--weights", "humour=1", "--stream"],
+        [sys.executable, "-m", "steer.client", "Say hi", "--target", tiny_server.target, "--weights", "humour=1",
+         "--stream"],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 1
@@ -37,12 +39,14 @@ def test_client_stream_and_server_error(tiny_server):
 
 
 def test_client_rejects_malformed_weights():
-    out = subprocess.run([sys.executable, "-m", "steer.client", "hi", "--weights", "helpfulness:1"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "steer.client", "hi", "--weights", "helpfulness:1"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "expected name=value" in out.stderr
 
 
 def test_serve_reports_a_missing_model():
-    out = subprocess.run([sys.executable, "-m", "steer.serve", "--model", "/no/such/dir"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "steer.serve", "--model", "/no/such/dir"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "model: '/no/such/dir' not found" in out.stderr

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_short_locust_run(tiny_server, tmp_path):
     prefix = tmp_path / "steer"
     out = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests/locustfile.py"), "--headless", "-u", "4", "-r", "4",
-         "-t", "4s", "--host", tiny_server.target, "--csv", str(prefix), "--only-summary"],
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests/locustfile.py"), "--headless", "-u", "4",
+         "-r", "4", "-t", "4s", "--host", tiny_server.target, "--csv", str(prefix), "--only-summary"],
         capture_output=True, text=True, timeout=120, env={"STEER_MAX_NEW_TOKENS": "8", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -168,7 +168,8 @@ def test_empty_input():
         ({"bias": torch.randn(122)}, ValueError, "bias must be"),
         ({"temperature": 0.0}, ValueError, "temperature must be"),
     ],
-    ids=["target-out-of-range", "target-shape", "target-dtype", "hidden-size", "dtype-mismatch", "bias-shape", "temperature"],
+    ids=["target-out-of-range", "target-shape", "target-dtype", "hidden-size", "dtype-mismatch", "bias-shape",
+         "temperature"],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
     args = {"hidden": torch.randn(3, 31), "weight": torch.randn(123, 31), "targets": torch.tensor([0, 5, IGNORE])}

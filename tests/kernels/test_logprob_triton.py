@@ -148,6 +148,7 @@ def test_block_sizes_are_validated(triton_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(47, 31, 123), (256, 64, 1000), (1024, 576, 4099)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(47, 31, 123), (256, 64, 1000), (1024, 576, 4099)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_kernels_on_gpu(triton_path, dtype, shape):
     check(triton_path.triton_linear_logprob, shape, bias=True, ignore=True, temperature=0.7, device="cuda", dtype=dtype)

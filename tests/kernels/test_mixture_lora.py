@@ -207,15 +207,19 @@ def test_empty_rows():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"x": torch.randn(7, 32)}, ValueError, r"a_cat must be \(k\*r, in\) with in = 32 from x \(7, 32\); got a_cat \(12, 33"),
+        ({"x": torch.randn(7, 32)}, ValueError,
+         r"a_cat must be \(k\*r, in\) with in = 32 from x \(7, 32\); got a_cat \(12, 33"),
         ({"a_cat": torch.randn(12, 33, 1)}, ValueError, r"a_cat must be \(k\*r, in\).*got a_cat \(12, 33, 1\)"),
         ({"rank": 5}, ValueError, r"a_cat has 12 rows, not a positive multiple of rank=5"),
         ({"rank": 0}, ValueError, r"rank must be a positive int"),
-        ({"b_cat": torch.randn(19, 8)}, ValueError, r"b_cat must be \(out, k\*r\) with k\*r = 12 .*got b_cat \(19, 8\)"),
+        ({"b_cat": torch.randn(19, 8)}, ValueError,
+         r"b_cat must be \(out, k\*r\) with k\*r = 12 .*got b_cat \(19, 8\)"),
         ({"weights": torch.rand(7, 2)}, ValueError, r"weights must be \(\.\.\., k\) with k = 3 .*got weights \(7, 2\)"),
-        ({"weights": torch.rand(6, 3)}, ValueError, r"weights \(6, 3\) must be \(\*lead, 3\) with lead a prefix of x's leading dims"),
+        ({"weights": torch.rand(6, 3)}, ValueError,
+         r"weights \(6, 3\) must be \(\*lead, 3\) with lead a prefix of x's leading dims"),
         ({"weights": torch.ones(7, 3, dtype=torch.long)}, TypeError, r"weights must be a floating tensor"),
-        ({"b_cat": torch.randn(19, 12, dtype=torch.float64)}, TypeError, r"x, a_cat and b_cat must share one floating dtype"),
+        ({"b_cat": torch.randn(19, 12, dtype=torch.float64)}, TypeError,
+         r"x, a_cat and b_cat must share one floating dtype"),
         ({"scale": float("nan")}, ValueError, r"scale must be a finite number"),
     ],
     ids=["x-in", "a_cat-dims", "rank-divides", "rank-positive", "b_cat-cols", "weights-k", "weights-lead",
@@ -257,7 +261,8 @@ def test_triton_kernels_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("STEER_KERNELS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider", "-k", "test_triton_"],
+        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+         "-k", "test_triton_"],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"interpreter run failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"

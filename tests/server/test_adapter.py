@@ -22,7 +22,8 @@ def adapter_dir(tmp_path_factory, tokenizer):
     from steer.models import DEFAULT_MODEL_NAME, build_tiny_model
 
     path = tmp_path_factory.mktemp("adapters") / "default"
-    get_peft_model(build_tiny_model(tokenizer, seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(path)
+    get_peft_model(build_tiny_model(tokenizer, seed=0),
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(path)
     config = json.loads((path / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = DEFAULT_MODEL_NAME
     (path / "adapter_config.json").write_text(json.dumps(config))
@@ -39,7 +40,8 @@ def shipped(monkeypatch, adapter_dir, tiny_model_dir):
 
     monkeypatch.setattr(steer.adapters, "SHIPPED_ROOT", adapter_dir.parent)
     real = steer.models.resolve_model_dir
-    monkeypatch.setattr(steer.models, "resolve_model_dir", lambda spec, field="model": real(str(tiny_model_dir) if spec == "default" else spec, field))
+    monkeypatch.setattr(steer.models, "resolve_model_dir",
+                        lambda spec, field="model": real(str(tiny_model_dir) if spec == "default" else spec, field))
     return adapter_dir
 
 
@@ -188,17 +190,20 @@ def test_scorer_model_still_overrides_the_base(adapted, tiny_model_dir, small_ca
     assert f"model={other}" in scorer.describe()
 
 
-def test_score_on_an_adapted_server_equals_the_base_models_score(start_tiny_server, adapted, tiny_loaded, small_calibration):
+def test_score_on_an_adapted_server_equals_the_base_models_score(start_tiny_server, adapted, tiny_loaded,
+                                                                 small_calibration):
     from steer.server.app import ServerConfig
 
     from steer.rewards.build import build_scorer
 
     server = start_tiny_server(ServerConfig(port=0, scorer="default"), loaded=adapted)
     with grpc.insecure_channel(server.target) as channel:
-        reply = steer_pb2_grpc.SteerStub(channel).Score(pb.ScoreRequest(prompt=CONVERSATION[0]["content"], responses=RESPONSES), timeout=60)
+        reply = steer_pb2_grpc.SteerStub(channel).Score(
+            pb.ScoreRequest(prompt=CONVERSATION[0]["content"], responses=RESPONSES), timeout=60)
     raw = [dict(v.raw_rewards) for v in reply.scores]
     on_base = build_scorer("default", tiny_loaded, calibration="none").rewards([CONVERSATION] * 2, RESPONSES)
     on_adapted = build_scorer("default", adapted, calibration="none").rewards([CONVERSATION] * 2, RESPONSES)
     for i in range(2):
         assert raw[i] == pytest.approx(on_base.row(i, scaled=False), abs=1e-4)
-    assert any(raw[i]["helpfulness"] != pytest.approx(on_adapted.row(i, scaled=False)["helpfulness"], abs=1e-3) for i in range(2))
+    assert any(raw[i]["helpfulness"] != pytest.approx(on_adapted.row(i, scaled=False)["helpfulness"], abs=1e-3)
+               for i in range(2))

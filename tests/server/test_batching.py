@@ -37,7 +37,8 @@ def test_concurrent_requests_match_sequential(stub):
     with ThreadPoolExecutor(len(reqs)) as pool:
         together = list(pool.map(lambda r: stub.Generate(r, timeout=60), reqs))
     for a, b in zip(alone, together):
-        assert (b.text, b.usage.completion_tokens, b.finish_reason) == (a.text, a.usage.completion_tokens, a.finish_reason)
+        assert (b.text, b.usage.completion_tokens, b.finish_reason) == (
+            a.text, a.usage.completion_tokens, a.finish_reason)
 
 
 def test_batched_engine_logprobs_match_single_sequence_forward(tiny_loaded):
@@ -57,7 +58,8 @@ def test_batched_engine_logprobs_match_single_sequence_forward(tiny_loaded):
         try:
             async def one(ids, delay):
                 await asyncio.sleep(delay)  # join a batch that is already running
-                events = [e async for e in engine.generate(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=len(ids)))]
+                events = [e async for e in
+                          engine.generate(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=len(ids)))]
                 return events[-1]
 
             return await asyncio.gather(*(one(p, 0.002 * i) for i, p in enumerate(prompts)))
@@ -106,7 +108,8 @@ def wait_for(condition, timeout=20.0):
 
 
 def gen(max_new_tokens):
-    return pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, seed=1))
+    return pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                              sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, seed=1))
 
 
 def test_overflow_is_resource_exhausted_while_admitted_requests_complete(slow_server):

@@ -24,8 +24,9 @@ def test_precision_quality_separates_exact_from_quantised(tiny_model_dir):
 def test_long_prompt_bench_runs_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "long.json"
     run = subprocess.run(
-        [sys.executable, "-m", "steer.server.bench_long_prompt", "--model", str(tiny_model_dir), "--prompt-tokens", "300",
-         "--delay", "0.2", "--settle", "0.5", "--drain", "0.5", "--grace", "1", "--output", str(out)],
+        [sys.executable, "-m", "steer.server.bench_long_prompt", "--model", str(tiny_model_dir),
+         "--prompt-tokens", "300", "--delay", "0.2", "--settle", "0.5", "--drain", "0.5", "--grace", "1",
+         "--output", str(out)],
         capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stderr[-2000:]

@@ -31,6 +31,7 @@ def test_two_weight_mixes_give_text(default_server):
                 timeout=300,
             )
             assert reply.text.strip()
-            assert dict(reply.direction) == pytest.approx({k: weights.get(k, 0.0) for k in ("helpfulness", "creativity", "conciseness")})
+            assert dict(reply.direction) == pytest.approx(
+                {k: weights.get(k, 0.0) for k in ("helpfulness", "creativity", "conciseness")})
             texts.append(reply.text)
         assert any("Paris" in t for t in texts)

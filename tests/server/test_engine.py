@@ -28,7 +28,8 @@ class SlowModel:
 
 @pytest.fixture(scope="module")
 def slow_loaded(tiny_loaded):
-    return LoadedModel(SlowModel(tiny_loaded.model, 0.02), tiny_loaded.tokenizer, "slow-tiny", None, tiny_loaded.context_length)
+    return LoadedModel(SlowModel(tiny_loaded.model, 0.02), tiny_loaded.tokenizer, "slow-tiny", None,
+                       tiny_loaded.context_length)
 
 
 PROMPT = [1, 2, 3, 4]
@@ -153,11 +154,13 @@ def test_stream_sees_time_limit_before_the_call_deadline(start_tiny_server, slow
         from steer.v1 import steer_pb2_grpc
 
         stub = steer_pb2_grpc.SteerStub(channel)
-        req = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=200, seed=1))
+        req = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                                 sampling=pb.SamplingParams(max_new_tokens=200, seed=1))
         chunks = list(stub.GenerateStream(req, timeout=3.0))  # 200 slow steps take >= 4 s
         assert chunks[-1].finish_reason == pb.FINISH_REASON_TIME_LIMIT
         assert 0 < chunks[-1].usage.completion_tokens < 200
-        ok = stub.Generate(pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=2)), timeout=30)
+        ok = stub.Generate(pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                                              sampling=pb.SamplingParams(max_new_tokens=2)), timeout=30)
         assert ok.usage.completion_tokens == 2
 
 
@@ -274,7 +277,8 @@ def test_a_sequence_whose_detokenizer_raises_fails_alone(tiny_loaded, monkeypatc
     poisoned = (token_ids(5, 7), SamplingParams(max_new_tokens=8, temperature=0.0, stop=("POISON",)))
     results, stats, blocks = together(lambda: Engine(tiny_loaded, EngineConfig()), [poisoned, *NORMAL])
     failure = results[0][-1]
-    assert isinstance(failure, SequenceFailed) and "detokenizing" in str(failure) and "UnicodeDecodeError" in str(failure)
+    assert (isinstance(failure, SequenceFailed) and "detokenizing" in str(failure)
+            and "UnicodeDecodeError" in str(failure))
     assert [r[-1].token_ids for r in results[1:]] == expected
     assert stats == {"waiting": 0, "running": 0} and blocks == 0
 
@@ -314,7 +318,8 @@ def test_a_failed_prefill_forward_fails_only_its_sequences(tiny_loaded):
             engine.close()
 
     first, broken = asyncio.run(main())
-    assert isinstance(broken[-1], SequenceFailed) and "prefill" in str(broken[-1]) and "cannot read this prompt" in str(broken[-1])
+    assert (isinstance(broken[-1], SequenceFailed) and "prefill" in str(broken[-1])
+            and "cannot read this prompt" in str(broken[-1]))
     assert first[-1].token_ids == expected.token_ids and len(expected.token_ids) == 30
     assert "decode" in model.calls[model.calls.index("raised"):]  # the first request kept decoding after it
 
@@ -338,7 +343,8 @@ class Recording(Engine):
         super()._prefill(chunks)
         for seq, count in chunks:
             self.log.append(("prefill", len(seq.job.prompt_ids), count))
-        if self.pause_at and not self.paused.is_set() and any(len(s.job.prompt_ids) >= self.pause_at for s, _ in chunks):
+        if (self.pause_at and not self.paused.is_set()
+                and any(len(s.job.prompt_ids) >= self.pause_at for s, _ in chunks)):
             self.paused.set()
             assert self.go.wait(30)
 
@@ -373,7 +379,8 @@ def test_chunked_prefill_matches_one_shot_and_hf_generate(tiny_loaded, tokenizer
         assert forwards >= math.ceil(max(map(len, prompts)) / budget)  # the longest prompt really was chunked
         for prompt, a, b in zip(prompts, one_shot, results):
             assert b[-1].token_ids == a[-1].token_ids
-            torch.testing.assert_close(torch.stack(logits[tuple(prompt)]), torch.stack(one_shot_logits[tuple(prompt)]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.stack(logits[tuple(prompt)]), torch.stack(one_shot_logits[tuple(prompt)]),
+                                       atol=1e-4, rtol=1e-4)
     for prompt, result in zip(prompts, one_shot):
         with torch.no_grad():
             out = tiny_loaded.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
@@ -393,9 +400,11 @@ def test_short_request_streams_while_a_long_prompt_is_prefilled(tiny_loaded):
     async def main():
         engine = Recording(tiny_loaded, EngineConfig(max_prefill_tokens=32), pause_at=LONG)
         try:
-            long_task = asyncio.create_task(run_one(engine, long_prompt, SamplingParams(max_new_tokens=2, temperature=0.0)))
+            long_task = asyncio.create_task(run_one(engine, long_prompt,
+                                                    SamplingParams(max_new_tokens=2, temperature=0.0)))
             assert await asyncio.to_thread(engine.paused.wait, 30)  # the first chunk of the long prompt is in
-            short_task = asyncio.create_task(run_one(engine, short_prompt, SamplingParams(max_new_tokens=3, temperature=0.0)))
+            short_task = asyncio.create_task(run_one(engine, short_prompt,
+                                                     SamplingParams(max_new_tokens=3, temperature=0.0)))
             while engine.stats()["waiting"] < 1:
                 await asyncio.sleep(0.001)
             engine.go.set()
@@ -417,7 +426,8 @@ def test_cancel_during_a_long_prefill_frees_the_slot_at_once(tiny_loaded):
     long_prompt = token_ids(LONG, 31)
 
     async def main():
-        engine = Recording(tiny_loaded, EngineConfig(max_prefill_tokens=16, max_concurrent=1, max_queue=0), pause_at=LONG)
+        engine = Recording(tiny_loaded, EngineConfig(max_prefill_tokens=16, max_concurrent=1, max_queue=0),
+                           pause_at=LONG)
         try:
             call = asyncio.create_task(run_one(engine, long_prompt, SamplingParams(max_new_tokens=5)))
             assert await asyncio.to_thread(engine.paused.wait, 30)
@@ -445,7 +455,8 @@ def test_deadline_during_a_long_prefill_ends_it_before_the_next_chunk(tiny_loade
     async def main():
         engine = Recording(tiny_loaded, EngineConfig(max_prefill_tokens=16), pause_at=LONG)
         try:
-            call = asyncio.create_task(run_one(engine, long_prompt, SamplingParams(max_new_tokens=5), deadline=time.monotonic() + 60))
+            call = asyncio.create_task(run_one(engine, long_prompt, SamplingParams(max_new_tokens=5),
+                                               deadline=time.monotonic() + 60))
             assert await asyncio.to_thread(engine.paused.wait, 30)
             engine._running[0].job.deadline = time.monotonic()  # the deadline passes during this chunk
             engine.go.set()
@@ -549,7 +560,8 @@ def test_close_ends_running_sequences_after_the_cache_grew(slow_loaded):
     async def main():
         engine = Engine(slow_loaded, EngineConfig(max_prefill_tokens=512))
         initial = engine.cache.capacity_blocks
-        prompts = [[(7 * i + j) % 200 + 3 for j in range(300)] for i in range(4)]  # 1,200 tokens > the initial pool's 1,024
+        # 1,200 tokens > the initial pool's 1,024
+        prompts = [[(7 * i + j) % 200 + 3 for j in range(300)] for i in range(4)]
         streams = [engine.generate(p, SamplingParams(max_new_tokens=150, seed=i)) for i, p in enumerate(prompts)]
         firsts = [await s.__anext__() for s in streams]
         assert engine.cache.capacity_blocks > initial

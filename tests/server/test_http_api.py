@@ -27,14 +27,16 @@ def _config(**overrides):
 
     from steer.sampling import SamplingParams
 
-    fields = dict(port=0, http_port=0, engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
+    fields = dict(port=0, http_port=0, engine=EngineConfig(max_new_tokens=64),
+                  sampling_defaults=SamplingParams(max_new_tokens=16))
     fields.update(overrides)
     return ServerConfig(**fields)
 
 
 def _client(server, api_key="unused", **kw) -> openai.OpenAI:
     # No retries: a 429 or 503 must reach the test, not be retried away.
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.running.http_port}/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.running.http_port}/v1", api_key=api_key, max_retries=0,
+                         timeout=60, **kw)
 
 
 def _url(server, path):
@@ -174,21 +176,25 @@ INVALID = [
     ({"weights": [1, 2]}, "weights", "weights: expected a mapping"),
     ({"weights": {"helpfulness": 1}, "n": 2}, "n", "n: only n=1 is supported"),
     ({"weights": {"helpfulness": 1}, "max_tokens": 65}, "max_tokens", "max_tokens: must be <= 64"),
-    ({"weights": {"helpfulness": 1}, "max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens: must be an integer >= 1"),
+    ({"weights": {"helpfulness": 1}, "max_completion_tokens": 0}, "max_completion_tokens",
+     "max_completion_tokens: must be an integer >= 1"),
     ({"weights": {"helpfulness": 1}, "temperature": -0.5}, "temperature", "temperature: must be finite and >= 0"),
     ({"weights": {"helpfulness": 1}, "top_p": 1.5}, "top_p", "top_p: must be in (0, 1]"),
     ({"weights": {"helpfulness": 1}, "stop": ["ok", ""]}, "stop[1]", "stop[1]: must be a non-empty string"),
     ({"weights": {"helpfulness": 1}, "strategy": "bogus"}, "strategy", "strategy: unknown value 'bogus'"),
-    ({"weights": {"helpfulness": 1}, "strategy": "rerank"}, "strategy", "strategy: rerank is not offered by this server"),
+    ({"weights": {"helpfulness": 1}, "strategy": "rerank"}, "strategy",
+     "strategy: rerank is not offered by this server"),
     ({"weights": {"helpfulness": 1}, "candidates": -1}, "candidates", "candidates: must be an integer >= 0"),
-    ({"weights": {"helpfulness": 1}, "return_rewards": True}, "return_rewards", "return_rewards: this server runs no reward scorer"),
+    ({"weights": {"helpfulness": 1}, "return_rewards": True}, "return_rewards",
+     "return_rewards: this server runs no reward scorer"),
     ({"weights": {"helpfulness": 1}, "wieghts": {"helpfulness": 1}}, "wieghts", "wieghts: unknown parameter"),
     ({"weights": {"helpfulness": 1}, "tools": [{"type": "function"}]}, "tools", "tools: is not supported"),
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-@pytest.mark.parametrize("extra, param, message", INVALID, ids=[c[1] + "-" + c[2][len(c[1]) + 2:][:20] for c in INVALID])
+@pytest.mark.parametrize("extra, param, message", INVALID,
+                         ids=[c[1] + "-" + c[2][len(c[1]) + 2:][:20] for c in INVALID])
 def test_invalid_input_is_400_naming_the_param(client, stream, extra, param, message):
     with pytest.raises(openai.BadRequestError) as e:
         result = client.chat.completions.create(model="tiny", messages=HI, extra_body=extra, stream=stream)
@@ -235,7 +241,8 @@ def test_http_and_grpc_refuse_with_the_same_reason(http_server, client):
             with pytest.raises(grpc.RpcError) as g:
                 stub.Generate(pb.GenerateRequest(prompt="hi", weights=weights), timeout=30)
             with pytest.raises(openai.BadRequestError) as h:
-                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"weights": weights})
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               extra_body={"weights": weights})
             field, reason = g.value.details().split(": ", 1)
             assert field == grpc_field
             error = h.value.response.json()["error"]
@@ -245,8 +252,8 @@ def test_http_and_grpc_refuse_with_the_same_reason(http_server, client):
 def test_content_parts_and_developer_role_are_read_as_text(client):
     parts = client.chat.completions.create(
         model="tiny", max_tokens=6, temperature=0.0, extra_body={"weights": {"helpfulness": 1}},
-        messages=[{"role": "developer", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]}],
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [
+            {"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]}],
     )
     plain = client.chat.completions.create(
         model="tiny", max_tokens=6, temperature=0.0, extra_body={"weights": {"helpfulness": 1}},
@@ -257,7 +264,8 @@ def test_content_parts_and_developer_role_are_read_as_text(client):
 
 
 def test_stop_string_cuts_the_text(client):
-    request = dict(model="tiny", messages=HI, max_tokens=20, temperature=0.0, extra_body={"weights": {"helpfulness": 1}})
+    request = dict(model="tiny", messages=HI, max_tokens=20, temperature=0.0,
+                   extra_body={"weights": {"helpfulness": 1}})
     full = client.chat.completions.create(**request).choices[0].message.content
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), "need a non-blank stop string from the middle of the text"
@@ -294,19 +302,21 @@ def scored_server(start_tiny_server):
 def test_rerank_and_rewards_over_http(scored_server):
     with _client(scored_server) as c:
         reply = c.chat.completions.create(
-            model="tiny", messages=HI, max_tokens=8, temperature=1.0, seed=5,
-            extra_body={"weights": {"helpfulness": 1}, "strategy": "rerank", "candidates": 3, "return_candidates": True},
+            model="tiny", messages=HI, max_tokens=8, temperature=1.0, seed=5, extra_body={
+                "weights": {"helpfulness": 1}, "strategy": "rerank", "candidates": 3, "return_candidates": True},
         )
         text = reply.choices[0].message.content
         candidates = reply.steer["candidates"]
         assert reply.steer["strategy"] == "rerank"
         assert len(candidates) == 3 and candidates[0]["text"] == text
         assert len(text) == max(len(cand["text"]) for cand in candidates)  # the longest wins under helpfulness
-        assert [cand["weighted_reward"] for cand in candidates] == sorted((float(len(cand["text"])) for cand in candidates), reverse=True)
+        assert [cand["weighted_reward"] for cand in candidates] == sorted(
+            (float(len(cand["text"])) for cand in candidates), reverse=True)
         assert reply.steer["rewards"] == probe_rewards(text)
         assert reply.usage.completion_tokens == 3 * 8  # every candidate's tokens
         # CONDITIONED measures its text only when asked, streamed or not.
-        ask = dict(model="tiny", messages=HI, max_tokens=6, seed=2, extra_body={"weights": {"conciseness": 1}, "return_rewards": True})
+        ask = dict(model="tiny", messages=HI, max_tokens=6, seed=2,
+                   extra_body={"weights": {"conciseness": 1}, "return_rewards": True})
         plain = c.chat.completions.create(**ask)
         assert plain.steer["rewards"] == probe_rewards(plain.choices[0].message.content)
         chunks = list(c.chat.completions.create(**ask, stream=True))
@@ -314,7 +324,8 @@ def test_rerank_and_rewards_over_http(scored_server):
         assert streamed == plain.choices[0].message.content
         assert chunks[-1].steer["rewards"] == probe_rewards(streamed)
         with pytest.raises(openai.BadRequestError) as e:
-            c.chat.completions.create(model="tiny", messages=HI, stream=True, extra_body={"weights": {"helpfulness": 1}, "strategy": "rerank"})
+            c.chat.completions.create(model="tiny", messages=HI, stream=True,
+                                      extra_body={"weights": {"helpfulness": 1}, "strategy": "rerank"})
         assert e.value.response.json()["error"]["param"] == "stream"
         assert [m.strategies for m in c.models.list().data] == [["conditioned", "rerank"]]
 
@@ -331,7 +342,8 @@ def test_wrong_or_missing_token_is_401_and_health_stays_open(auth_server):
                 c.chat.completions.create(model="tiny", messages=HI, extra_body={"weights": {"helpfulness": 1}})
             assert e.value.status_code == 401
             assert e.value.response.json()["error"] == {
-                "message": "invalid bearer token", "type": "invalid_request_error", "param": None, "code": "invalid_api_key",
+                "message": "invalid bearer token", "type": "invalid_request_error", "param": None,
+                "code": "invalid_api_key",
             }
             with pytest.raises(openai.AuthenticationError):
                 c.models.list()
@@ -339,7 +351,8 @@ def test_wrong_or_missing_token_is_401_and_health_stays_open(auth_server):
     assert status == 401 and body["error"]["message"].startswith("missing Authorization header")
     assert _get(auth_server, "/health") == (200, {"status": "serving"})
     with _client(auth_server, api_key=TOKEN) as c:
-        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2, extra_body={"weights": {"helpfulness": 1}})
+        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                          extra_body={"weights": {"helpfulness": 1}})
         assert reply.usage.completion_tokens == 2
 
 
@@ -348,7 +361,8 @@ def full_server(start_tiny_server, slow_tiny_loaded):
     """One slot, no queue, and forwards slow enough that a long generation is still running while the test acts."""
     from steer.server.engine import EngineConfig
 
-    return start_tiny_server(_config(engine=EngineConfig(max_concurrent=1, max_queue=0, max_new_tokens=400)), loaded=slow_tiny_loaded(0.03))
+    return start_tiny_server(_config(engine=EngineConfig(max_concurrent=1, max_queue=0, max_new_tokens=400)),
+                             loaded=slow_tiny_loaded(0.03))
 
 
 def _engine_idle(server):
@@ -374,14 +388,16 @@ def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server):
         assert time.monotonic() - started < 6  # 400 tokens at >= 30 ms each would take 12 s
     # A plain (non-streamed) call whose client gives up frees its slot too.
     body = json.dumps({"model": "tiny", "messages": HI, "max_tokens": 400, "weights": {"helpfulness": 1}}).encode()
-    req = urllib.request.Request(_url(full_server, "/v1/chat/completions"), data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(_url(full_server, "/v1/chat/completions"), data=body,
+                                 headers={"Content-Type": "application/json"})
     started = time.monotonic()
     with pytest.raises(OSError):  # a socket timeout, however urllib wraps it
         urllib.request.urlopen(req, timeout=1.0)
     _wait_for(lambda: _engine_idle(full_server))
     assert time.monotonic() - started < 7
     with _client(full_server) as c:
-        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2, extra_body={"weights": {"helpfulness": 1}})
+        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                          extra_body={"weights": {"helpfulness": 1}})
         assert reply.usage.completion_tokens == 2
 
 
@@ -398,7 +414,8 @@ def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_t
         _wait_for(lambda: _get(server, "/health")[0] == 503, timeout=5)
         assert _get(server, "/health") == (503, {"status": "draining"})
         # Draining: health says 503 while calls are still answered.
-        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2, extra_body={"weights": {"helpfulness": 1}})
+        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                          extra_body={"weights": {"helpfulness": 1}})
         assert reply.usage.completion_tokens == 2
         # The long stream is not cut off: it ends with its finish chunk, usage and [DONE].
         rest = pool.submit(list, stream).result(30)
@@ -445,10 +462,12 @@ def test_serve_cli_serves_http_and_sigterm_drains_both_transports(tiny_model_dir
         with urllib.request.urlopen(f"{base}/health", timeout=10) as reply:
             assert reply.status == 200
         with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-            reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=3, extra_body={"weights": {"creativity": 1}})
+            reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=3,
+                                              extra_body={"weights": {"creativity": 1}})
             assert reply.usage.completion_tokens == 3
         with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
-            assert steer_pb2_grpc.SteerStub(channel).Describe(pb.DescribeRequest(), timeout=10).model_id == str(tiny_model_dir)
+            assert (steer_pb2_grpc.SteerStub(channel).Describe(pb.DescribeRequest(), timeout=10).model_id
+                    == str(tiny_model_dir))
         proc.send_signal(signal.SIGTERM)
         statuses = []
         deadline = time.monotonic() + 10
@@ -480,7 +499,8 @@ def test_a_taken_http_port_fails_start_naming_the_flag(start_tiny_server):
             start_tiny_server(_config(http_port=port))
 
 
-@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="openssl is needed to make a test certificate")
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None,
+                    reason="openssl is needed to make a test certificate")
 def test_tls_serves_https_with_the_grpc_certificate(start_tiny_server, tmp_path):
     import ssl
     import subprocess
@@ -491,7 +511,8 @@ def test_tls_serves_https_with_the_grpc_certificate(start_tiny_server, tmp_path)
                    check=True, capture_output=True)
     server = start_tiny_server(_config(tls_cert=str(cert), tls_key=str(key)))
     context = ssl.create_default_context(cafile=str(cert))
-    with urllib.request.urlopen(f"https://127.0.0.1:{server.running.http_port}/health", context=context, timeout=10) as reply:
+    with urllib.request.urlopen(f"https://127.0.0.1:{server.running.http_port}/health", context=context,
+                                timeout=10) as reply:
         assert (reply.status, json.loads(reply.read())) == (200, {"status": "serving"})
     with pytest.raises(OSError):  # plain HTTP to the TLS port fails
         urllib.request.urlopen(_url(server, "/health"), timeout=5).read()

@@ -56,7 +56,8 @@ def _merged(tiny_model_dir, adapters):
             if key.endswith("lora_A.weight"):
                 name = key[len("base_model.model."):-len(".lora_A.weight")]
                 with torch.no_grad():
-                    modules[name].weight += w * cfg["lora_alpha"] / cfg["r"] * (tensors[key.replace("lora_A", "lora_B")] @ a)
+                    modules[name].weight += w * cfg["lora_alpha"] / cfg["r"] * (
+                        tensors[key.replace("lora_A", "lora_B")] @ a)
     return model
 
 
@@ -77,10 +78,12 @@ def test_describe_offers_mixture_and_names_the_adapters(server, dirs):
     with grpc.insecure_channel(server.target) as channel:
         info = steer_pb2_grpc.SteerStub(channel).Describe(pb.DescribeRequest(), timeout=30)
     assert pb.STRATEGY_MIXTURE in info.strategies and pb.STRATEGY_CONDITIONED in info.strategies
-    assert str(dirs[0]) in info.adapter and str(dirs[1]) in info.adapter and "helpfulness, creativity, conciseness" in info.adapter
+    assert (str(dirs[0]) in info.adapter and str(dirs[1]) in info.adapter
+            and "helpfulness, creativity, conciseness" in info.adapter)
 
 
-@pytest.mark.parametrize("weights", [{"creativity": 1.0}, {"helpfulness": 0.5, "conciseness": 0.5}, {"helpfulness": 0.2, "creativity": 0.3, "conciseness": 0.5}])
+@pytest.mark.parametrize("weights", [{"creativity": 1.0}, {"helpfulness": 0.5, "conciseness": 0.5},
+                                     {"helpfulness": 0.2, "creativity": 0.3, "conciseness": 0.5}])
 def test_mixture_answer_equals_the_hand_merged_model(server, dirs, tiny_model_dir, tokenizer, weights):
     mixture, _ = dirs
     with grpc.insecure_channel(server.target) as channel:
@@ -97,12 +100,14 @@ def test_conditioned_rows_use_the_unmerged_adapter(server, dirs, tiny_model_dir,
     weights = {"helpfulness": 0.7, "creativity": 0.3}
     with grpc.insecure_channel(server.target) as channel:
         reply = steer_pb2_grpc.SteerStub(channel).Generate(_request(weights, pb.STRATEGY_CONDITIONED), timeout=60)
-    expected = _greedy(_merged(tiny_model_dir, [(dirs[1], 1.0)]), tokenizer, condition_messages(PROMPT, Direction.from_weights(weights)))
+    expected = _greedy(_merged(tiny_model_dir, [(dirs[1], 1.0)]), tokenizer,
+                       condition_messages(PROMPT, Direction.from_weights(weights)))
     assert reply.text == expected
 
 
 def test_rows_of_one_batch_do_not_disturb_each_other(server):
-    requests = [_request({"helpfulness": 1.0}), _request({"conciseness": 1.0}), _request({"creativity": 0.6, "conciseness": 0.4}),
+    requests = [_request({"helpfulness": 1.0}), _request({"conciseness": 1.0}),
+                _request({"creativity": 0.6, "conciseness": 0.4}),
                 _request({"helpfulness": 1.0}, pb.STRATEGY_CONDITIONED)]
 
     async def together():

@@ -46,7 +46,8 @@ def scored_server(start_tiny_server, tmp_path_factory):
         mp.setenv("STEER_CACHE", str(cache))
         mp.setattr(flr, "calibration_conversations", lambda: (conversations[:6], responses[:6]))
         server = start_tiny_server(
-            ServerConfig(port=0, scorer="default", engine=EngineConfig(max_new_tokens=64), sampling_defaults=SamplingParams(max_new_tokens=16))
+            ServerConfig(port=0, scorer="default", engine=EngineConfig(max_new_tokens=64),
+                         sampling_defaults=SamplingParams(max_new_tokens=16))
         )
     server.cache = cache
     return server
@@ -65,7 +66,8 @@ def local_scorer(scored_server, tiny_loaded):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STEER_CACHE", str(scored_server.cache))
-        mp.setattr("steer.rewards.flr.FLRScorer.calibrate", lambda self: pytest.fail("the server's stored calibration was not found"))
+        mp.setattr("steer.rewards.flr.FLRScorer.calibrate",
+                   lambda self: pytest.fail("the server's stored calibration was not found"))
         return build_scorer("default", tiny_loaded)
 
 
@@ -86,13 +88,15 @@ def test_score_returns_raw_and_scaled_vectors_per_response(stub, local_scorer):
     for i, vector in enumerate(reply.scores):
         assert dict(vector.raw_rewards) == pytest.approx(expected.row(i, scaled=False), abs=1e-4)
         assert dict(vector.rewards) == pytest.approx(expected.row(i), abs=1e-4)
-        assert vector.weighted_reward == pytest.approx(0.75 * vector.rewards["helpfulness"] + 0.25 * vector.rewards["conciseness"], abs=1e-5)
+        assert vector.weighted_reward == pytest.approx(
+            0.75 * vector.rewards["helpfulness"] + 0.25 * vector.rewards["conciseness"], abs=1e-5)
     # The length signal's raw value is -ln(1 + tokens).
     assert reply.scores[0].raw_rewards["conciseness"] > reply.scores[1].raw_rewards["conciseness"]
 
 
 def test_score_without_weights_leaves_weighted_reward_unset(stub):
-    reply = stub.Score(pb.ScoreRequest(messages=[pb.Message(role="user", content="Hi")], responses=["Hello!"]), timeout=60)
+    reply = stub.Score(pb.ScoreRequest(messages=[pb.Message(role="user", content="Hi")], responses=["Hello!"]),
+                       timeout=60)
     assert not reply.direction and reply.scores[0].weighted_reward == 0.0
     assert set(reply.scores[0].rewards) == set(OBJECTIVES)
 
@@ -102,10 +106,15 @@ SCORE_INVALID = [
     ("blank response", pb.ScoreRequest(prompt="hi", responses=["ok", "  "]), "responses[1]: is empty"),
     ("too many responses", pb.ScoreRequest(prompt="hi", responses=["x"] * 65), "responses: at most 64"),
     ("no prompt", pb.ScoreRequest(responses=["x"]), "prompt: is empty"),
-    ("prompt and messages", pb.ScoreRequest(prompt="hi", messages=[pb.Message(role="user", content="x")], responses=["x"]), "prompt: set either"),
-    ("ends with assistant", pb.ScoreRequest(messages=[pb.Message(role="user", content="x"), pb.Message(role="assistant", content="y")], responses=["x"]), "messages[1].role"),
-    ("unknown objective", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"humour": 1}), "weights[humour]: unknown objective"),
-    ("negative weight", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"creativity": -1}), "weights[creativity]: must be finite and >= 0"),
+    ("prompt and messages", pb.ScoreRequest(prompt="hi", messages=[pb.Message(role="user", content="x")],
+                                            responses=["x"]), "prompt: set either"),
+    ("ends with assistant",
+     pb.ScoreRequest(messages=[pb.Message(role="user", content="x"), pb.Message(role="assistant", content="y")],
+                     responses=["x"]), "messages[1].role"),
+    ("unknown objective", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"humour": 1}),
+     "weights[humour]: unknown objective"),
+    ("negative weight", pb.ScoreRequest(prompt="hi", responses=["x"], weights={"creativity": -1}),
+     "weights[creativity]: must be finite and >= 0"),
 ]
 
 
@@ -119,7 +128,8 @@ def test_score_invalid_input_names_the_field(stub, case, req, message):
 
 def rerank_request(**kw):
     sampling = pb.SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 10), temperature=1.0, seed=kw.pop("seed", 11))
-    return pb.GenerateRequest(prompt="Name a colour.", weights={"helpfulness": 0.5, "creativity": 0.2, "conciseness": 0.3},
+    return pb.GenerateRequest(prompt="Name a colour.",
+                              weights={"helpfulness": 0.5, "creativity": 0.2, "conciseness": 0.3},
                               strategy=pb.STRATEGY_RERANK, sampling=sampling, **kw)
 
 
@@ -135,14 +145,16 @@ def test_rerank_returns_the_candidate_with_the_highest_weighted_reward(stub):
     # Independently: Score every candidate; the returned text has the highest v . r.
     texts = [c.text for c in reply.candidates]
     assert all(t.strip() for t in texts)
-    scored = stub.Score(pb.ScoreRequest(prompt="Name a colour.", responses=texts, weights=dict(reply.direction)), timeout=60)
+    scored = stub.Score(pb.ScoreRequest(prompt="Name a colour.", responses=texts, weights=dict(reply.direction)),
+                        timeout=60)
     by_score = [s.weighted_reward for s in scored.scores]
     assert by_score == pytest.approx(weighted, abs=1e-4)
     assert max(range(4), key=lambda i: by_score[i]) == 0
     for c, s in zip(reply.candidates, scored.scores):
         assert dict(c.rewards) == pytest.approx(dict(s.rewards), abs=1e-4)
     # Usage counts every candidate's tokens; each candidate carries its finish reason.
-    assert reply.usage.completion_tokens >= 4 and all(c.finish_reason != pb.FINISH_REASON_UNSPECIFIED for c in reply.candidates)
+    assert (reply.usage.completion_tokens >= 4
+            and all(c.finish_reason != pb.FINISH_REASON_UNSPECIFIED for c in reply.candidates))
 
 
 def test_rerank_is_reproducible_with_a_seed_and_defaults_to_four(stub):
@@ -254,7 +266,8 @@ def gated_server(start_tiny_server):
     from steer.rewards.service import ScoringConfig
 
     scorer = GatedScorer()
-    server = start_tiny_server(ServerConfig(port=0, scoring=ScoringConfig(max_pending_responses=70, chunk_responses=4)), scorer=scorer)
+    server = start_tiny_server(ServerConfig(port=0, scoring=ScoringConfig(max_pending_responses=70, chunk_responses=4)),
+                               scorer=scorer)
     server.scorer = scorer
     return server
 
@@ -323,7 +336,8 @@ def test_score_text_limits(gated_server, tokenizer):
         stub = steer_pb2_grpc.SteerStub(channel)
         for req, message in (
             (pb.ScoreRequest(prompt="x" * (limit + 1), responses=["ok"]), f"prompt: is {limit + 1} bytes of text"),
-            (pb.ScoreRequest(prompt="hi", responses=["ok", "y" * (limit + 1)]), f"responses[1]: is {limit + 1} bytes of text"),
+            (pb.ScoreRequest(prompt="hi", responses=["ok", "y" * (limit + 1)]),
+             f"responses[1]: is {limit + 1} bytes of text"),
         ):
             with pytest.raises(grpc.RpcError) as e:
                 stub.Score(req, timeout=30)

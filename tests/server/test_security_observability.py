@@ -120,7 +120,8 @@ def test_metrics_and_request_ids(start_tiny_server):
 
 
 def requests_total(server, method: str, code: str) -> float:
-    return server.running.metrics.registry.get_sample_value("steer_requests_total", {"method": method, "code": code}) or 0.0
+    return server.running.metrics.registry.get_sample_value(
+        "steer_requests_total", {"method": method, "code": code}) or 0.0
 
 
 def wait_for(condition, seconds: float = 20):
@@ -139,7 +140,8 @@ def test_every_refusal_is_counted_before_the_client_sees_its_status(auth_server)
     bearer = (("authorization", f"Bearer {TOKEN}"),)
     cases = [
         ("/steer.v1.Steer/Generate", "INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT,
-         lambda ch: steer_pb2_grpc.SteerStub(ch).Generate(pb.GenerateRequest(prompt="hi", weights={"x": 1}), timeout=10, metadata=bearer)),
+         lambda ch: steer_pb2_grpc.SteerStub(ch).Generate(pb.GenerateRequest(prompt="hi", weights={"x": 1}),
+                                                          timeout=10, metadata=bearer)),
         ("/grpc.health.v1.Health/Check", "NOT_FOUND", grpc.StatusCode.NOT_FOUND,
          lambda ch: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)),
         ("/steer.v1.Steer/Describe", "UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED,
@@ -158,16 +160,18 @@ def test_every_refusal_is_counted_before_the_client_sees_its_status(auth_server)
 UNDECODABLE = [
     b"\xff",  # a field tag that never ends
     b"\x0a\x05ab",  # field 1 says 5 bytes, 2 follow
-    b"\x0a\x02\xc3\x28",  # field 1 is not UTF-8 (a string field in every request below but DescribeRequest, which skips it)
+    # field 1 is not UTF-8 (a string field in every request below but DescribeRequest, which skips it)
+    b"\x0a\x02\xc3\x28",
 ]
 
 
 @pytest.mark.parametrize("payload", UNDECODABLE)
 def test_undecodable_request_bytes_are_invalid_argument_with_a_log_line_and_metric(tiny_server, caplog, payload):
     caplog.set_level(logging.INFO, logger="steer.access")
-    methods = {"/steer.v1.Steer/Generate": "unary", "/steer.v1.Steer/Score": "unary", "/steer.v1.Steer/Describe": "unary",
-               "/grpc.health.v1.Health/Check": "unary", "/steer.v1.Steer/GenerateStream": "stream",
-               "/grpc.health.v1.Health/Watch": "stream", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "bidi"}
+    methods = {"/steer.v1.Steer/Generate": "unary", "/steer.v1.Steer/Score": "unary",
+               "/steer.v1.Steer/Describe": "unary", "/grpc.health.v1.Health/Check": "unary",
+               "/steer.v1.Steer/GenerateStream": "stream", "/grpc.health.v1.Health/Watch": "stream",
+               "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "bidi"}
     with grpc.insecure_channel(tiny_server.target) as channel:
         for method, kind in methods.items():
             if method.endswith("/Describe") and payload == UNDECODABLE[2]:
@@ -225,7 +229,8 @@ def test_unknown_method_is_unimplemented_and_counted_under_one_label(tiny_server
 
 def test_health_watch_streams_serving(tiny_server):
     with grpc.insecure_channel(tiny_server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="steer.v1.Steer"), timeout=30)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="steer.v1.Steer"), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
     wait_for(lambda: requests_total(tiny_server, "/grpc.health.v1.Health/Watch", "CANCELLED") >= 1)
@@ -236,7 +241,8 @@ def test_cancelled_streams_count_as_cancelled(start_tiny_server, slow_tiny_loade
     """Cancel at different moments (right after the first chunk, a few chunks in): never UNKNOWN."""
     server = start_tiny_server(loaded=slow_tiny_loaded(0.01))
     method = "/steer.v1.Steer/GenerateStream"
-    request = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=400, seed=0))
+    request = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                                 sampling=pb.SamplingParams(max_new_tokens=400, seed=0))
     with grpc.insecure_channel(server.target) as channel:
         stub = steer_pb2_grpc.SteerStub(channel)
         for i in range(12):
@@ -323,6 +329,7 @@ def test_a_stream_closed_between_messages_counts_as_cancelled():
         stream = handler.unary_stream(b"", FakeContext())
         assert await stream.__anext__() == 0
         await stream.aclose()
-        return metrics.registry.get_sample_value("steer_requests_total", {"method": "/t.T/Numbers", "code": "CANCELLED"})
+        return metrics.registry.get_sample_value("steer_requests_total",
+                                                 {"method": "/t.T/Numbers", "code": "CANCELLED"})
 
     assert asyncio.run(main()) == 1.0

@@ -18,8 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from steer.v1 import steer_pb2 as pb
 from steer.v1 import steer_pb2_grpc
 
-SHORT = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=2, seed=0))
-LONG = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=pb.SamplingParams(max_new_tokens=400, seed=0))
+SHORT = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                           sampling=pb.SamplingParams(max_new_tokens=2, seed=0))
+LONG = pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1},
+                          sampling=pb.SamplingParams(max_new_tokens=400, seed=0))
 
 
 def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_tiny_loaded):
@@ -36,7 +38,8 @@ def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_t
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
         # Draining: health says NOT_SERVING, and the listener still serves new calls.
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert stub.Generate(SHORT, timeout=10).usage.completion_tokens == 2
         # The long stream is not cut off: it ends with a final chunk and status OK.
         rest = list(pool.submit(list, stream).result(30))

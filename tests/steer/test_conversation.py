@@ -9,7 +9,8 @@ def test_prompt_becomes_a_user_turn():
 
 
 def test_messages_pass_through():
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "u2"}]
     assert build_conversation(messages=msgs) == msgs
 
 
@@ -20,9 +21,11 @@ def test_messages_pass_through():
         ("   ", None, "prompt", "blank"),
         ("hi", [{"role": "user", "content": "x"}], "prompt", "not both"),
         (None, [{"role": "robot", "content": "x"}], "messages[0].role", "must be one of"),
-        (None, [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "user", "content": "y"}], "messages[1].role", "first"),
+        (None, [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "user", "content": "y"}],
+         "messages[1].role", "first"),
         (None, [{"role": "user", "content": ""}], "messages[0].content", "empty"),
-        (None, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages[1].role", "last message must be the user's"),
+        (None, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages[1].role",
+         "last message must be the user's"),
     ],
 )
 def test_invalid_conversations_name_the_field(prompt, messages, field, reason):

@@ -275,7 +275,8 @@ class FakePolicy:
             (index,) = [i for i, p in enumerate(PROMPTS) if p in text]
             counts, filler = self.respond(index, direction)
             words = [m for m, c in zip(MARKERS.values(), counts) for _ in range(c)] + [FILLER] * filler
-            rows.append(self.tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id])
+            rows.append(self.tokenizer(" " + " ".join(words),
+                                       add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id])
         width = max(len(r) for r in rows)
         new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])  # (B, T_new)
         return torch.cat([input_ids, new], dim=1)
@@ -317,8 +318,8 @@ def run_fake(tokenizer, policy_respond, base_respond=None, *, seeds=(0, 1), **kw
     policy = FakePolicy(tokenizer, policy_respond)
     base = policy if base_respond is None else FakePolicy(tokenizer, base_respond)
     judges = marker_judges()
-    result = evaluate(policy, base, tokenizer, PROMPTS, direction_grid("default"), SamplingParams(max_new_tokens=32), judges,
-                      seeds=seeds, batch_size=4, bootstrap=200, **kwargs)
+    result = evaluate(policy, base, tokenizer, PROMPTS, direction_grid("default"), SamplingParams(max_new_tokens=32),
+                      judges, seeds=seeds, batch_size=4, bootstrap=200, **kwargs)
     return result, judges, policy, base
 
 
@@ -348,7 +349,8 @@ def test_a_steerable_policy_against_a_deaf_base(tokenizer):
     # the judges see the user's request only: no system prompt, no direction line
     for judge in judges.values():
         scorer = judge.flr if isinstance(judge, HeldoutJudge) else judge.scorer
-        assert scorer.seen and all(c == [{"role": "user", "content": c[0]["content"]}] and c[0]["content"] in PROMPTS for c in scorer.seen)
+        assert scorer.seen and all(c == [{"role": "user", "content": c[0]["content"]}] and c[0]["content"] in PROMPTS
+                                   for c in scorer.seen)
 
 
 def test_without_an_adapter_policy_and_base_are_one_run(tokenizer):
@@ -360,8 +362,8 @@ def test_without_an_adapter_policy_and_base_are_one_run(tokenizer):
 
 
 def test_a_contrary_policy_scores_minus_one(tokenizer):
-    result, _, _, _ = run_fake(tokenizer, lambda i, d: ([round(6 * (1 - w)) for w in d.weights], round(6 * d.weights[2])) if d else ([0] * 3, 0),
-                               plain=False)
+    result, _, _, _ = run_fake(tokenizer, lambda i, d: ([round(6 * (1 - w)) for w in d.weights],
+                                                        round(6 * d.weights[2])) if d else ([0] * 3, 0), plain=False)
     for o in DEFAULT_OBJECTIVES:
         assert result.systems[POLICY].spearman[HELDOUT][o].mean == pytest.approx(-1.0)
 
@@ -396,15 +398,17 @@ def test_rerank_keeps_the_candidate_with_the_best_weighted_reward(tokenizer):
     for job, s in enumerate(samples):
         vr = scores[job] @ np.array(grid[s.direction_index].weights)  # (4,)
         assert vr[s.candidate] == vr.max()
-        assert judge.score([[{"role": "user", "content": PROMPTS[s.prompt_index]}]], [s.text])[0] == pytest.approx(scores[job, s.candidate])
+        assert (judge.score([[{"role": "user", "content": PROMPTS[s.prompt_index]}]], [s.text])[0]
+                == pytest.approx(scores[job, s.candidate]))
 
 
 def test_rerank_steers_a_random_policy_that_conditioned_sampling_cannot(tokenizer):
     def helpfulness(strategy):
         policy = RandomPolicy(tokenizer)
-        result = evaluate(policy, policy, tokenizer, PROMPTS, direction_grid("default"), SamplingParams(max_new_tokens=16),
-                          marker_judges(), seeds=(0, 1, 2, 3), strategy=strategy, rerank_judge=ScorerJudge(MarkerScorer()),
-                          candidates=8, plain=False, batch_size=8, bootstrap=100)
+        result = evaluate(policy, policy, tokenizer, PROMPTS, direction_grid("default"),
+                          SamplingParams(max_new_tokens=16), marker_judges(), seeds=(0, 1, 2, 3), strategy=strategy,
+                          rerank_judge=ScorerJudge(MarkerScorer()), candidates=8, plain=False, batch_size=8,
+                          bootstrap=100)
         system = result.systems[POLICY]
         return system.spearman[HELDOUT]["helpfulness"].mean, system.effect[HELDOUT]["helpfulness"].mean_w1
 
@@ -424,7 +428,8 @@ def _tiny_adapter(tiny_model_dir, path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     # init_lora_weights=False: B is random too, so the adapter really changes the model.
-    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(path)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False)).save_pretrained(path)
     return path
 
 
@@ -446,7 +451,8 @@ def test_samples_are_deterministic_per_seed_and_differ_between_seeds(tiny_loaded
     grid = direction_grid("corners")
 
     def texts(seeds):
-        samples = generate_samples(tiny_loaded.model, tiny_loaded.tokenizer, PROMPTS[:2], grid, params, seeds=seeds, plain=True, batch_size=4)
+        samples = generate_samples(tiny_loaded.model, tiny_loaded.tokenizer, PROMPTS[:2], grid, params, seeds=seeds,
+                                   plain=True, batch_size=4)
         return {(s.prompt_index, s.direction_index, s.seed): s.text for s in samples}
 
     first = texts((0, 1))
@@ -484,7 +490,8 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
     assert set(doc["definitions"]) >= {"spearman", "effect", "side_effects", HELDOUT, TRAINING}
     # 2 prompts x 7 directions x 2 seeds per system, plus the base's plain answers per prompt and seed
     assert len(rows) == 2 * 7 * 2 * 2 + 2 * 2
-    assert sum(r["direction"] == "plain" for r in rows) == 4 and all(r["system"] == BASE for r in rows if r["weights"] is None)
+    assert (sum(r["direction"] == "plain" for r in rows) == 4
+            and all(r["system"] == BASE for r in rows if r["weights"] is None))
     assert doc["systems"][BASE]["plain"]["n"] == 4 and doc["systems"][POLICY]["plain"] is None
     assert {r["prompt"] for r in rows} == set(PROMPTS[:2])
     assert all(r["scores"][HELDOUT]["conciseness"] == -r["num_tokens"] for r in rows)
@@ -506,9 +513,11 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
                 at1 = [r["scores"][judge][o] for r in mine if r["weights"][o] == 1.0]
                 assert report["effect"][judge][o]["mean_w1"] == pytest.approx(sum(at1) / len(at1))
         tokens = {d["label"]: d["mean_tokens"] for d in report["directions"]}
-        assert tokens["helpfulness"] == pytest.approx(np.mean([r["num_tokens"] for r in mine if r["direction"] == "helpfulness"]))
+        assert tokens["helpfulness"] == pytest.approx(
+            np.mean([r["num_tokens"] for r in mine if r["direction"] == "helpfulness"]))
     h = doc["comparison"]["at_weight_1"][HELDOUT]["helpfulness"]
-    assert h["base_plain"] == pytest.approx(np.mean([r["scores"][HELDOUT]["helpfulness"] for r in rows if r["weights"] is None]))
+    assert h["base_plain"] == pytest.approx(
+        np.mean([r["scores"][HELDOUT]["helpfulness"] for r in rows if r["weights"] is None]))
     assert "spearman heldout" in stdout and "helpfulness (heldout) at helpfulness=1" in stdout
     assert "spearman gain" in stdout and str(out / "steerability.json") in stdout
 
@@ -522,9 +531,11 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
     base_raw = FLRScorer(tiny_loaded.model, tiny_loaded.tokenizer, config).rewards(conversations, texts).raw
     assert torch.allclose(stored, base_raw, atol=1e-4)
     policy, _ = load_policy_and_judge(str(tiny_model_dir), str(adapter))
-    assert not torch.allclose(stored, FLRScorer(policy.model, policy.tokenizer, config).rewards(conversations, texts).raw, atol=1e-4)
+    assert not torch.allclose(
+        stored, FLRScorer(policy.model, policy.tokenizer, config).rewards(conversations, texts).raw, atol=1e-4)
     # the held-out judge is not the training judge: other follow-ups, other values
-    training_raw = build_scorer("flr", tiny_loaded, ("helpfulness", "creativity"), calibration="none").rewards(conversations, texts).raw
+    training_raw = build_scorer("flr", tiny_loaded, ("helpfulness", "creativity"),
+                                calibration="none").rewards(conversations, texts).raw
     assert not torch.allclose(stored, training_raw, atol=1e-3)
 
 
@@ -590,10 +601,13 @@ def test_help_is_instant_and_shows_examples():
 
     out = subprocess.run([sys.executable, "-m", "steer.eval", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "Examples:" in out.stdout and all(flag in out.stdout for flag in ("--grid", "--seeds", "--strategy", "--bootstrap"))
+    assert "Examples:" in out.stdout and all(
+        flag in out.stdout for flag in ("--grid", "--seeds", "--strategy", "--bootstrap"))
     # heavy libraries load inside main, so --help never pays for torch
-    probe = "import sys, steer.eval; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "[]"
+    probe = ("import sys, steer.eval; "
+             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "[]"
 
 
 def test_mixture_strategy_generates_from_the_mixed_adapters(tiny_model_dir, tmp_path, monkeypatch):
@@ -618,18 +632,19 @@ def test_mixture_strategy_generates_from_the_mixed_adapters(tiny_model_dir, tmp_
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
     out = tmp_path / "eval"
-    assert main(["--model", str(tiny_model_dir), "--strategy", "mixture", "--mixture", str(mix), "--prompts", str(prompts),
-                 "--grid", "corners", "--seeds", "1", "--temperature", "0", "--max-new-tokens", "8", "--scorer", "none",
-                 "--no-plain", "--output", str(out), "--no-progress"]) == 0
+    assert main(["--model", str(tiny_model_dir), "--strategy", "mixture", "--mixture", str(mix),
+                 "--prompts", str(prompts), "--grid", "corners", "--seeds", "1", "--temperature", "0",
+                 "--max-new-tokens", "8", "--scorer", "none", "--no-plain", "--output", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "steerability.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert doc["strategy"] == "mixture" and doc["policy_is_base"] is False and "mixture" in doc["adapter"]
     tok = load_tokenizer(str(tiny_model_dir))
     texts = {}
     for objective in DEFAULT_OBJECTIVES:
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                               str(mix / objective)).eval()
-        (gen,), = generate_batch(peft_model, tok, [[{"role": "user", "content": PROMPTS[0]}]], [None], SamplingParams(max_new_tokens=8, temperature=0.0))
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(mix / objective)).eval()
+        (gen,), = generate_batch(peft_model, tok, [[{"role": "user", "content": PROMPTS[0]}]], [None],
+                                 SamplingParams(max_new_tokens=8, temperature=0.0))
         policy = [r for r in rows if r["system"] == POLICY and r["direction"] == objective]
         assert len(policy) == 1 and policy[0]["text"] == gen.text
         texts[objective] = gen.text
@@ -648,7 +663,8 @@ def test_device_is_checked_and_cuda_without_a_gpu_is_named(tiny_model_dir):
         with pytest.raises(InvalidInput, match="no CUDA device") as e:
             load_model(str(tiny_model_dir), device="cuda")
         assert e.value.field == "device"
-    assert load_model(str(tiny_model_dir), device="auto").model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert load_model(str(tiny_model_dir), device="auto").model.device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_mixture_default_is_the_shipped_one_and_fits_the_default_model_only(tiny_model_dir):

@@ -5,7 +5,8 @@ from steer.generation import generate_batch
 from steer.objectives import Direction
 from steer.sampling import SamplingParams
 
-CONVS = [[{"role": "user", "content": "Name a fruit."}], [{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to three, slowly please."}]]
+CONVS = [[{"role": "user", "content": "Name a fruit."}], [{"role": "user", "content": "Say hi."}],
+         [{"role": "user", "content": "Count to three, slowly please."}]]
 DIRS = [Direction.corner("conciseness"), Direction.uniform(), None]
 
 

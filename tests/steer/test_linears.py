@@ -16,10 +16,12 @@ def test_packed_linear_equals_torch_linear():
     packed = pack_weight(weight)
     for shape in [(1, 40), (7, 40), (3, 5, 40), (300, 40)]:
         x = torch.randn(*shape, generator=g)
-        torch.testing.assert_close(packed_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias),
+                                   atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(packed_linear(x, packed, None), x @ weight.t(), atol=1e-5, rtol=1e-5)
     x = torch.randn(4, 80, generator=g)[:, ::2]  # a non-contiguous input
-    torch.testing.assert_close(packed_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_prepacked_model_gives_the_same_logits(tiny_model_dir):

@@ -40,7 +40,8 @@ def mixture_dir(tiny_model_dir, tmp_path_factory):
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
     out = tmp_path_factory.mktemp("mix") / "mixture"
-    spec = MixtureSpec(OBJECTIVES, RANK, ALPHA, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "tiny")
+    spec = MixtureSpec(OBJECTIVES, RANK, ALPHA,
+                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "tiny")
     return save_mixture(model, out, spec)
 
 

@@ -21,7 +21,8 @@ def test_cache_moves_with_env_var(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "c"
 
 
-@pytest.mark.parametrize("spec, reason", [("/no/such/model", "not found"), ("relative/nowhere", "nothing is downloaded")])
+@pytest.mark.parametrize("spec, reason", [("/no/such/model", "not found"),
+                                          ("relative/nowhere", "nothing is downloaded")])
 def test_missing_model_is_a_clear_error(spec, reason):
     with pytest.raises(InvalidInput) as e:
         resolve_model_dir(spec)
@@ -69,7 +70,8 @@ def save_tiny_adapter(tokenizer, path, base_model_name_or_path=None):
     the shipped one; returns the PEFT model (fp32) that produced it."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(build_tiny_model(tokenizer, seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(build_tiny_model(tokenizer, seed=0),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     for p in lora:
         p.data = p.data.to(torch.bfloat16)
@@ -91,10 +93,12 @@ def shipped(monkeypatch, tmp_path, tokenizer, tiny_model_dir):
     import steer.models
     from steer.models import DEFAULT_MODEL_NAME
 
-    peft_model = save_tiny_adapter(tokenizer, tmp_path / "adapters" / "default", base_model_name_or_path=DEFAULT_MODEL_NAME)
+    peft_model = save_tiny_adapter(tokenizer, tmp_path / "adapters" / "default",
+                                   base_model_name_or_path=DEFAULT_MODEL_NAME)
     monkeypatch.setattr(steer.adapters, "SHIPPED_ROOT", tmp_path / "adapters")
     real = steer.models.resolve_model_dir
-    monkeypatch.setattr(steer.models, "resolve_model_dir", lambda spec, field="model": real(str(tiny_model_dir) if spec == "default" else spec, field))
+    monkeypatch.setattr(steer.models, "resolve_model_dir",
+                        lambda spec, field="model": real(str(tiny_model_dir) if spec == "default" else spec, field))
     return peft_model
 
 
@@ -118,7 +122,8 @@ def test_explicit_default_adapter_with_another_model_is_refused(tiny_model_dir):
     with pytest.raises(InvalidInput) as e:
         load_model(str(tiny_model_dir), adapter="default")
     assert e.value.field == "adapter"
-    assert "--adapter default" in e.value.reason and f"--model {tiny_model_dir}" in e.value.reason and "--adapter none" in e.value.reason
+    assert ("--adapter default" in e.value.reason and f"--model {tiny_model_dir}" in e.value.reason
+            and "--adapter none" in e.value.reason)
 
 
 def test_missing_shipped_adapter_fails_naming_the_path(monkeypatch, tmp_path):
@@ -162,14 +167,16 @@ def test_shipped_adapter_must_name_its_base_by_id(shipped, tmp_path):
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = str(tmp_path / "cache" / "SmolLM2")
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"adapter_config.json: base_model_name_or_path is .*SmolLM2', expected the model id 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: base_model_name_or_path is .*SmolLM2', "
+                                         r"expected the model id 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
         load_model("default", adapter="default")
 
 
 def test_adapter_that_does_not_fit_the_model_is_refused(tiny_model_dir, tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    wider = get_peft_model(build_tiny_model(tokenizer, hidden_size=32, seed=0), LoraConfig(r=4, target_modules=["q_proj"]))
+    wider = get_peft_model(build_tiny_model(tokenizer, hidden_size=32, seed=0),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
     wider.save_pretrained(tmp_path / "adapter")
     with pytest.raises(InvalidInput, match=r"adapter: .* does not fit this model"):
         load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))

@@ -23,7 +23,8 @@ def test_shipped_file_covers_every_default_objective():
 
 def _valid():
     return {"selection": {"max_objectives": 2, "min_weight": 0.3},
-            "objectives": {o: {"positive": [f"{o} do {i}." for i in range(6)], "negative": [f"{o} avoid {i}." for i in range(6)]} for o in OBJ}}
+            "objectives": {o: {"positive": [f"{o} do {i}." for i in range(6)],
+                               "negative": [f"{o} avoid {i}." for i in range(6)]} for o in OBJ}}
 
 
 def _write(tmp_path, data, name="p.json"):
@@ -40,9 +41,12 @@ def _mutate(fn):
 
 @pytest.mark.parametrize("data, key", [
     (_mutate(lambda d: d["objectives"]["creativity"]["negative"].pop()), "objectives.creativity.negative"),
-    (_mutate(lambda d: d["objectives"]["helpfulness"]["positive"].__setitem__(2, "")), "objectives.helpfulness.positive[2]"),
-    (_mutate(lambda d: d["objectives"]["helpfulness"]["positive"].__setitem__(3, " padded")), "objectives.helpfulness.positive[3]"),
-    (_mutate(lambda d: d["objectives"]["conciseness"]["positive"].__setitem__(1, "conciseness do 0.")), "objectives.conciseness.positive[1]"),
+    (_mutate(lambda d: d["objectives"]["helpfulness"]["positive"].__setitem__(2, "")),
+     "objectives.helpfulness.positive[2]"),
+    (_mutate(lambda d: d["objectives"]["helpfulness"]["positive"].__setitem__(3, " padded")),
+     "objectives.helpfulness.positive[3]"),
+    (_mutate(lambda d: d["objectives"]["conciseness"]["positive"].__setitem__(1, "conciseness do 0.")),
+     "objectives.conciseness.positive[1]"),
     (_mutate(lambda d: d["objectives"]["conciseness"].pop("negative")), "objectives.conciseness.negative"),
     (_mutate(lambda d: d["objectives"]["conciseness"].__setitem__("neutral", [])), "objectives.conciseness.neutral"),
     (_mutate(lambda d: d["objectives"].__setitem__("creativity", ["a"])), "objectives.creativity"),
@@ -92,7 +96,8 @@ def test_selection_for_corners_and_mixes(tmp_path):
     assert p.chosen_objectives(mix) == ["creativity", "helpfulness"]
     text = p.instruction(mix, "positive", rng)
     assert text.startswith("creativity do ") and " helpfulness do " in text
-    assert p.chosen_objectives(Direction.from_weights({"helpfulness": 0.75, "creativity": 0.25}, OBJ)) == ["helpfulness"]
+    assert (p.chosen_objectives(Direction.from_weights({"helpfulness": 0.75, "creativity": 0.25}, OBJ))
+            == ["helpfulness"])
     assert p.chosen_objectives(Direction.uniform(OBJ)) == ["helpfulness", "creativity"]  # ties in objective order
     # Seeded: the same stream gives the same instructions.
     a = [p.instruction(mix, "negative", np.random.default_rng(5)) for _ in range(2)]

@@ -167,7 +167,8 @@ def test_huge_temperatures_are_uniform_over_the_kept_set(temperature):
     for top_k, support in ((0, 20), (4, 4)):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=1.0)
         draws = 4000
-        tokens = sample_tokens(logits.expand(draws, -1), [params] * draws, [torch.Generator().manual_seed(s) for s in range(draws)])
+        tokens = sample_tokens(logits.expand(draws, -1), [params] * draws,
+                               [torch.Generator().manual_seed(s) for s in range(draws)])
         counts = torch.bincount(torch.tensor(tokens), minlength=20)
         kept = torch.topk(logits, support).indices
         assert counts.sum() == counts[kept].sum() == draws

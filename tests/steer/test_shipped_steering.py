@@ -27,7 +27,8 @@ def _mean_tokens(loaded, prompts, weights: dict[str, float], mixed: bool = False
     if mixed:
         rows = [loaded.mixture.row([d.as_dict()[o] for o in loaded.mixture.objectives])] * len(prompts)
     gens = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                          [None if mixed else d] * len(prompts), SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.95),
+                          [None if mixed else d] * len(prompts),
+                          SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.95),
                           batch_size=len(prompts), seed=0, mix_weights=rows)
     return float(np.mean([len(g[0].token_ids) for g in gens]))
 

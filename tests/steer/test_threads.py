@@ -35,7 +35,8 @@ def test_affinity_mask_not_cpu_count_decides(affinity, tmp_path):
     assert threads.default_threads(root=tmp_path) == 3
 
 
-@pytest.mark.parametrize("quota, expected", [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1)])
+@pytest.mark.parametrize("quota, expected", [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2),
+                                             ("50000 100000", 1)])
 def test_cgroup_v2_quota_caps_the_mask_rounding_up(affinity, tmp_path, quota, expected):
     affinity(8)
     assert threads.usable_cpus(cgroup(tmp_path, v2=quota)) == expected

@@ -92,17 +92,21 @@ def test_help_is_fast_and_has_examples(command, expect):
 def test_trl_names_in_yaml_and_flags(tmp_path):
     # A TRL DPOConfig YAML file (TrainingArguments names) runs as it is.
     cfg = tmp_path / "trl.yaml"
-    cfg.write_text("output_dir: runs/x\nlearning_rate: 5.0e-6\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 8\n"
-                   "loss_type: ipo\nbeta: 0.2\nsave_steps: 50\nmax_steps: 100\nmax_length: 256\nmax_prompt_length: 64\n"
-                   "num_train_epochs: 3.0\nlr_scheduler_type: constant_with_warmup\nsave_total_limit: 1\nadam_epsilon: 1.0e-6\n")
+    cfg.write_text("output_dir: runs/x\nlearning_rate: 5.0e-6\nper_device_train_batch_size: 2\n"
+                   "gradient_accumulation_steps: 8\nloss_type: ipo\nbeta: 0.2\nsave_steps: 50\nmax_steps: 100\n"
+                   "max_length: 256\nmax_prompt_length: 64\nnum_train_epochs: 3.0\n"
+                   "lr_scheduler_type: constant_with_warmup\nsave_total_limit: 1\nadam_epsilon: 1.0e-6\n")
     config = merge_config(DPOConfig, ["--config", str(cfg), "--data", "a.jsonl"], prog=PROG)
-    assert (config.output, config.lr, config.batch_size, config.grad_accum, config.loss, config.beta) == ("runs/x", 5e-6, 2, 8, "ipo", 0.2)
+    assert (config.output, config.lr, config.batch_size, config.grad_accum, config.loss, config.beta) == (
+        "runs/x", 5e-6, 2, 8, "ipo", 0.2)
     assert (config.save_every, config.max_steps, config.max_length, config.max_prompt_length) == (50, 100, 256, 64)
     assert (config.epochs, config.lr_schedule, config.keep_checkpoints, config.adam_eps) == (3, "constant", 1, 1e-6)
     # The same names as flags, dashed or as TRL spells them; ours still work beside them.
     flags = merge_config(DPOConfig, ["--data", "a.jsonl", "--output_dir", "o", "--learning-rate", "0.001",
-                                     "--per_device_train_batch_size", "3", "--loss-type", "hinge", "--lr_scheduler_type", "cosine"], prog=PROG)
-    assert (flags.output, flags.lr, flags.batch_size, flags.loss, flags.lr_schedule) == ("o", 0.001, 3, "hinge", "cosine")
+                                     "--per_device_train_batch_size", "3", "--loss-type", "hinge",
+                                     "--lr_scheduler_type", "cosine"], prog=PROG)
+    assert (flags.output, flags.lr, flags.batch_size, flags.loss, flags.lr_schedule) == (
+        "o", 0.001, 3, "hinge", "cosine")
     # dpa has no epochs field: num_train_epochs is unknown there, and says so.
     cfg.write_text("output_dir: o\nnum_train_epochs: 2\n")
     with pytest.raises(InvalidInput, match="num_train_epochs: unknown key"):

@@ -61,10 +61,12 @@ def test_rows_pair_the_direction_line_with_the_instruction_for_the_same_directio
     from steer.principles import load_principles
 
     principles = load_principles()
-    config = DPAConfig(output=str(tmp_path), loss="distill", corner_pairs=True, guided_samples=1, contrast_samples=1, samples=0)
+    config = DPAConfig(output=str(tmp_path), loss="distill", corner_pairs=True, guided_samples=1, contrast_samples=1,
+                       samples=0)
     prompts = [({"role": "user", "content": "Name a fruit."},)]
     pools = [{"slot": 0, "prompt_index": 0, "weights": [0.0, 0.0, 1.0],
-              "cands": [("A pear.", True, 3, "guided", "Answer in one short sentence."), ("", False, 0, "contrast", "x"),
+              "cands": [("A pear.", True, 3, "guided", "Answer in one short sentence."),
+                        ("", False, 0, "contrast", "x"),
                         ("Apples are ...", False, 9, "contrast", "Give a long answer.")]}]
     rows, samples, stats = distill_rows(config, 0, prompts, pools, principles)
     assert len(samples) == 3 and stats["samples"] == 3
@@ -88,7 +90,8 @@ def test_encoding_gives_both_sequences_the_same_completion_tokens(tokenizer):
     from steer.training.pairs import Encoder
 
     student = ({"role": "system", "content": "S"}, {"role": "user", "content": "Q?"})
-    teacher = ({"role": "system", "content": "S\n\nAnswer in one short sentence, please, and keep it plain."}, {"role": "user", "content": "Q?"})
+    teacher = ({"role": "system", "content": "S\n\nAnswer in one short sentence, please, and keep it plain."},
+               {"role": "user", "content": "Q?"})
     enc = Encoder(tokenizer, max_length=48, max_prompt_length=40)
     text = " ".join(["word"] * 60)
     (ex,) = encode_distill([DistillExample(student, teacher, text, True)], enc)
@@ -110,7 +113,8 @@ def test_configs_refuse_distill_where_it_has_no_teacher(tmp_path):
         DPAConfig(output=str(tmp_path), loss="distill", full=True)
     ok = DPAConfig(output=str(tmp_path), loss="distill", samples=0, guided_samples=1, contrast_samples=0)
     assert ok.uses_principles and ok.pool_size == 1
-    assert DPAConfig(output=str(tmp_path), loss="distill", samples=1, guided_samples=0, contrast_samples=0).uses_principles
+    assert DPAConfig(output=str(tmp_path), loss="distill", samples=1, guided_samples=0,
+                     contrast_samples=0).uses_principles
 
 
 def test_distill_run_end_to_end_moves_the_student_toward_the_teacher(tmp_path, tiny_model_dir):
@@ -159,12 +163,14 @@ def test_mixture_distill_trains_each_row_through_its_directions_mix(tmp_path, ti
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a fruit.", "What is two plus two?"]))
     out = tmp_path / "mix"
-    assert mixture_main(["--prompts", str(prompts), "--model", str(tiny_model_dir), "--output", str(out), "--loss", "distill",
-                         "--objectives", "helpfulness", "conciseness", "--prompts-per-iteration", "2", "--guided-samples", "1",
-                         "--contrast-samples", "0", "--max-new-tokens", "6", "--batch-size", "2", "--lr", "3e-2",
-                         "--temperature", "1.0", "--epochs-per-iteration", "3", "--no-progress", "--iterations", "1"]) == 0
+    assert mixture_main(["--prompts", str(prompts), "--model", str(tiny_model_dir), "--output", str(out),
+                         "--loss", "distill", "--objectives", "helpfulness", "conciseness",
+                         "--prompts-per-iteration", "2", "--guided-samples", "1", "--contrast-samples", "0",
+                         "--max-new-tokens", "6", "--batch-size", "2", "--lr", "3e-2", "--temperature", "1.0",
+                         "--epochs-per-iteration", "3", "--no-progress", "--iterations", "1"]) == 0
     rows = [json.loads(line) for line in (out / "iterations" / "000" / "distill.jsonl").read_text().splitlines()]
-    assert rows and all(r["prompt"] == [{"role": "user", "content": r["teacher_prompt"][-1]["content"]}] for r in rows)  # no line
+    # no line
+    assert rows and all(r["prompt"] == [{"role": "user", "content": r["teacher_prompt"][-1]["content"]}] for r in rows)
     assert all(set(r["direction"]) == {"helpfulness", "conciseness"} for r in rows)
     steps = [r for r in read_metrics(out) if r["type"] == "step"]
     assert steps and all(math.isfinite(r["kl"]) for r in steps)

@@ -49,7 +49,8 @@ def test_two_ranks_equal_one_rank_with_gradient_accumulation(tmp_path, tiny_mode
     assert main([*common, "--grad-accum", "4", "--output", str(single_out)]) == 0
 
     ddp_metrics, single_metrics = read_metrics(ddp_out), read_metrics(single_out)
-    assert ddp_metrics[0]["world_size"] == 2 and ddp_metrics[0]["global_batch"] == 4 == single_metrics[0]["global_batch"]
+    assert (ddp_metrics[0]["world_size"] == 2
+            and ddp_metrics[0]["global_batch"] == 4 == single_metrics[0]["global_batch"])
     ddp_steps = [r for r in ddp_metrics if r["type"] == "step"]
     single_steps = [r for r in single_metrics if r["type"] == "step"]
     assert len(ddp_steps) == len(single_steps) == 4

@@ -44,16 +44,17 @@ PROMPTS = ["Name a fruit.", "Describe the sea in a few words.", "What is two plu
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    rows = [{"prompt": PROMPTS[0], "category": "x"}, {"prompt": [{"role": "user", "content": PROMPTS[1]}]}, {"prompt": PROMPTS[2]}]
+    rows = [{"prompt": PROMPTS[0], "category": "x"}, {"prompt": [{"role": "user", "content": PROMPTS[1]}]},
+            {"prompt": PROMPTS[2]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def dpa_args(prompts_file, model_dir, output, *extra):
     return ["--prompts", str(prompts_file), "--model", str(model_dir), "--output", str(output),
-            "--scorer", "flr:helpfulness+length", "--objectives", "helpfulness", "conciseness", "--scorer-calibration", "none",
-            "--prompts-per-iteration", "2", "--samples", "3", "--max-new-tokens", "6", "--batch-size", "1",
-            "--lr", "5e-2", "--min-margin", "0", "--temperature", "1.0", "--no-progress",
+            "--scorer", "flr:helpfulness+length", "--objectives", "helpfulness", "conciseness",
+            "--scorer-calibration", "none", "--prompts-per-iteration", "2", "--samples", "3", "--max-new-tokens", "6",
+            "--batch-size", "1", "--lr", "5e-2", "--min-margin", "0", "--temperature", "1.0", "--no-progress",
             "--guided-samples", "0", "--contrast-samples", "0", *extra]  # the plain on-policy loop
 
 
@@ -80,13 +81,16 @@ def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
     assert all(math.isfinite(r["loss"]) for r in steps)
 
     for k in (0, 1):
-        samples = [json.loads(line) for line in (out / "iterations" / f"{k:03d}" / "samples.jsonl").read_text().splitlines()]
-        pairs = [json.loads(line) for line in (out / "iterations" / f"{k:03d}" / "pairs.jsonl").read_text().splitlines()]
+        samples = [json.loads(line)
+                   for line in (out / "iterations" / f"{k:03d}" / "samples.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line)
+                 for line in (out / "iterations" / f"{k:03d}" / "pairs.jsonl").read_text().splitlines()]
         assert len(samples) == 6
         for s in samples:
             d = Direction.from_weights(s["direction"], ("helpfulness", "conciseness"))
             assert s["score"] == pytest.approx(d.dot(s["rewards"]), abs=1e-5)
-            assert s["pair_score"] == pytest.approx(s["score"] - (0.0 if s["finished"] else 1.0), abs=1e-6)  # missing_eos_penalty 1
+            # missing_eos_penalty 1
+            assert s["pair_score"] == pytest.approx(s["score"] - (0.0 if s["finished"] else 1.0), abs=1e-6)
         for p in pairs:
             d = parse_direction(p["prompt"][0]["content"], ("helpfulness", "conciseness"))  # the conditioning line
             assert d.as_dict() == pytest.approx(p["direction"])
@@ -111,7 +115,8 @@ def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
     flr = build_scorer("flr:helpfulness", base, ("helpfulness",), calibration="none")
     torch.testing.assert_close(flr.rewards(convs, texts).raw[:, 0], recorded, rtol=1e-4, atol=1e-4)
     trained = load_model(str(tiny_model_dir), adapter=str(out / "adapter"))  # what `steer.serve --adapter` loads
-    with_adapter = build_scorer("flr:helpfulness", trained, ("helpfulness",), calibration="none").rewards(convs, texts).raw[:, 0]
+    with_adapter = build_scorer("flr:helpfulness", trained, ("helpfulness",),
+                                calibration="none").rewards(convs, texts).raw[:, 0]
     assert (with_adapter - recorded).abs().max() > 1e-3  # so the check above could tell the two apart
 
     latest = sorted((out / "checkpoints").glob("step-*"))[-1]
@@ -121,7 +126,8 @@ def test_dpa_iterations_end_to_end(tmp_path, prompts_file, tiny_model_dir):
 
 def test_dpa_sft_trains_on_the_best_sample(tmp_path, prompts_file, tiny_model_dir):
     out = tmp_path / "rft"
-    assert main(dpa_args(prompts_file, tiny_model_dir, out, "--loss", "sft", "--min-margin", "100", "--iterations", "1")) == 0
+    assert main(dpa_args(prompts_file, tiny_model_dir, out, "--loss", "sft", "--min-margin", "100",
+                         "--iterations", "1")) == 0
     records = read_metrics(out)
     it = [r for r in records if r["type"] == "iteration"][0]
     assert it["pairs"] == 2 and it["skipped/margin"] == 0  # rejection sampling keeps every best-of-n
@@ -183,12 +189,14 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
     from steer.principles import load_principles
 
     objectives = ("helpfulness", "conciseness")
-    config = DPAConfig(output=str(tmp_path), model=str(tiny_model_dir), objectives=objectives, prompts=str(prompts_file),
-                       prompts_per_iteration=3, directions_per_prompt=2, samples=1, guided_samples=2, contrast_samples=1,
-                       max_new_tokens=8, temperature=1.0, min_margin=min_margin, progress=False, corner_share=0.5)
+    config = DPAConfig(output=str(tmp_path), model=str(tiny_model_dir), objectives=objectives,
+                       prompts=str(prompts_file), prompts_per_iteration=3, directions_per_prompt=2, samples=1,
+                       guided_samples=2, contrast_samples=1, max_new_tokens=8, temperature=1.0, min_margin=min_margin,
+                       progress=False, corner_share=0.5)
     policy = build_policy(config.policy_spec())
     principles = load_principles()
-    got = collect(config, 0, read_prompts(prompts_file), policy, LengthStub(), True, DistContext(), principles=principles)
+    got = collect(config, 0, read_prompts(prompts_file), policy, LengthStub(), True, DistContext(),
+                  principles=principles)
 
     assert got.stats["samples"] == 6 * 4 and len(got.samples) == 24
     by_slot = {}
@@ -215,7 +223,8 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
         # v . r by hand from the text alone.
         vr = [d["helpfulness"] * len(r["response"]) / 10 - d["conciseness"] * len(r["response"].split()) for r in rows]
         assert [r["score"] for r in rows] == pytest.approx(vr, abs=1e-5)
-        scores = [x - (0.0 if r["finished"] else config.missing_eos_penalty) for x, r in zip(vr, rows)]  # cut answers lose
+        # cut answers lose
+        scores = [x - (0.0 if r["finished"] else config.missing_eos_penalty) for x, r in zip(vr, rows)]
         hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
         pair = [p for p in got.pairs if p["slot"] == slot]
         if rows[hi]["response"] == rows[lo]["response"] or scores[hi] - scores[lo] < min_margin:
@@ -228,7 +237,8 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
         # The training prompt carries the direction line and no instruction.
         system = p["prompt"][0]["content"]
         assert parse_direction(system, objectives) == d
-        assert not any(i in system for o in objectives for pol in ("positive", "negative") for i in principles.objectives[o][pol])
+        assert not any(i in system for o in objectives for pol in ("positive", "negative")
+                       for i in principles.objectives[o][pol])
     assert got.stats["pairs"] == n_pairs == len(got.pairs)
     assert got.stats["skipped/margin"] + got.stats["skipped/equal"] + n_pairs == 6
     if min_margin == 0.0:
@@ -247,18 +257,22 @@ def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
     prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
     merged = [  # slot 0: v = (1, 0); slot 1: v = (0.25, 0.75)
         {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
-         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."), ("bad", True, 5, "contrast", "Be vague.")],
+         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."),
+                   ("bad", True, 5, "contrast", "Be vague.")],
          "scaled": [[0.9, -2.0], [0.5, -1.0], [-1.0, 0.5]], "raw": [[0.0, 0.0]] * 3},
         {"slot": 1, "prompt_index": 0, "weights": [0.25, 0.75],
-         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."), ("c", True, 30, "contrast", "Long.")],
+         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."),
+                   ("c", True, 30, "contrast", "Long.")],
          "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
     ]
     def run(penalty):
-        config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
-                           contrast_samples=1, min_margin=0.1, missing_eos_penalty=penalty, progress=False)
+        config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
+                           guided_samples=1, contrast_samples=1, min_margin=0.1, missing_eos_penalty=penalty,
+                           progress=False)
         return pair_pool(config, 0, prompts, merged, {})
 
-    # v . r: slot 0 = (0.9, 0.5, -1.0); slot 1 = (0, 2.0, -0.8). Penalty 1 on the cut ones: (-0.1, 0.5, -1.0), (0, 1.0, -0.8).
+    # v . r: slot 0 = (0.9, 0.5, -1.0); slot 1 = (0, 2.0, -0.8).
+    # Penalty 1 on the cut ones: (-0.1, 0.5, -1.0), (0, 1.0, -0.8).
     got = run(1.0)
     assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("ended", "bad"), ("b", "c")]
     assert [p["margin"] for p in got.pairs] == pytest.approx([1.5, 1.8])
@@ -267,10 +281,12 @@ def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
     assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("ended", "long cut"), ("a", "b")]
     got = run(0.0)
     assert [(p["chosen"], p["rejected"]) for p in got.pairs] == [("long cut", "bad"), ("b", "c")]
-    assert got.pairs[0]["prompt"][-1]["content"] == "q1" and parse_direction(got.pairs[1]["prompt"][0]["content"], objectives).weights == (0.25, 0.75)
+    assert (got.pairs[0]["prompt"][-1]["content"] == "q1"
+            and parse_direction(got.pairs[1]["prompt"][0]["content"], objectives).weights == (0.25, 0.75))
 
-    again = pair_pool(DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
-                                contrast_samples=1, min_margin=0.1, progress=False), 0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
+    again = pair_pool(DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
+                                guided_samples=1, contrast_samples=1, min_margin=0.1, progress=False),
+                      0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
     assert again.pairs == run(1.0).pairs and again.samples == run(1.0).samples
 
 
@@ -282,14 +298,16 @@ def test_corner_pairs_relabel_each_pool_for_every_other_corner(tmp_path):
     prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
     merged = [
         {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
-         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."), ("bad", True, 5, "contrast", "Be vague.")],
+         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."),
+                   ("bad", True, 5, "contrast", "Be vague.")],
          "scaled": [[0.9, -2.0], [0.5, -1.0], [-1.0, 0.5]], "raw": [[0.0, 0.0]] * 3},
         {"slot": 1, "prompt_index": 0, "weights": [0.25, 0.75],
-         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."), ("c", True, 30, "contrast", "Long.")],
+         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."),
+                   ("c", True, 30, "contrast", "Long.")],
          "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
     ]
-    config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1, guided_samples=1,
-                       contrast_samples=1, min_margin=0.1, corner_pairs=True, progress=False)
+    config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
+                       guided_samples=1, contrast_samples=1, min_margin=0.1, corner_pairs=True, progress=False)
     got = pair_pool(config, 0, prompts, merged, {})
     # By hand, penalty 1 on the cut answers. Slot 0 as conciseness=1: (-3.0, -1.0, 0.5) -> bad over long cut.
     # Slot 1 as helpfulness=1: (0, 1.0, 0.4) -> b over a; as conciseness=1: (0, 1.0, -1.2) -> b over c.

@@ -17,9 +17,12 @@ from steer.training.settings import DPOConfig
 from steer.training.trainer import PreferenceTrainer
 
 PAIRS = [
-    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I would rather talk about the weather today, it is nice."},
-    {"prompt": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
-     "chosen": [{"role": "assistant", "content": "Paris"}], "rejected": [{"role": "assistant", "content": "It is a city in Europe, maybe Lyon."}]},
+    {"prompt": "Name a colour.", "chosen": "Blue.",
+     "rejected": "I would rather talk about the weather today, it is nice."},
+    {"prompt": [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris"}],
+     "rejected": [{"role": "assistant", "content": "It is a city in Europe, maybe Lyon."}]},
     {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Goodbye forever, friend."},
     {"prompt": "Count to three.", "chosen": "1, 2, 3", "rejected": "one two"},
 ]
@@ -60,7 +63,8 @@ def test_fused_equals_naive_on_a_padded_batch_with_masked_prompts(tiny_model_dir
     _perturb_adapter(policy)
     enc = Encoder(tokenizer, 128, 96)
     seqs = [enc.encode(({"role": "user", "content": p}, ), c) for p, c in
-            [("Hi", "Hello there, how are you doing today?"), ("A much longer prompt with many words in it", "ok"), ("Q", "A")]]
+            [("Hi", "Hello there, how are you doing today?"), ("A much longer prompt with many words in it", "ok"),
+             ("Q", "A")]]
     batch = collate(seqs, tokenizer.pad_token_id)
     assert len({len(s.input_ids) for s in seqs}) >= 2 and (batch.attention_mask == 0).any()  # really padded
     fused = sequence_logprobs(policy.model, batch, impl="fused")
@@ -120,10 +124,12 @@ def test_each_loss_matches_naive_at_step_0_and_trains(loss, tmp_path, tiny_model
 
     data_file = kto_file if loss == "kto" else pairs_file
     config = DPOConfig(output=str(tmp_path), data=(str(data_file),), model=str(tiny_model_dir), loss=loss,
-                       batch_size=len(PAIRS) * (2 if loss == "kto" else 1), lr=2e-2, progress=False, lr_schedule="constant")
+                       batch_size=len(PAIRS) * (2 if loss == "kto" else 1), lr=2e-2, progress=False,
+                       lr_schedule="constant")
     policy = build_policy(config.policy_spec())
     _perturb_adapter(policy)
-    data = encode_examples(prepare_examples(config, read_examples(config.data)), Encoder(policy.tokenizer, 128, 96), sft=loss == "sft")
+    data = encode_examples(prepare_examples(config, read_examples(config.data)), Encoder(policy.tokenizer, 128, 96),
+                           sft=loss == "sft")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     expected = _naive_loss(config, policy, base, data)
 
@@ -176,7 +182,8 @@ def test_cli_writes_a_standard_adapter_that_steer_and_peft_load(tmp_path, tiny_m
     assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve()) and config["r"] == 4
     assert set(config["target_modules"]) == {"q_proj", "v_proj"}
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(adapter)).eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                                      str(adapter)).eval()
     served = load_model(str(tiny_model_dir), adapter=str(adapter))  # what `steer.serve --adapter` does
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
@@ -201,7 +208,8 @@ def test_cli_bad_data_row_and_wrong_format_stop_with_location(tmp_path, tiny_mod
     assert f"{bad}:2: rejected: is missing" in capsys.readouterr().err
     assert main(["--data", str(kto_file), "--output", str(tmp_path / "b"), "--loss", "sigmoid", *common]) == 2
     assert "loss: 'sigmoid' needs preference pairs" in capsys.readouterr().err
-    assert main(["--data", str(kto_file), "--output", str(tmp_path / "c"), "--batch-size", "64", "--loss", "kto", *common]) == 2
+    assert main(["--data", str(kto_file), "--output", str(tmp_path / "c"), "--batch-size", "64", "--loss", "kto",
+                 *common]) == 2
     assert "batch_size: 8 examples cannot fill one global batch of 64" in capsys.readouterr().err
     # Refused runs, even one refused after the model was loaded, leave no output directory behind.
     assert not any((tmp_path / name).exists() for name in "abc")
@@ -230,7 +238,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_model_dir, pa
 def test_epochs_are_padded_to_whole_global_batches(tmp_path, tiny_model_dir, pairs_file):
     from steer.training.trainer import epoch_order
 
-    config = DPOConfig(output=str(tmp_path), data=(str(pairs_file),), model=str(tiny_model_dir), batch_size=3, seed=4, progress=False)
+    config = DPOConfig(output=str(tmp_path), data=(str(pairs_file),), model=str(tiny_model_dir), batch_size=3, seed=4,
+                       progress=False)
     trainer = PreferenceTrainer(config, build_policy(config.policy_spec()), DistContext(), total_steps=4)
     seen = []
     trainer.train_step = lambda data, micro: seen.append(micro) or {"loss": 0.0}  # record batches, skip the maths
@@ -278,9 +287,11 @@ def test_bf16_step_matches_the_fp32_step(tmp_path, tiny_model_dir, pairs_file):
         result = trainer.micro_batch_loss(data, [0, 1, 2, 3])
         result.loss.backward()
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for _, p in policy.named_trainable())
-        results[precision] = (result.loss.item(), result.metrics, {n: p.grad.clone() for n, p in policy.named_trainable()})
+        results[precision] = (result.loss.item(), result.metrics,
+                              {n: p.grad.clone() for n, p in policy.named_trainable()})
     (l32, m32, g32), (l16, m16, g16) = results["fp32"], results["bf16"]
-    assert abs(l32 - math.log(2)) > 0.01, "the perturbed adapter must move the loss off log 2, or the comparison is empty"
+    assert abs(l32 - math.log(2)) > 0.01, (
+        "the perturbed adapter must move the loss off log 2, or the comparison is empty")
     assert l16 == pytest.approx(l32, abs=0.02)
     assert m16["logps/chosen"] != m32["logps/chosen"], "bf16 ran nothing in bf16"
     for name in g32:

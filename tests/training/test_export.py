@@ -19,7 +19,8 @@ def adapter(tmp_path, tiny_model_dir):
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
     peft_model.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)  # a path, as a local run writes
     out = tmp_path / "run" / "adapter"
     peft_model.save_pretrained(str(out))

@@ -82,9 +82,11 @@ def test_redundant_principles_are_pruned_keeping_the_better_one():
     assert status[4].status == KEPT  # overlap with A 0.6, with D 0.6
     assert status[2].status == WEAK  # the opposite of the best: never redundant, just below min_agreement
     # at a stricter threshold B (overlap 0.9 with A) is no longer redundant
-    assert {r.index: r.status for r in rank_principles(constructed_judgements(), redundancy=0.95, min_agreement=0.5)}[1] == KEPT
+    assert {r.index: r.status
+            for r in rank_principles(constructed_judgements(), redundancy=0.95, min_agreement=0.5)}[1] == KEPT
     # with min_agreement 0 the opposite is kept: it never judges like A (overlap 0)
-    assert {r.index: r.status for r in rank_principles(constructed_judgements(), redundancy=0.9, min_agreement=0.0)}[2] == KEPT
+    assert {r.index: r.status
+            for r in rank_principles(constructed_judgements(), redundancy=0.9, min_agreement=0.0)}[2] == KEPT
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -121,8 +123,8 @@ def stub_score(pid: str, response: str) -> float:
     return {"shorter": -words, "fewer_words": -len(response) / 5.0, "longer": words, "noise": noise(response)}[pid]
 
 
-PAIRS = [{"prompt": f"Question {i}?", "chosen": "Yes" + "!" * (i % 3), "rejected": "Yes, and " + "more words " * (i % 4 + 1) + f"{i}."}
-         for i in range(12)]
+PAIRS = [{"prompt": f"Question {i}?", "chosen": "Yes" + "!" * (i % 3),
+          "rejected": "Yes, and " + "more words " * (i % 4 + 1) + f"{i}."} for i in range(12)]
 CANDIDATES = {
     "principles": [
         {"id": "noise", "text": "Select the response whose characters sum high.", "statement": "noisy"},
@@ -139,7 +141,8 @@ def stub_run(tmp_path):
     cands = tmp_path / "cands.json"
     cands.write_text(json.dumps(CANDIDATES, indent=1))
     out = tmp_path / "out"
-    config = ICAIConfig(output=str(out), data=(str(data),), candidates=(str(cands),), library=False, heldout_fraction=0.5, seed=0)
+    config = ICAIConfig(output=str(out), data=(str(data),), candidates=(str(cands),), library=False,
+                        heldout_fraction=0.5, seed=0)
     report = run_icai(config, make_judge=lambda cfg, principles: (StubJudge(principles, stub_score), "stub"))
     return report, out, config
 
@@ -148,7 +151,8 @@ def test_icai_ranks_the_rule_first_and_writes_what_label_reads(stub_run):
     report, out, config = stub_run
     rows = {r["id"]: r for r in report["candidates"]}
     # Every chosen answer has fewer words and characters: the length principles agree on every pair.
-    assert rows["shorter"]["agreement"] == 1.0 and rows["shorter"]["train_agreement"] == 1.0 and rows["shorter"]["coverage"] == 1.0
+    assert (rows["shorter"]["agreement"] == 1.0 and rows["shorter"]["train_agreement"] == 1.0
+            and rows["shorter"]["coverage"] == 1.0)
     assert rows["longer"]["agreement"] == 0.0 and rows["longer"]["status"] == WEAK
     # 'fewer_words' judges every pair as 'shorter' does (overlap 1.0) and ties it on agreement and coverage;
     # the file order breaks the tie, so the later one is the redundant one.
@@ -161,7 +165,8 @@ def test_icai_ranks_the_rule_first_and_writes_what_label_reads(stub_run):
     assert sorted(r["prompt"] for r in held + train) == sorted(r["prompt"] for r in PAIRS)
     wins = [noise(r["chosen"]) - noise(r["rejected"]) > 1e-3 for r in held]
     nonzero = [abs(noise(r["chosen"]) - noise(r["rejected"])) > 1e-3 for r in held]
-    assert rows["noise"]["agreement"] == pytest.approx(sum(wins) / 6) and rows["noise"]["coverage"] == pytest.approx(sum(nonzero) / 6)
+    assert (rows["noise"]["agreement"] == pytest.approx(sum(wins) / 6)
+            and rows["noise"]["coverage"] == pytest.approx(sum(nonzero) / 6))
     # principles.json: kept principles only, best first, readable by label with the same follow-ups
     written = json.loads((out / "principles.json").read_text())
     kept = [r["id"] for r in report["candidates"] if r["status"] == KEPT]
@@ -170,7 +175,8 @@ def test_icai_ranks_the_rule_first_and_writes_what_label_reads(stub_run):
     assert written["principles"][0]["agreement"] == 1.0 and written["principles"][0]["train_agreement"] == 1.0
     again = read_principles_file(out / "principles.json")
     original = {p.id: p for p in read_candidates([config.candidates[0]], library=False)}
-    assert [(p.id, p.positive, p.negative) for p in again] == [(k, original[k].positive, original[k].negative) for k in kept]
+    assert [(p.id, p.positive, p.negative) for p in again] == [
+        (k, original[k].positive, original[k].negative) for k in kept]
     assert original["shorter"].negative == ("That was long.", "Hmm, your answer was long.")
     assert (out / "report.png").stat().st_size > 1000 and (out / "config.yaml").is_file()
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
@@ -181,7 +187,8 @@ def test_rank_by_heldout_and_min_agreement(tmp_path, stub_run):
     _, out, config = stub_run
     import dataclasses
 
-    strict = dataclasses.replace(config, output=str(tmp_path / "strict"), min_agreement=1.0, redundancy=1.0, rank_by="heldout")
+    strict = dataclasses.replace(config, output=str(tmp_path / "strict"), min_agreement=1.0, redundancy=1.0,
+                                 rank_by="heldout")
     report = run_icai(strict, make_judge=lambda cfg, principles: (StubJudge(principles, stub_score), "stub"))
     status = {r["id"]: r["status"] for r in report["candidates"]}
     assert status["fewer_words"] == KEPT and status["shorter"] == REDUNDANT  # overlap 1.0 >= 1.0
@@ -226,7 +233,8 @@ def test_bad_candidates_stop_at_file_and_line(tmp_path, capsys, tiny_model_dir):
     # the library already has an id 'shorter'
     cands.write_text('{"principles": [\n {"id": "shorter", "text": "Mine.", "statement": "short"}]}\n')
     code, cap = run_cli([*common, "--candidates", str(cands)], capsys)
-    assert code == 2 and f"{cands}:2: id 'shorter' is already used by the candidate at steer/data/icai_candidates.json:" in cap.err
+    assert code == 2 and (
+        f"{cands}:2: id 'shorter' is already used by the candidate at steer/data/icai_candidates.json:" in cap.err)
     cands.write_text('{"principles": []}')
     code, cap = run_cli([*common, "--candidates", str(cands)], capsys)
     assert code == 2 and f"{cands}:1: principles: is empty" in cap.err
@@ -240,7 +248,8 @@ def test_help_has_examples(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0
-    assert "Examples:" in text and "python -m steer.train icai --data training/data/icai_example.jsonl --output runs/icai" in text
+    assert ("Examples:" in text
+            and "python -m steer.train icai --data training/data/icai_example.jsonl --output runs/icai" in text)
     assert "--redundancy" in text and "--heldout-fraction" in text and "--rank-by {train,heldout}" in text
 
 
@@ -258,7 +267,8 @@ def test_yaml_config_and_flags(tmp_path):
     from steer.training.config import merge_config
 
     cfg = tmp_path / "icai.yaml"
-    cfg.write_text("output_dir: runs/x\ndata: [a.jsonl]\nheldout-fraction: 0.25\ncandidates: mine.json\nlibrary: false\n")
+    cfg.write_text("output_dir: runs/x\ndata: [a.jsonl]\nheldout-fraction: 0.25\ncandidates: mine.json\n"
+                   "library: false\n")
     config = merge_config(ICAIConfig, ["--config", str(cfg), "--seed", "3"], prog="icai")
     assert (config.output, config.data, config.heldout_fraction, config.candidates, config.library, config.seed) == (
         "runs/x", ("a.jsonl",), 0.25, ("mine.json",), False, 3)

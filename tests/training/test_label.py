@@ -22,8 +22,10 @@ def write_jsonl(path, rows):
     return path
 
 
-SHORT = JudgedPrinciple.from_statement("shorter", "Select the shorter response.", "short and to the point", "long-winded and wordy")
-KIND = JudgedPrinciple("kind", "Select the kinder response.", ("Thank you, that was kind.",), ("That was rude.", "How unkind."))
+SHORT = JudgedPrinciple.from_statement("shorter", "Select the shorter response.", "short and to the point",
+                                       "long-winded and wordy")
+KIND = JudgedPrinciple("kind", "Select the kinder response.", ("Thank you, that was kind.",),
+                       ("That was rude.", "How unkind."))
 
 
 # -- the judge on the tiny model, against a direct computation ---------------------------------
@@ -48,7 +50,8 @@ def test_principle_judge_equals_direct_flr_computation(tiny_loaded):
     got = judge.scores([conv, conv], responses)  # (2, 2)
     assert got.shape == (2, 2)
     # the follow-ups the templates made for SHORT
-    assert SHORT.positive == ("Thanks, that was short and to the point.", "Great, your answer was short and to the point.")
+    assert SHORT.positive == ("Thanks, that was short and to the point.",
+                              "Great, your answer was short and to the point.")
     assert SHORT.negative == ("That was long-winded and wordy.", "Hmm, your answer was long-winded and wordy.")
     for i, response in enumerate(responses):
         for k, p in enumerate((SHORT, KIND)):
@@ -85,8 +88,8 @@ class StubJudge:
 
     def scores(self, conversations, responses):
         column = {"shorter": 0, "kind": 1}
-        return torch.tensor([[KNOWN[r][column[p.id]] if p.id in column else 0.0 for p in self.principles] for r in responses],
-                            dtype=torch.float64)
+        return torch.tensor([[KNOWN[r][column[p.id]] if p.id in column else 0.0 for p in self.principles]
+                             for r in responses], dtype=torch.float64)
 
 
 def stub(config, principles):
@@ -96,7 +99,8 @@ def stub(config, principles):
 @pytest.fixture()
 def principles_file(tmp_path):
     path = tmp_path / "principles.json"
-    path.write_text(json.dumps({"principles": [SHORT.to_dict(), KIND.to_dict(), {"text": "Unused third.", "statement": "fine"}]}))
+    path.write_text(json.dumps({"principles": [SHORT.to_dict(), KIND.to_dict(),
+                                               {"text": "Unused third.", "statement": "fine"}]}))
     return path
 
 
@@ -106,16 +110,19 @@ def test_label_pairs_margins_and_skips_by_hand(tmp_path, principles_file):
     config = LabelConfig(output=str(out), data=(str(data),), principles=str(principles_file), top=2, min_margin=0.4)
     summary = run_label(config, make_judge=stub)
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
-    # Q1: (a,b) d = mean(-2, 0.3) = -0.85 -> b; (a,c) mean(-1, -0.1) = -0.55 -> c; (b,c) mean(1, -0.4) = 0.3 < 0.4: skipped
+    # Q1: (a,b) d = mean(-2, 0.3) = -0.85 -> b; (a,c) mean(-1, -0.1) = -0.55 -> c;
+    #     (b,c) mean(1, -0.4) = 0.3 < 0.4: skipped
     # Q2: (x,y) mean(-3, 1) = -1.0 -> y, against the input's order
     # Q3: (same, same) equal: skipped; (same, other) twice: mean(1, 0) = 0.5 -> same
-    got = [(r["prompt"] if isinstance(r["prompt"], str) else "Q3", r["chosen"], r["rejected"], round(r["margin"], 6)) for r in rows]
+    got = [(r["prompt"] if isinstance(r["prompt"], str) else "Q3", r["chosen"], r["rejected"], round(r["margin"], 6))
+           for r in rows]
     msg = [{"role": "assistant", "content": "same"}]
     other = [{"role": "assistant", "content": "other text"}]
     assert got == [("Q1", "b", "a a a", 0.85), ("Q1", "c c", "a a a", 0.55), ("Q2", "y", "x x x x", 1.0),
                    ("Q3", msg, other, 0.5), ("Q3", msg, other, 0.5)]
     assert rows[3]["prompt"] == MESSAGES  # a conversational prompt is written back as given
-    assert rows[0]["principle_scores"] == [{"id": "shorter", "chosen": -1.0, "rejected": -3.0}, {"id": "kind", "chosen": 0.2, "rejected": 0.5}]
+    assert rows[0]["principle_scores"] == [{"id": "shorter", "chosen": -1.0, "rejected": -3.0},
+                                           {"id": "kind", "chosen": 0.2, "rejected": 0.5}]
     assert rows[2]["agrees_with_input"] is False and "agrees_with_input" not in rows[0]
     assert rows[0]["source"] == f"{data}:1" and rows[3]["source"] == f"{data}:3"
     assert summary["pairs"] == 7 and summary["written"] == 5 and summary["skipped"] == {"margin": 1, "equal": 1}
@@ -129,7 +136,8 @@ def test_label_pairs_margins_and_skips_by_hand(tmp_path, principles_file):
 
 def test_ids_choose_principles_and_an_unknown_id_names_the_file(tmp_path, principles_file, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    config = LabelConfig(output=str(tmp_path / "kind"), data=(str(data),), principles=str(principles_file), ids=("kind",))
+    config = LabelConfig(output=str(tmp_path / "kind"), data=(str(data),), principles=str(principles_file),
+                         ids=("kind",))
     summary = run_label(config, make_judge=stub)
     rows = [json.loads(line) for line in (tmp_path / "kind" / "pairs.jsonl").read_text().splitlines()]
     # kind only: Q1 (a,b) 0.5-0.2 -> a; (a,c) 0.5-0.6 -> c; (b,c) 0.2-0.6 -> c; Q2 1.0-0.0 -> x, as the input says;
@@ -138,13 +146,16 @@ def test_ids_choose_principles_and_an_unknown_id_names_the_file(tmp_path, princi
         ("a a a", "b", 0.3), ("c c", "a a a", 0.1), ("c c", "b", 0.4), ("x x x x", "y", 1.0)]
     assert summary["skipped"] == {"margin": 2, "equal": 1} and summary["reproduced_share"] == 1.0
     assert [p["id"] for p in summary["principles"]] == ["kind"]
-    bad = LabelConfig(output=str(tmp_path / "bad"), data=(str(data),), principles=str(principles_file), ids=("kind", "nope"))
+    bad = LabelConfig(output=str(tmp_path / "bad"), data=(str(data),), principles=str(principles_file),
+                      ids=("kind", "nope"))
     with pytest.raises(InvalidInput) as e:
         run_label(bad, make_judge=stub)
-    assert e.value.field == str(principles_file) and "ids: no principle 'nope' in this file; its ids are shorter, kind, p3" in e.value.reason
+    assert (e.value.field == str(principles_file)
+            and "ids: no principle 'nope' in this file; its ids are shorter, kind, p3" in e.value.reason)
     assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
-        main(["--data", str(data), "--principles", str(principles_file), "--output", str(tmp_path / "x"), "--ids", "kind", "--top", "1"])
+        main(["--data", str(data), "--principles", str(principles_file), "--output", str(tmp_path / "x"),
+              "--ids", "kind", "--top", "1"])
     assert "give --top or --ids, not both" in capsys.readouterr().err
 
 
@@ -156,7 +167,8 @@ def test_zero_margin_is_skipped_and_input_order_is_compared():
     assert rows == [] and counts["skipped"]["margin"] == 1 and counts["reproduced"] == 0
     agree = np.array([[0.3, 0.1], [0.1, 0.0]])  # mean difference 0.15: the input's chosen wins
     rows, counts = label_items([item], [agree], ["p", "q"], 0.0)
-    assert rows[0]["margin"] == pytest.approx(0.15) and rows[0]["agrees_with_input"] is True and counts["reproduced_share"] == 1.0
+    assert (rows[0]["margin"] == pytest.approx(0.15) and rows[0]["agrees_with_input"] is True
+            and counts["reproduced_share"] == 1.0)
 
 
 # -- principles files ----------------------------------------------------------------------------
@@ -171,22 +183,24 @@ def test_reads_both_principles_formats(tmp_path):
     assert objective[2].negative == BUILTIN_FOLLOWUPS["conciseness"].negative
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"followups": {"positive": ["Yes, {statement}!"], "negative": ["No, {opposite}."]},
-                                "principles": [{"text": "T1", "statement": "s1"}, {"id": "two", "text": "T2", "statement": "s2", "opposite": "o2"},
-                                               {"text": "T3", "positive": ["P"], "negative": ["N"], "agreement": 0.9}]}))
+                                "principles": [{"text": "T1", "statement": "s1"},
+                                               {"id": "two", "text": "T2", "statement": "s2", "opposite": "o2"},
+                                               {"text": "T3", "positive": ["P"], "negative": ["N"],
+                                                "agreement": 0.9}]}))
     got = read_principles_file(path)
     assert [(p.id, p.positive, p.negative) for p in got] == [
         ("p1", ("Yes, s1!",), ("No, not s1.",)), ("two", ("Yes, s2!",), ("No, o2.",)), ("p3", ("P",), ("N",))]
 
 
 @pytest.mark.parametrize("text, line, message", [
-    ('{\n "principles": [\n  {"text": "A", "statement": "a"},\n  {"text": "B", "statement": "b",\n   "wieght": 2}\n ]\n}', 5,
-     "principles[1].wieght: unknown key"),
+    ('{\n "principles": [\n  {"text": "A", "statement": "a"},\n  {"text": "B", "statement": "b",\n'
+     '   "wieght": 2}\n ]\n}', 5, "principles[1].wieght: unknown key"),
     ('{\n "principles": [\n  {"statement": "a"}\n ]\n}', 3, "principles[0].text: is missing"),
     ('{\n "principles": [\n  {"text": "A", "positive": ["p"]}\n ]\n}', 3, "principles[0].negative: is missing"),
     ('{\n "principles": [\n  {"text": "A", "statement": "a"},\n  {"id": "p1", "text": "B", "statement": "b"}\n ]\n}', 4,
      "principles[1].id: 'p1' is already the id of the principle at line 3"),
-    ('{\n "followups": {"positive": ["Yes {sentence}"], "negative": ["No"]},\n "principles": [{"text": "A", "statement": "a"}]\n}', 2,
-     "followups.positive[0]: uses {sentence}"),
+    ('{\n "followups": {"positive": ["Yes {sentence}"], "negative": ["No"]},\n'
+     ' "principles": [{"text": "A", "statement": "a"}]\n}', 2, "followups.positive[0]: uses {sentence}"),
     ('{\n "principle": []\n}', 2, "principle: unknown key"),
     ('{\n "principles": [\n  {"text": "A", "statement": "a"}\n  {"text": "B"}\n ]\n}', 4, "not valid JSON"),
     ('{"format": "steer.principles/v1",\n "objectives": {\n  "helpfulness": {"positive": [], "negative": []}\n }\n}', 3,
@@ -260,22 +274,25 @@ def test_help_has_examples(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0 and "Examples:" in text
-    assert "python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1" in text
+    assert ("python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1"
+            in text)
     assert "--min-margin" in text and "--top" in text
 
 
 def test_label_cli_on_the_tiny_model(tmp_path, capsys, tiny_model_dir, principles_file):
     """The real judge end to end: each written margin is the mean of its principle score differences,
     chosen is the side that mean favours, and the file trains with dpo's reader."""
-    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Name a fruit.", "responses": ["Apple.", "A banana, which is yellow and sweet.", "Pear"]},
-                                                 {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello there, how are you doing today?"}])
+    data = write_jsonl(tmp_path / "rows.jsonl", [
+        {"prompt": "Name a fruit.", "responses": ["Apple.", "A banana, which is yellow and sweet.", "Pear"]},
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello there, how are you doing today?"}])
     out = tmp_path / "out"
     assert main(["--data", str(data), "--principles", str(principles_file), "--model", str(tiny_model_dir),
                  "--output", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["pairs"] == 4 and summary["written"] + summary["skipped"]["margin"] == 4 and summary["input_pairs"] == 1
+    assert (summary["pairs"] == 4 and summary["written"] + summary["skipped"]["margin"] == 4
+            and summary["input_pairs"] == 1)
     assert f"labelled {summary['written']} of 4 pairs" in printed
     assert len(summary["principles"]) == 3  # --top 0: every principle in the file
     for r in rows:

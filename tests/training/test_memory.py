@@ -43,8 +43,8 @@ def setup(tmp_path, tiny_model_dir):
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
 
     def make(**overrides):
-        config = DPOConfig(output=str(tmp_path / "run"), data=(str(data_file),), model=str(tiny_model_dir), batch_size=4,
-                           progress=False, lr=1e-2, **overrides)
+        config = DPOConfig(output=str(tmp_path / "run"), data=(str(data_file),), model=str(tiny_model_dir),
+                           batch_size=4, progress=False, lr=1e-2, **overrides)
         policy = build_policy(config.policy_spec())
         data = encode_examples(read_examples(config.data), Encoder(policy.tokenizer, 128, 96))
         return config, policy, data

@@ -20,7 +20,8 @@ PROMPTS = ["What is the capital of France?", "Explain photosynthesis.", "Give me
 
 
 def _b_norms(mixture_dir):
-    return {o: max(float(t.abs().max()) for k, t in load_file(str(mixture_dir / o / "adapter_model.safetensors")).items() if "lora_B" in k)
+    return {o: max(float(t.abs().max())
+                   for k, t in load_file(str(mixture_dir / o / "adapter_model.safetensors")).items() if "lora_B" in k)
             for o in OBJECTIVES}
 
 
@@ -29,10 +30,11 @@ def _pairs_file(path, rows):
     return path
 
 
-def _pair(prompt, direction, chosen="Paris.", rejected="I am not sure, maybe somewhere in Europe or elsewhere entirely."):
+def _pair(prompt, direction, chosen="Paris.",
+          rejected="I am not sure, maybe somewhere in Europe or elsewhere entirely."):
     d = Direction.from_weights(direction, OBJECTIVES)
-    return {"prompt": condition_messages([{"role": "user", "content": prompt}], d), "chosen": chosen, "rejected": rejected,
-            "direction": direction, "chosen_finished": True, "rejected_finished": True}
+    return {"prompt": condition_messages([{"role": "user", "content": prompt}], d), "chosen": chosen,
+            "rejected": rejected, "direction": direction, "chosen_finished": True, "rejected_finished": True}
 
 
 def _args(model_dir, out, *extra):
@@ -48,7 +50,8 @@ def test_data_trains_only_the_adapters_its_directions_weigh(tmp_path, tiny_model
     norms = _b_norms(out / "mixture")
     assert norms["helpfulness"] > 1e-3 and norms["conciseness"] == 0.0  # weight 0 everywhere: no gradient, no update
     spec = json.loads((out / "mixture" / "mixture.json").read_text())
-    assert spec["objectives"] == list(OBJECTIVES) and spec["r"] == 4 and spec["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert (spec["objectives"] == list(OBJECTIVES) and spec["r"] == 4
+            and spec["base_model_name_or_path"] == str(tiny_model_dir.resolve()))
     steps = [r for r in read_metrics(out) if r["type"] == "step"]
     assert len(steps) == 3 and all(r["loss"] > 0 for r in steps)
 
@@ -61,7 +64,8 @@ def test_data_trains_only_the_adapters_its_directions_weigh(tmp_path, tiny_model
     tok = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     load_mixture(model, out / "mixture")
-    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                     add_generation_prompt=True)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p_ids + tok("Paris.", add_special_tokens=False)["input_ids"]])
 
@@ -78,9 +82,10 @@ def test_principle_guided_loop_writes_plain_prompts_and_a_mixture(tmp_path, tiny
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     out = tmp_path / "loop"
-    args = _args(tiny_model_dir, out, "--prompts", str(prompts), "--scorer", "flr:helpfulness+length", "--scorer-calibration", "none",
-                 "--prompts-per-iteration", "2", "--guided-samples", "1", "--contrast-samples", "1", "--max-new-tokens", "6",
-                 "--min-margin", "0", "--iterations", "1", "--corner-share", "1")
+    args = _args(tiny_model_dir, out, "--prompts", str(prompts), "--scorer", "flr:helpfulness+length",
+                 "--scorer-calibration", "none", "--prompts-per-iteration", "2", "--guided-samples", "1",
+                 "--contrast-samples", "1", "--max-new-tokens", "6", "--min-margin", "0", "--iterations", "1",
+                 "--corner-share", "1")
     assert main(args) == 0
     pairs = [json.loads(line) for line in (out / "iterations" / "000" / "pairs.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (out / "iterations" / "000" / "samples.jsonl").read_text().splitlines()]
@@ -101,7 +106,8 @@ def test_read_pair_files_names_file_line_and_field(tmp_path):
         ({k: v for k, v in good.items() if k != "direction"}, "missing 'direction'"),
         ({**good, "direction": {"helpfulness": 1.0}}, "direction must name exactly"),
         ({**good, "direction": {"helpfulness": 0.5, "conciseness": 0.1}}, "must sum to 1"),
-        ({**good, "direction": {"helpfulness": 1.5, "conciseness": -0.5}}, r"direction.helpfulness must be a number in \[0, 1\]"),
+        ({**good, "direction": {"helpfulness": 1.5, "conciseness": -0.5}},
+         r"direction.helpfulness must be a number in \[0, 1\]"),
         ({**good, "chosen": ""}, "chosen is empty"),
     ]
     for row, message in cases:
@@ -111,7 +117,8 @@ def test_read_pair_files_names_file_line_and_field(tmp_path):
         assert e.value.field == "data" and "bad.jsonl:2" in str(e.value)
 
 
-@pytest.mark.parametrize("change, field", [({"samples": 2}, "samples"), ({"loss": "kto"}, "loss"), ({"full": True}, "full")])
+@pytest.mark.parametrize("change, field", [({"samples": 2}, "samples"), ({"loss": "kto"}, "loss"),
+                                           ({"full": True}, "full")])
 def test_mixture_config_refusals_name_the_field(change, field):
     with pytest.raises(InvalidInput) as e:
         MixtureConfig(output="o", **change)

@@ -29,7 +29,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("the model was loaded before the output path was checked")
 
-    for target in ("steer.training.dpo.build_policy", "steer.training.dpa.load_base", "steer.training.reward_model.build_model"):
+    for target in ("steer.training.dpo.build_policy", "steer.training.dpa.load_base",
+                   "steer.training.reward_model.build_model"):
         monkeypatch.setattr(target, refuse)
 
 
@@ -82,8 +83,9 @@ def _args(command, tmp_path, output):
     data = tmp_path / "data.jsonl"
     if command == "dpa":
         data.write_text('{"prompt": "Name a fruit."}\n')
-        return ["--prompts", str(data), "--output", str(output), "--scorer", "flr:helpfulness+length", "--objectives", "helpfulness",
-                "conciseness", "--guided-samples", "0", "--contrast-samples", "0", "--no-progress"]
+        return ["--prompts", str(data), "--output", str(output), "--scorer", "flr:helpfulness+length",
+                "--objectives", "helpfulness", "conciseness", "--guided-samples", "0", "--contrast-samples", "0",
+                "--no-progress"]
     if command == "reward":
         data.write_text(json.dumps({"prompt": "hi", "response": "ok", "helpfulness": 1}) + "\n")
         return ["--data", str(data), "--output", str(output), "--no-progress"]
@@ -92,7 +94,8 @@ def _args(command, tmp_path, output):
 
 
 @pytest.mark.parametrize("command", ["dpo", "dpa", "reward"])
-def test_cli_refuses_a_file_or_read_only_output_before_loading_the_model(command, tmp_path, monkeypatch, capsys, no_model):
+def test_cli_refuses_a_file_or_read_only_output_before_loading_the_model(command, tmp_path, monkeypatch, capsys,
+                                                                         no_model):
     main = _cli(command)
     file = tmp_path / "taken"
     file.write_text("not a directory")
@@ -139,7 +142,8 @@ def test_export_refuses_a_read_only_destination_before_reading_weights(tmp_path,
     read_only(monkeypatch, locked)
     try:
         assert main(["--adapter", str(adapter), "--output", str(locked / "shipped"), "--base-name", "org/m"]) == 2
-        assert f"error: output: {locked / 'shipped'} cannot be created: {locked} is not writable" in capsys.readouterr().err
+        assert (f"error: output: {locked / 'shipped'} cannot be created: {locked} is not writable"
+                in capsys.readouterr().err)
     finally:
         locked.chmod(0o755)
     (tmp_path / "file").write_text("x")

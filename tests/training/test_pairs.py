@@ -33,7 +33,8 @@ def test_reads_standard_conversational_and_implicit_rows(tmp_path):
     rows = [
         {"prompt": "What is DNS?", "chosen": "A naming system.", "rejected": "No idea.", "extra": 1},
         {"prompt": [SYSTEM, {"role": "user", "content": "Hi"}],
-         "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]},
+         "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
         {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
          "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
     ]
@@ -41,7 +42,8 @@ def test_reads_standard_conversational_and_implicit_rows(tmp_path):
     assert [type(e) for e in examples] == [PairExample] * 3
     assert examples[0].prompt == ({"role": "user", "content": "What is DNS?"},)
     assert examples[1].prompt[0] == SYSTEM and examples[1].chosen == "Hello!" and examples[1].rejected == "Go away."
-    assert examples[2].prompt == ({"role": "user", "content": "2+2?"},) and (examples[2].chosen, examples[2].rejected) == ("4", "5")
+    assert (examples[2].prompt == ({"role": "user", "content": "2+2?"},)
+            and (examples[2].chosen, examples[2].rejected) == ("4", "5"))
     # The blank line is skipped but counted: the third row sits on line 4.
     assert [e.where.rsplit(":", 1)[1] for e in examples] == ["1", "3", "4"]
 
@@ -53,11 +55,13 @@ def test_reads_kto_rows_and_parquet(tmp_path):
     import datasets
 
     path = tmp_path / "p.parquet"
-    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "f", "rejected": "e"}]).to_parquet(str(path))
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                {"prompt": "d", "chosen": "f", "rejected": "e"}]).to_parquet(str(path))
     parquet = read_examples([path])
     assert parquet[1].chosen == "f" and parquet[1].where == f"{path}:row 2"
     empty = tmp_path / "empty.parquet"
-    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "", "rejected": "e"}]).to_parquet(str(empty))
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                {"prompt": "d", "chosen": "", "rejected": "e"}]).to_parquet(str(empty))
     with pytest.raises(InvalidInput, match=rf"^{empty}:row 2: chosen: is empty"):
         read_examples([empty])
 
@@ -68,16 +72,20 @@ BAD_ROWS = [
     ('{"prompt": "a", "chosen": "b"}', "rejected: is missing"),
     ('{"prompt": "a", "chosen": "b", "rejected": "b"}', "rejected: is identical to chosen"),
     ('{"prompt": "  ", "chosen": "b", "rejected": "c"}', "prompt: is blank"),
-    ('{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "b", "rejected": "c"}', "prompt[1].role"),
+    ('{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "b", '
+     '"rejected": "c"}', "prompt[1].role"),
     ('{"prompt": [{"role": "wizard", "content": "a"}], "chosen": "b", "rejected": "c"}', "prompt[0].role"),
-    ('{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}', "chosen: a conversational completion"),
+    ('{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}',
+     "chosen: a conversational completion"),
     ('{"prompt": "a", "completion": "b", "label": "yes"}', "label: must be true or false"),
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
     ('{"prompt": "a", "chosen": "", "rejected": "c"}', "chosen: is empty"),
     ('{"prompt": "a", "chosen": "b", "rejected": " \\n "}', "rejected: is empty"),
-    ('{"prompt": "a", "chosen": [{"role": "assistant", "content": ""}], "rejected": "c"}', "chosen[0].content: is empty"),
+    ('{"prompt": "a", "chosen": [{"role": "assistant", "content": ""}], "rejected": "c"}',
+     "chosen[0].content: is empty"),
     ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], '
-     '"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}]}', "chosen[0].content: is empty"),
+     '"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}]}',
+     "chosen[0].content: is empty"),
     ('{"prompt": "a", "completion": "", "label": true}', "completion: is empty"),
 ]
 
@@ -106,7 +114,8 @@ def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path, suffix):
 
 
 def test_mixed_formats_and_file_errors(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "completion": "b", "label": True}])
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                              {"prompt": "a", "completion": "b", "label": True}])
     with pytest.raises(InvalidInput, match=r"m.jsonl:2: mixes formats"):
         read_examples([path])
     with pytest.raises(InvalidInput, match="no such file"):
@@ -153,7 +162,8 @@ def test_truncation_keeps_prompt_end_and_cuts_completion(tokenizer):
 def test_kto_examples_get_mismatched_kl_completions(tokenizer):
     pairs = [PairExample(({"role": "user", "content": f"Q{i}"},), f"good {i}", f"bad {i}") for i in range(2)]
     unpaired = pairs_to_unpaired(pairs)
-    assert [(u.completion, u.label) for u in unpaired] == [("good 0", True), ("bad 0", False), ("good 1", True), ("bad 1", False)]
+    assert [(u.completion, u.label) for u in unpaired] == [
+        ("good 0", True), ("bad 0", False), ("good 1", True), ("bad 1", False)]
     enc = Encoder(tokenizer, 64, 48)
     encoded = encode_examples(unpaired, enc)
     # Example i's KL sequence is its own prompt with example (i + 1)'s completion.

@@ -24,7 +24,8 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
         body = [rng.choice(WORDS) for _ in range(rng.randint(3, 24))]
         for _ in range(k):
             body.insert(rng.randint(0, len(body)), "please")
-        rows.append({"prompt": rng.choice(PROMPTS), "response": " ".join(body), "helpfulness": k, "conciseness": -len(body) / 5})
+        rows.append({"prompt": rng.choice(PROMPTS), "response": " ".join(body), "helpfulness": k,
+                     "conciseness": -len(body) / 5})
     return rows
 
 
@@ -45,14 +46,16 @@ def config(tmp_path, tiny_model_dir, **overrides) -> RewardTrainConfig:
 def test_ratings_regression_learns_both_objectives(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_rows(320, seed=0))
     held = write_jsonl(tmp_path / "held.jsonl", synthetic_rows(48, seed=1))
-    metrics = train_reward_model(config(tmp_path, tiny_model_dir, data=(str(train),), eval_data=(str(held),), steps=150))
+    metrics = train_reward_model(config(tmp_path, tiny_model_dir, data=(str(train),), eval_data=(str(held),),
+                                        steps=150))
     assert metrics["conciseness"]["correlation"] > 0.8, metrics
     assert metrics["helpfulness"]["correlation"] > 0.5, metrics
     assert metrics["helpfulness"]["n_rated"] == 48
     # The directory is a scorer; its raw rewards are on the label scale and track the labels.
     scorer = RewardModelScorer(tmp_path / "rm")
     rows = synthetic_rows(48, seed=1)
-    r = scorer.rewards([[{"role": "user", "content": row["prompt"]}] for row in rows], [row["response"] for row in rows])
+    r = scorer.rewards([[{"role": "user", "content": row["prompt"]}] for row in rows],
+                       [row["response"] for row in rows])
     labels = torch.tensor([[row["helpfulness"], row["conciseness"]] for row in rows])
     corr = torch.corrcoef(torch.stack([r.raw[:, 1], labels[:, 1]]))[0, 1]
     assert corr == pytest.approx(metrics["conciseness"]["correlation"], abs=1e-3)
@@ -70,7 +73,8 @@ def preference_pairs(n: int, seed: int) -> list[dict]:
     for a, b in zip(rows[::2], rows[1::2]):
         if a["conciseness"] != b["conciseness"]:
             chosen, rejected = sorted([a, b], key=lambda r: -r["conciseness"])
-            out.append({"prompt": a["prompt"], "chosen": chosen["response"], "rejected": rejected["response"], "objective": "conciseness"})
+            out.append({"prompt": a["prompt"], "chosen": chosen["response"], "rejected": rejected["response"],
+                        "objective": "conciseness"})
     return out
 
 
@@ -87,7 +91,8 @@ def test_bradley_terry_trains_only_the_pairs_objective_and_mse_masks_unrated(tin
     from steer.training.reward_data import PreferenceExample, RatingExample
     from steer.training.reward_model import batch_loss, build_model, collate
 
-    model, tok, _ = build_model(RewardTrainConfig(data=("x",), output="x", model=str(tiny_model_dir), objectives=("helpfulness", "conciseness"), lora_r=0))
+    model, tok, _ = build_model(RewardTrainConfig(data=("x",), output="x", model=str(tiny_model_dir),
+                                                  objectives=("helpfulness", "conciseness"), lora_r=0))
     conv = [{"role": "user", "content": "hi"}]
     pair = PreferenceExample(conv, "short", "a much longer answer", objective=1, where="f:1")
     rated = RatingExample(conv, "an answer", (None, 2.0), where="f:2")  # helpfulness unrated
@@ -110,15 +115,20 @@ def test_bradley_terry_trains_only_the_pairs_objective_and_mse_masks_unrated(tin
 BAD_ROWS = [
     ("{not json", "not valid JSON"),
     ('{"prompt": "hi", "helpfulness": 3}', "response: must be a non-empty string"),
-    ('{"prompt": "hi", "response": "ok", "helpfulness": "high"}', "helpfulness: must be a finite number or null, got 'high'"),
+    ('{"prompt": "hi", "response": "ok", "helpfulness": "high"}',
+     "helpfulness: must be a finite number or null, got 'high'"),
     ('{"prompt": "hi", "response": "ok", "helpfulness": true}', "helpfulness: must be a finite number or null"),
     ('{"prompt": "hi", "response": "ok", "correctness": 3}', "rates none of the objectives"),
-    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "objective": "humour"}', "objective: must be one of helpfulness, conciseness, got 'humour'"),
-    ('{"prompt": "hi", "chosen": "a", "rejected": "a", "objective": "helpfulness"}', "chosen and rejected are identical"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "objective": "humour"}',
+     "objective: must be one of helpfulness, conciseness, got 'humour'"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "a", "objective": "helpfulness"}',
+     "chosen and rejected are identical"),
     ('{"response": "ok", "helpfulness": 1}', "prompt: is empty"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "response": "ok", "helpfulness": 1}', "messages[1].role"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "response": "ok", '
+     '"helpfulness": 1}', "messages[1].role"),
     ("[1, 2]", "a row must be a JSON object"),
-    ('{"prompt": "hi", "chosen": "", "rejected": "b", "objective": "helpfulness"}', "chosen: a preference row needs non-empty"),
+    ('{"prompt": "hi", "chosen": "", "rejected": "b", "objective": "helpfulness"}',
+     "chosen: a preference row needs non-empty"),
 ]
 
 
@@ -137,13 +147,16 @@ def test_a_bad_row_stops_with_file_and_line(tmp_path, tiny_model_dir, capsys, li
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_rows(64, seed=4))
-    straight = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "a"), steps=8, eval_fraction=0.0, batch_size=8)
+    straight = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "a"), steps=8,
+                      eval_fraction=0.0, batch_size=8)
     train_reward_model(straight)
-    first = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=4, eval_fraction=0.0, batch_size=8, checkpoint_every=2)
+    first = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=4,
+                   eval_fraction=0.0, batch_size=8, checkpoint_every=2)
     train_reward_model(first)
     state = torch.load(tmp_path / "b" / CHECKPOINT_FILE, weights_only=False)
     assert state["step"] == 4
-    train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=8, eval_fraction=0.0, batch_size=8, resume=True))
+    train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=8,
+                              eval_fraction=0.0, batch_size=8, resume=True))
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "a" / "head.safetensors")), load_file(str(tmp_path / "b" / "head.safetensors"))
@@ -154,7 +167,8 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model_dir):
         torch.testing.assert_close(a_lora[name], b_lora[name], atol=1e-5, rtol=1e-4)
     # A resume with a different architecture setting is refused, naming it.
     with pytest.raises(InvalidInput, match="lora_r: is 4 but .* was trained with 8"):
-        train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=10, lora_r=4, resume=True))
+        train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=10,
+                                  lora_r=4, resume=True))
 
 
 def test_cli_yaml_config_with_flag_overrides(tmp_path):

@@ -18,7 +18,8 @@ def test_flr_ranks_on_topic_answers_above_off_topic_ones(default_loaded):
     from steer.rewards.flr import FLRConfig, FLRScorer
     from steer.rewards.flr_ranking import CASES, rank_cases
 
-    scorer = FLRScorer(default_loaded.model, default_loaded.tokenizer, FLRConfig(objectives=("helpfulness",), calibration="none"))
+    scorer = FLRScorer(default_loaded.model, default_loaded.tokenizer,
+                       FLRConfig(objectives=("helpfulness",), calibration="none"))
     results = rank_cases(scorer)
     correct = sum(r["correct"] for r in results)
     print(f"FLR helpfulness ranked {correct}/{len(CASES)} on-topic answers first")

@@ -35,7 +35,8 @@ class Fixed(Scorer):
 
 
 def test_composite_orders_columns_and_scales_each_part_with_its_own_calibration():
-    a = Fixed(["creativity", "helpfulness"], calibration=Calibration({"creativity": (1.0, 2.0), "helpfulness": (0.0, 1.0)}))
+    a = Fixed(["creativity", "helpfulness"],
+              calibration=Calibration({"creativity": (1.0, 2.0), "helpfulness": (0.0, 1.0)}))
     b = Fixed(["conciseness"], factor=-1.0)
     c = CompositeScorer([a, b], ["helpfulness", "creativity", "conciseness"])
     r = c.rewards([CONV, CONV], ["abc", "a"])
@@ -79,7 +80,8 @@ def test_build_scorer_specs(tiny_loaded, tmp_path, monkeypatch):
 
     monkeypatch.setenv("STEER_CACHE", str(tmp_path))  # the tiny model's FLR calibration is cached here
     conversations, responses = calibration_conversations()
-    monkeypatch.setattr(flr, "calibration_conversations", lambda: (conversations[:6], responses[:6]))  # faster, same code
+    # faster, same code
+    monkeypatch.setattr(flr, "calibration_conversations", lambda: (conversations[:6], responses[:6]))
     assert build_scorer("none", tiny_loaded) is None
     default = build_scorer("default", tiny_loaded)
     assert default.describe() == "flr(helpfulness,creativity)+length(conciseness)"

@@ -60,7 +60,8 @@ def test_admission_counts_work_in_flight():
             await asyncio.sleep(0.01)
         with pytest.raises(ScoringOverloaded, match="max_pending_responses=10"):
             await service.rewards_for(CONVERSATION, responses(3), admit=True)
-        unadmitted = asyncio.create_task(service.rewards_for(CONVERSATION, responses(3)))  # finishing a generation: never refused
+        # finishing a generation: never refused
+        unadmitted = asyncio.create_task(service.rewards_for(CONVERSATION, responses(3)))
         await asyncio.sleep(0.05)
         assert service.pending_responses == 11
         scorer.gate.set()
