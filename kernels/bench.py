@@ -189,7 +189,8 @@ def time_shape(n, h, v, dtype, device, repeats, chunk_rows):
             "fused_over_gemm_floor_of_medians": med["fused_fwd_bwd"] / floor,
             # other load only ever adds time, so the fastest repeat of each is its least disturbed one
             "fused_over_gemm_floor_of_minima": best["fused_fwd_bwd"] / best_floor,
-            "fused_over_chunked_gemm_floor": statistics.median(per_repeat["fused_over_chunked_gemm_floor"]) if chunked else None,
+            "fused_over_chunked_gemm_floor": (
+                statistics.median(per_repeat["fused_over_chunked_gemm_floor"]) if chunked else None),
             "naive_over_gemm_floor": med["naive_fwd_bwd"] / floor if med["naive_fwd_bwd"] else None,
             "naive_over_fused": med["naive_fwd_bwd"] / med["fused_fwd_bwd"] if med["naive_fwd_bwd"] else None,
         },
@@ -235,7 +236,8 @@ def measure_memory(n, h, v, threads: int | None = None) -> dict:
     out = {}
     for path in ("fused", "naive"):
         log(f"  memory of {path} (subprocess)")
-        cmd = [sys.executable, "-m", "steer.kernels.bench", "--memory-probe", path, "--n", str(n), "--h", str(h), "--v", str(v)]
+        cmd = [sys.executable, "-m", "steer.kernels.bench", "--memory-probe", path,
+               "--n", str(n), "--h", str(h), "--v", str(v)]
         cmd += ["--threads", str(threads)] if threads else []
         env = {**os.environ, "STEER_KERNELS": "torch"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 "time_over_gemm_floor_max": TARGET_TIME_OVER_FLOOR,
                 "time_met": run["ratios"]["fused_over_gemm_floor"] <= TARGET_TIME_OVER_FLOOR,
                 "memory_over_naive_max": TARGET_MEMORY_OVER_NAIVE,
-                "memory_met": run["memory"]["fused_over_naive"] <= TARGET_MEMORY_OVER_NAIVE if "memory" in run else None,
+                "memory_met": (
+                    run["memory"]["fused_over_naive"] <= TARGET_MEMORY_OVER_NAIVE if "memory" in run else None),
             }
         report["runs"].append(run)
         print_summary(run)
@@ -369,7 +372,8 @@ def print_summary(run: dict) -> None:
           + " (medians)")
     print(f"  fused fwd+bwd       {med['fused_fwd_bwd']:8.3f} s   {run['tflops']['fused']:.3f} TFLOP/s")
     if med["naive_fwd_bwd"]:
-        print(f"  naive fwd+bwd       {med['naive_fwd_bwd']:8.3f} s   ({ratios['naive_over_fused']:.2f}x the fused time)")
+        print(f"  naive fwd+bwd       {med['naive_fwd_bwd']:8.3f} s   "
+              f"({ratios['naive_over_fused']:.2f}x the fused time)")
     print(f"  GEMM floor          {med['gemm_floor']:8.3f} s   (fwd {med['gemm_fwd']:.3f} + recompute "
           f"{med['gemm_recompute']:.3f} + dX {med['gemm_dx']:.3f} + dW {med['gemm_dw']:.3f})")
     if med["chunked_gemm_floor"] is not None:

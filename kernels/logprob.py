@@ -67,11 +67,13 @@ def select_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> 
 
 def _check(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: float) -> None:
     if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"hidden must be (..., H) and weight (V, H); got hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., {hidden.shape[-1]}) and weight {tuple(weight.shape)} disagree on H")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without H); got {tuple(targets.shape)}")
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without H); "
+                         f"got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be int64 (or int32) token ids; got {targets.dtype}")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
@@ -98,8 +100,8 @@ def linear_logprob(
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], without the (N, V) logits.
 
     hidden (..., H), weight (V, H), targets (...) int64, bias (V,) or None. Returns float32
-    (float64 for float64 inputs) log-probs shaped like `targets`, 0 where `targets == ignore_index`, differentiable w.r.t.
-    hidden, weight and bias. With `return_lse` / `return_entropy` returns a `LinearLogprobOutput`
+    (float64 for float64 inputs) log-probs shaped like `targets`, 0 where `targets == ignore_index`,
+    differentiable w.r.t. hidden, weight and bias. With `return_lse` / `return_entropy` returns a `LinearLogprobOutput`
     that also carries the per-token log-sum-exp and softmax entropy (detached metrics, 0 at
     ignored positions). Peak extra memory is one (chunk, V) slab plus the gradients.
     On the torch path, targets outside [0, V) (other than ignore_index) raise; the Triton path

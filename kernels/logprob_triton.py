@@ -238,7 +238,8 @@ def _input_precision(hidden: Tensor) -> str | None:
 class TritonLinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, blocks):
-        logp, lse, entropy = linear_logprob_fwd(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, blocks)
+        logp, lse, entropy = linear_logprob_fwd(hidden, weight, bias, targets, temperature, ignore_index,
+                                                return_entropy, blocks)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.args = (temperature, ignore_index, blocks)
         ctx.mark_non_differentiable(lse, entropy)

@@ -98,7 +98,8 @@ def stack_lora_adapters(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> t
     The order of the lists is the order of the columns of `weights`. Differentiable (torch.cat).
     """
     if len(lora_a) == 0 or len(lora_a) != len(lora_b):
-        raise ValueError(f"lora_a and lora_b must hold one tensor per adapter, k >= 1; got {len(lora_a)} and {len(lora_b)}")
+        raise ValueError("lora_a and lora_b must hold one tensor per adapter, k >= 1; "
+                         f"got {len(lora_a)} and {len(lora_b)}")
     a0 = lora_a[0]
     if a0.dim() != 2:
         raise ValueError(f"lora_a[0] must be (r, in) (PEFT lora_A.weight); got {tuple(a0.shape)}")
@@ -106,10 +107,12 @@ def stack_lora_adapters(lora_a: Sequence[Tensor], lora_b: Sequence[Tensor]) -> t
     d_out = lora_b[0].shape[0] if lora_b[0].dim() == 2 else -1
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         if tuple(a.shape) != (rank, d_in):
-            raise ValueError(f"lora_a[{i}] has shape {tuple(a.shape)}; expected (r, in) = {(rank, d_in)} like lora_a[0]")
+            raise ValueError(f"lora_a[{i}] has shape {tuple(a.shape)}; "
+                             f"expected (r, in) = {(rank, d_in)} like lora_a[0]")
         if b.dim() != 2 or tuple(b.shape) != (d_out, rank):
             raise ValueError(
-                f"lora_b[{i}] has shape {tuple(b.shape)}; expected (out, r) = ({d_out if d_out >= 0 else 'out'}, {rank}) "
+                f"lora_b[{i}] has shape {tuple(b.shape)}; "
+                f"expected (out, r) = ({d_out if d_out >= 0 else 'out'}, {rank}) "
                 "(PEFT lora_B.weight, the same out for every adapter)"
             )
     return torch.cat(list(lora_a), dim=0), torch.cat(list(lora_b), dim=1)  # (k*r, in), (out, k*r)

@@ -107,7 +107,8 @@ def _input_precision(x: Tensor) -> str | None:
     return "ieee" if x.dtype == torch.float32 else None
 
 
-def _block_sizes(x: Tensor, kr: int, block_n: int | None, block_d: int | None, block_kr: int | None) -> tuple[int, int, int]:
+def _block_sizes(x: Tensor, kr: int, block_n: int | None, block_d: int | None,
+                 block_kr: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, BLOCK_KR): fixed defaults (not autotuned), small under the interpreter.
 
     BLOCK_D tiles both the reduction dim of the shrink (in, or out in backward) and the output

@@ -29,7 +29,8 @@ class PreferenceLossConfig:
     """Hyper-parameters of `preference_loss`; validated on construction."""
 
     loss_type: str  # one of LOSS_TYPES
-    beta: float  # DPO/hinge/KTO: KL strength; IPO: tau; SimPO: reward scale; ORPO: lambda (weight of the odds-ratio term)
+    # DPO/hinge/KTO: KL strength; IPO: tau; SimPO: reward scale; ORPO: lambda (weight of the odds-ratio term)
+    beta: float
     label_smoothing: float = 0.0  # sigmoid/simpo: probability that a preference label is flipped (cDPO), in [0, 0.5)
     gamma: float = 0.0  # simpo: target reward margin (paper's gamma, in reward units), >= 0
     desirable_weight: float = 1.0  # kto: lambda_D
@@ -97,7 +98,8 @@ def _smoothed_logsigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
 def _require(loss_type: str, **tensors: Tensor | None) -> None:
     for name, value in tensors.items():
         if value is None:
-            what = "the reference model's summed log-probs" if name.startswith("ref_") else "completion lengths in tokens"
+            what = ("the reference model's summed log-probs" if name.startswith("ref_")
+                    else "completion lengths in tokens")
             raise ValueError(f"loss_type={loss_type!r} needs {name} ({what}); got None")
 
 
@@ -219,7 +221,8 @@ def _kto(cfg: PreferenceLossConfig, pc, pr, rc, rr, kl_policy_logps, kl_ref_logp
     #   v = lambda_D sigmoid(beta (r - z_ref)) for desirable y, lambda_U sigmoid(beta (z_ref - r)) for undesirable.
     if (kl_policy_logps is None) != (kl_ref_logps is None):
         missing = "kl_ref_logps" if kl_ref_logps is None else "kl_policy_logps"
-        raise ValueError(f"loss_type='kto' got one of kl_policy_logps / kl_ref_logps without the other ({missing} is None)")
+        raise ValueError("loss_type='kto' got one of kl_policy_logps / kl_ref_logps "
+                         f"without the other ({missing} is None)")
     chosen_ratio, rejected_ratio = pc - rc, pr - rr  # (B_d,), (B_u,)
     with torch.no_grad():  # z_ref is a reference point, not a path for gradients (paper, section 4.1)
         if kl_policy_logps is not None:
@@ -232,7 +235,8 @@ def _kto(cfg: PreferenceLossConfig, pc, pr, rc, rr, kl_policy_logps, kl_ref_logp
     rejected_losses = cfg.undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected_ratio)))  # (B_u,)
     losses = torch.cat([chosen_losses, rejected_losses])  # (B_d + B_u,)
     if losses.numel() == 0:
-        raise ValueError("loss_type='kto' got no examples: policy_chosen_logps and policy_rejected_logps are both empty")
+        raise ValueError("loss_type='kto' got no examples: "
+                         "policy_chosen_logps and policy_rejected_logps are both empty")
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     nan = losses.new_tensor(float("nan"))
     margin = (chosen_rewards.mean() if chosen_rewards.numel() else nan) - (

@@ -96,21 +96,25 @@ class ChatTokenizer:
             token = self.control_token_in(m["content"])
             if token is not None:
                 where = fields[i] if fields is not None else f"messages[{i}].content"
-                raise InvalidInput(where, f"contains the control token {token!r}, which this model's chat template cannot keep as text; remove it")
+                raise InvalidInput(where, f"contains the control token {token!r}, which this model's chat template "
+                                          "cannot keep as text; remove it")
         text = self._render(messages, add_generation_prompt)
         if before_last_text:
             at = text.rfind(messages[-1]["content"])
             if at < 0 or not messages[-1]["content"]:
-                raise ValueError(f"the chat template does not render the last message {messages[-1]['content']!r} verbatim")
+                raise ValueError(
+                    f"the chat template does not render the last message {messages[-1]['content']!r} verbatim")
             text = text[:at]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _pieces(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[tuple[str, bool]] | None:
+    def _pieces(self, messages: list[dict[str, str]],
+                add_generation_prompt: bool = True) -> list[tuple[str, bool]] | None:
         """The rendered prompt as (text, written by the template) pieces; None if the template rewrites message text."""
-        skeleton = self._render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)], add_generation_prompt)
+        skeleton = self._render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)],
+                                add_generation_prompt)
         parts = _MARKS.split(skeleton)  # template, index, template, index, ..., template
         if [int(i) for i in parts[1::2]] != list(range(len(messages))):
             return None

@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompt", nargs="?", help="the user's message")
-    p.add_argument("--weights", type=parse_weights, default={"helpfulness": 1.0}, help="objective=weight,... (default helpfulness=1)")
+    p.add_argument("--weights", type=parse_weights, default={"helpfulness": 1.0},
+                   help="objective=weight,... (default helpfulness=1)")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--strategy", default="conditioned", choices=["conditioned", "rerank", "mixture"])
     p.add_argument("--candidates", type=int, default=0, help="RERANK: samples to choose from")
-    p.add_argument("--rewards", action="store_true", help="also measure the answer's reward vector (a scorer pass after generation)")
+    p.add_argument("--rewards", action="store_true",
+                   help="also measure the answer's reward vector (a scorer pass after generation)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)

@@ -51,5 +51,6 @@ def build_conversation(
             raise InvalidInput(f"{where}.content", "is empty")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
-        raise InvalidInput(f"{messages_field}[{len(out) - 1}].role", f"the last message must be the user's, got {out[-1]['role']!r}")
+        raise InvalidInput(f"{messages_field}[{len(out) - 1}].role",
+                           f"the last message must be the user's, got {out[-1]['role']!r}")
     return out

@@ -75,7 +75,8 @@ def generate_batch(
             if params.greedy:
                 kwargs.update(do_sample=False)
             else:
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                              top_k=params.top_k or None)
             mix = contextlib.nullcontext()
             if mix_weights is not None:
                 from steer.mixture import mixing

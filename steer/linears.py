@@ -54,7 +54,8 @@ def _packed_forward(self: nn.Linear, x: Tensor) -> Tensor:
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: ``(q (out, in) int8, scale (out,) fp32)``, ``weight ~= q * scale[:, None]``."""
+    """Symmetric per-output-channel int8: ``(q (out, in) int8, scale (out,) fp32)``,
+    ``weight ~= q * scale[:, None]``."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
@@ -62,7 +63,8 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``x (q * scale)^T + b`` with ``x`` rounded to bf16 (``scale`` given in bf16, as the kernel takes it); out in ``x``'s dtype."""
+    """``x (q * scale)^T + b`` with ``x`` rounded to bf16 (``scale`` given in bf16, as the kernel takes it);
+    out in ``x``'s dtype."""
     shape = x.shape
     y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), q, scale).to(x.dtype)
     if bias is not None:
@@ -122,7 +124,8 @@ def resolve_linears(kind: str, device: torch.device, dtype: str) -> str:
     if kind not in LINEARS:
         raise InvalidInput("linears", f"must be auto or one of {', '.join(LINEARS)}, got {kind!r}")
     if kind != "torch" and (device.type != "cpu" or dtype != "float32"):
-        raise InvalidInput("linears", f"{kind} runs on the CPU with dtype float32 (got {device.type}, {dtype}); use torch or auto")
+        raise InvalidInput("linears", f"{kind} runs on the CPU with dtype float32 (got {device.type}, {dtype}); "
+                                      "use torch or auto")
     if kind == "prepacked" and not available():
         raise InvalidInput("linears", "this torch build has no oneDNN linear reorder; use torch or int8")
     return kind

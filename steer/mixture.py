@@ -161,9 +161,10 @@ def target_names(model: nn.Module, targets: str) -> list[str]:
     return names
 
 
-def attach_mixture(model: nn.Module, names: Sequence[str], rank: int, alpha: float, targets: Sequence[str] | str = "all-linear") -> MixState:
-    """Replace the target linears of ``model`` (in place) by :class:`MixtureLinear` with ``len(names)``
-    zero adapters of rank ``rank`` and scale ``alpha / rank``; returns the shared state (``state.names`` = ``names``)."""
+def attach_mixture(model: nn.Module, names: Sequence[str], rank: int, alpha: float,
+                   targets: Sequence[str] | str = "all-linear") -> MixState:
+    """Replace the target linears of ``model`` (in place) by :class:`MixtureLinear` with ``len(names)`` zero
+    adapters of rank ``rank`` and scale ``alpha / rank``; returns the shared state (``state.names`` = ``names``)."""
     if not names:
         raise ValueError("a mixture needs at least one adapter")
     state = MixState(names=tuple(names), rank=rank)
@@ -198,11 +199,13 @@ def mixing(model: nn.Module, weights: Tensor | None):
     switches the adapters off. Restores the previous weights on exit."""
     state = mix_state(model)
     if weights is not None and weights.shape[-1] != len(state.names):
-        raise ValueError(f"weights have {weights.shape[-1]} columns; the mixture has {len(state.names)} adapters {list(state.names)}")
+        raise ValueError(f"weights have {weights.shape[-1]} columns; "
+                         f"the mixture has {len(state.names)} adapters {list(state.names)}")
     before = state.weights, state.w_rep
     state.weights = weights
     # Every layer mixes by the same rows: their weights repeated r times per adapter, once per forward.
-    state.w_rep = weights.repeat_interleave(state.rank, dim=-1) if weights is not None and weights.dim() == 2 and state.rank else None
+    state.w_rep = (weights.repeat_interleave(state.rank, dim=-1)
+                   if weights is not None and weights.dim() == 2 and state.rank else None)
     try:
         yield
     finally:
@@ -229,12 +232,14 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def _peft_config(spec: MixtureSpec, rank: int, alpha: float) -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": sorted(spec.target_modules), "base_model_name_or_path": spec.base_model, "fan_in_fan_out": False,
-            "inference_mode": True, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+            "bias": "none", "target_modules": sorted(spec.target_modules), "base_model_name_or_path": spec.base_model,
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "modules_to_save": None}
 
 
-def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec, dtype: torch.dtype = torch.float32) -> Path:
+def save_mixture(model: nn.Module, out_dir: str | os.PathLike, spec: MixtureSpec,
+                 dtype: torch.dtype = torch.float32) -> Path:
     """Write ``mixture.json`` and one PEFT adapter per objective (the first ``len(spec.objectives)``
     adapters of the stack), atomically: a temporary sibling renamed into place. ``target_modules``
     is taken from the layers the model carries."""
@@ -270,13 +275,15 @@ def read_mixture_spec(path: str | os.PathLike, field: str = "mixture") -> Mixtur
     path = Path(path)
     cfg = path / CONFIG_NAME
     if not cfg.is_file():
-        raise InvalidInput(field, f"{path} has no {CONFIG_NAME}: not a mixture directory (python -m steer.train mixture writes one)")
+        raise InvalidInput(field, f"{path} has no {CONFIG_NAME}: not a mixture directory "
+                                  "(python -m steer.train mixture writes one)")
     try:
         data = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise InvalidInput(field, f"{cfg}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InvalidInput(field, f"{cfg}: format must be {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}")
+        raise InvalidInput(field, f"{cfg}: format must be {FORMAT!r}, "
+                                  f"got {data.get('format') if isinstance(data, dict) else data!r}")
     for key, kind in (("objectives", list), ("r", int), ("lora_alpha", (int, float)), ("target_modules", list)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise InvalidInput(field, f"{cfg}: {key} is missing or not a {getattr(kind, '__name__', 'number')}")
@@ -285,8 +292,10 @@ def read_mixture_spec(path: str | os.PathLike, field: str = "mixture") -> Mixtur
         raise InvalidInput(field, f"{cfg}: objectives must be distinct names, got {list(objectives)}")
     for o in objectives:
         if not (path / o / "adapter_model.safetensors").is_file():
-            raise InvalidInput(field, f"{path / o}: the adapter of objective {o!r} is missing (adapter_model.safetensors)")
-    known = {"format", "objectives", "adapters", "r", "lora_alpha", "target_modules", "base_model_name_or_path", "description"}
+            raise InvalidInput(field,
+                               f"{path / o}: the adapter of objective {o!r} is missing (adapter_model.safetensors)")
+    known = {"format", "objectives", "adapters", "r", "lora_alpha", "target_modules", "base_model_name_or_path",
+             "description"}
     return MixtureSpec(objectives, int(data["r"]), float(data["lora_alpha"]), tuple(data["target_modules"]),
                        str(data.get("base_model_name_or_path", "")), str(data.get("description", "")),
                        {k: v for k, v in data.items() if k not in known})
@@ -310,7 +319,8 @@ def load_adapter_stack(model: nn.Module, adapters: Sequence[tuple[str, Path]], f
             raise InvalidInput(field, f"{path}: DoRA / rsLoRA adapters cannot be mixed")
         loaded.append((name, Path(path), config, tensors))
     rank = max(int(c["r"]) for _, _, c, _ in loaded)
-    layer_names = sorted({k[len(_PEFT_PREFIX):-len(".lora_A.weight")] for k in loaded[0][3] if k.endswith(".lora_A.weight")})
+    layer_names = sorted({k[len(_PEFT_PREFIX):-len(".lora_A.weight")] for k in loaded[0][3]
+                          if k.endswith(".lora_A.weight")})
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if not isinstance(modules.get(n), nn.Linear)]
     if missing:
@@ -324,12 +334,13 @@ def load_adapter_stack(model: nn.Module, adapters: Sequence[tuple[str, Path]], f
             for i, (name, path, config, tensors) in enumerate(loaded):
                 ka, kb = f"{_PEFT_PREFIX}{full}.lora_A.weight", f"{_PEFT_PREFIX}{full}.lora_B.weight"
                 if ka not in tensors or kb not in tensors:
-                    raise InvalidInput(field, f"{path}: has no weights for layer {full!r} (every adapter of a mixture must adapt the same layers)")
+                    raise InvalidInput(field, f"{path}: has no weights for layer {full!r} "
+                                              "(every adapter of a mixture must adapt the same layers)")
                 a, b = tensors[ka], tensors[kb]
                 r = a.shape[0]
                 if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
-                    raise InvalidInput(field, f"{path}: {full} has A {tuple(a.shape)} / B {tuple(b.shape)}; the model's layer is "
-                                              f"({layer.out_features}, {layer.in_features})")
+                    raise InvalidInput(field, f"{path}: {full} has A {tuple(a.shape)} / B {tuple(b.shape)}; "
+                                              f"the model's layer is ({layer.out_features}, {layer.in_features})")
                 layer.lora_A[i * rank:i * rank + r] = a.to(layer.lora_A.dtype)
                 layer.lora_B[:, i * rank:i * rank + r] = b.to(layer.lora_B.dtype)
                 layer.b_scale[i * rank:(i + 1) * rank] = float(config["lora_alpha"]) / int(config["r"])
@@ -338,7 +349,8 @@ def load_adapter_stack(model: nn.Module, adapters: Sequence[tuple[str, Path]], f
     return state
 
 
-def load_mixture(model: nn.Module, path: str | os.PathLike, extra: Sequence[tuple[str, Path]] = (), field: str = "mixture") -> tuple[MixtureSpec, MixState]:
+def load_mixture(model: nn.Module, path: str | os.PathLike, extra: Sequence[tuple[str, Path]] = (),
+                 field: str = "mixture") -> tuple[MixtureSpec, MixState]:
     """Attach the mixture at ``path`` (its objectives first, in its order), plus ``extra`` PEFT adapters."""
     spec = read_mixture_spec(path, field)
     state = load_adapter_stack(model, [(o, Path(path) / o) for o in spec.objectives] + list(extra), field)
@@ -347,7 +359,8 @@ def load_mixture(model: nn.Module, path: str | os.PathLike, extra: Sequence[tupl
 
 # -- serving --------------------------------------------------------------------------------
 
-CONDITIONED_ADAPTER = "conditioned"  # the stack name of the CONDITIONED adapter when it is served unmerged beside a mixture
+# the stack name of the CONDITIONED adapter when it is served unmerged beside a mixture
+CONDITIONED_ADAPTER = "conditioned"
 SHIPPED_MIXTURE = "default"
 
 
@@ -367,7 +380,8 @@ class ServedMixture:
     def row(self, weights: Sequence[float]) -> list[float]:
         """The stack row of a MIXTURE request with ``weights`` over :attr:`objectives`."""
         if len(weights) != len(self.objectives):
-            raise ValueError(f"{len(weights)} weights for the {len(self.objectives)} objectives {list(self.objectives)}")
+            raise ValueError(
+                f"{len(weights)} weights for the {len(self.objectives)} objectives {list(self.objectives)}")
         return [float(w) for w in weights] + [-1.0] * (len(self.names) - len(self.objectives))
 
 
@@ -379,7 +393,8 @@ def shipped_mixture_path() -> Path | None:
     return path if (path / CONFIG_NAME).is_file() else None
 
 
-def serve_mixture(model: nn.Module, path: str | os.PathLike, conditioned: Path | None = None, field: str = "mixture") -> ServedMixture:
+def serve_mixture(model: nn.Module, path: str | os.PathLike, conditioned: Path | None = None,
+                  field: str = "mixture") -> ServedMixture:
     """Attach the mixture at ``path`` to ``model`` for serving. ``conditioned``: the PEFT adapter
     already *merged* into ``model``'s weights (CONDITIONED); it joins the stack as the last adapter,
     weighed -1 by MIXTURE rows, so they compute the base model plus their own mix."""

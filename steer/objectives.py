@@ -50,7 +50,8 @@ class Direction:
             if not math.isfinite(w) or w < 0:
                 raise InvalidInput(f"weights[{name}]", f"must be finite and >= 0, got {w!r}")
         if abs(sum(self.weights) - 1.0) > 1e-6:
-            raise InvalidInput("weights", f"a Direction sums to 1, got {sum(self.weights)!r}; use Direction.from_weights")
+            raise InvalidInput("weights",
+                               f"a Direction sums to 1, got {sum(self.weights)!r}; use Direction.from_weights")
 
     @classmethod
     def from_weights(

@@ -67,7 +67,8 @@ class Principles:
         """Refuse a principles set that lacks an objective the run trains."""
         missing = [o for o in objectives if o not in self.objectives]
         if missing:
-            raise InvalidInput(field, f"{self.source} has no instructions for objectives {missing} (it has {sorted(self.objectives)})")
+            raise InvalidInput(field, f"{self.source} has no instructions for objectives {missing} "
+                                      f"(it has {sorted(self.objectives)})")
 
     def chosen_objectives(self, direction: Direction) -> list[str]:
         """The objectives whose instructions serve ``direction`` (see the module docstring)."""
@@ -164,7 +165,8 @@ def parse_principles(data, where: str = "<memory>") -> Principles:
     return Principles(objectives=out, selection=Selection(int(max_obj), float(min_w)), source=where)
 
 
-def instructed_messages(messages: Sequence[Mapping[str, str]], instruction: str, default_system: str | None = None) -> list[dict[str, str]]:
+def instructed_messages(messages: Sequence[Mapping[str, str]], instruction: str,
+                        default_system: str | None = None) -> list[dict[str, str]]:
     """A copy of ``messages`` whose system message ends with ``instruction`` (after a blank line);
     a conversation without one gets the default system prompt plus the instruction."""
     from steer.conditioning import DEFAULT_SYSTEM

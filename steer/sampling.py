@@ -41,8 +41,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidInput("sampling.max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidInput("sampling.temperature", f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if (not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature)
+                or self.temperature < 0):
+            raise InvalidInput("sampling.temperature",
+                               f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise InvalidInput("sampling.top_p", f"must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -138,7 +140,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     if not rows:
         return out
     # Temperatures >= GREEDY_TEMPERATURE here; a Python float beyond float32 would round to inf.
-    temps = torch.tensor([min(params[i].temperature, _FLOAT32_MAX) for i in rows], dtype=torch.float32)[:, None]  # (m, 1)
+    temps = torch.tensor([min(params[i].temperature, _FLOAT32_MAX) for i in rows],
+                         dtype=torch.float32)[:, None]  # (m, 1)
     raw = logits[rows].float()  # (m, V)
     shift = row_max[rows].float()[:, None]  # (m, 1)
     lse = torch.logsumexp((raw - shift) / temps, dim=-1, keepdim=True)  # (m, 1): the full normaliser, in [0, log V]

@@ -17,7 +17,8 @@ Examples:
   python -m steer.train mixture --data runs/dpa/iterations/000/pairs.jsonl --loss sft --output runs/mix
   python -m steer.train export --adapter runs/dpa/adapter --output dist/dpa-adapter
   python -m steer.train icai --data training/data/icai_example.jsonl --output runs/icai
-  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1 --output runs/labels
+  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json \\
+      --top 1 --output runs/labels
 
 Each command also reads --config file.yaml (flags override it). Under
 `torchrun --nproc_per_node N` the same commands train with DDP. Idle OpenMP threads sleep instead

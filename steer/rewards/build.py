@@ -49,7 +49,8 @@ def build_scorer(
         return None
     if spec == DEFAULT:
         rest = [o for o in objectives if o != LENGTH_OBJECTIVE]
-        spec = "+".join(([f"flr:{','.join(rest)}"] if rest else []) + ([f"length:{LENGTH_OBJECTIVE}"] if LENGTH_OBJECTIVE in objectives else []))
+        spec = "+".join(([f"flr:{','.join(rest)}"] if rest else [])
+                        + ([f"length:{LENGTH_OBJECTIVE}"] if LENGTH_OBJECTIVE in objectives else []))
     elif is_reward_model_dir(spec):
         spec = f"rm:{spec}"
 
@@ -100,10 +101,13 @@ def build_scorer(
             else:
                 scorer_loaded = loaded
         parts[i] = FLRScorer(
-            scorer_loaded.model, scorer_loaded.tokenizer, FLRConfig(objectives=tuple(names), calibration=calibration, progress=progress),
-            model_id=scorer_loaded.model_id if scorer_loaded is not loaded else "", context_length=scorer_loaded.context_length,
+            scorer_loaded.model, scorer_loaded.tokenizer,
+            FLRConfig(objectives=tuple(names), calibration=calibration, progress=progress),
+            model_id=scorer_loaded.model_id if scorer_loaded is not loaded else "",
+            context_length=scorer_loaded.context_length,
         )
     scored = [o for p in parts for o in p.objectives]
     if sorted(scored) != sorted(objectives):
-        raise InvalidInput(field, f"{spec!r} scores {scored}, but the server's objectives are {list(objectives)}: each must be scored exactly once")
+        raise InvalidInput(field, f"{spec!r} scores {scored}, but the server's objectives are {list(objectives)}: "
+                                  "each must be scored exactly once")
     return CompositeScorer(parts, objectives) if len(parts) > 1 or parts[0].objectives != objectives else parts[0]

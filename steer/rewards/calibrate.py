@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="default", help="'default', a model directory or a .gguf file")
-    p.add_argument("--objectives", default="helpfulness,creativity,conciseness", help="comma-separated, each with built-in follow-ups")
-    p.add_argument("--output", default=None, help="JSON to write (default: the shipped file for the default model, else $STEER_CACHE/calibration/)")
+    p.add_argument("--objectives", default="helpfulness,creativity,conciseness",
+                   help="comma-separated, each with built-in follow-ups")
+    p.add_argument("--output", default=None, help="JSON to write (default: the shipped file for the default model, "
+                                                  "else $STEER_CACHE/calibration/)")
     add_log_level_flag(p)
     args = p.parse_args(argv)
 
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         loaded = load_model(args.model)
-        config = FLRConfig(objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), calibration="none", progress=True)
-        scorer = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, context_length=loaded.context_length)
+        config = FLRConfig(objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
+                           calibration="none", progress=True)
+        scorer = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id,
+                           context_length=loaded.context_length)
         scorer.calibration_keys()  # fails fast, before minutes of scoring, if the model cannot be fingerprinted
         started = time.monotonic()
         calibration = scorer.calibrate()

@@ -111,7 +111,8 @@ def read_calibration_file(path: str | os.PathLike) -> tuple[Calibration, dict[st
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable calibration JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format={doc.get('format') if isinstance(doc, dict) else None!r})")
+        raise ValueError(f"{path}: not a {FORMAT} file "
+                         f"(format={doc.get('format') if isinstance(doc, dict) else None!r})")
     if doc.get("version") != VERSION:
         raise ValueError(f"{path}: calibration version {doc.get('version')!r}, this steer reads version {VERSION}")
     try:

@@ -69,19 +69,25 @@ FLR_VERSION = "flr-v1"  # bump when the scoring definition changes: it invalidat
 @dataclass(frozen=True)
 class FLRConfig:
     objectives: tuple[str, ...] = ("helpfulness", "creativity")  # objectives FLR scores, in output order
-    followups: Mapping[str, FollowUps] | None = field(default=None, compare=False)  # objective -> follow-ups; None: built-in sets
-    batch_size: int = 32  # follow-up rows per forward; with the prefix cache each row holds a copy of its prefix's KV (~14 MB at 300 tokens, default model)
-    prefix_batch: int = 8  # responses whose prefixes run in one forward (prefix cache only); their follow-ups then share forwards
+    # objective -> follow-ups; None: built-in sets
+    followups: Mapping[str, FollowUps] | None = field(default=None, compare=False)
+    # follow-up rows per forward; with the prefix cache each row holds a copy of its prefix's KV
+    # (~14 MB at 300 tokens, default model)
+    batch_size: int = 32
+    # responses whose prefixes run in one forward (prefix cache only); their follow-ups then share forwards
+    prefix_batch: int = 8
     prefix_cache: bool = True  # run conversation + response once, reuse its KV cache for every follow-up
     progress: bool = False  # tqdm bar over the responses scored, advanced per prefix batch
-    calibration: str = "auto"  # "auto": shipped/cached stats or compute them on the built-in set; "none": raw; or a JSON path
+    # "auto": shipped/cached stats or compute them on the built-in set; "none": raw; or a JSON path
+    calibration: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "objectives", validate_objectives(self.objectives, "flr.objectives"))
         followups = BUILTIN_FOLLOWUPS if self.followups is None else self.followups
         missing = [o for o in self.objectives if o not in followups]
         if missing:
-            raise InvalidInput("flr.objectives", f"no follow-ups for {missing}; built-in sets exist for {sorted(BUILTIN_FOLLOWUPS)}")
+            raise InvalidInput("flr.objectives", f"no follow-ups for {missing}; "
+                                                 f"built-in sets exist for {sorted(BUILTIN_FOLLOWUPS)}")
         for o in self.objectives:
             if not isinstance(followups[o], FollowUps):
                 raise InvalidInput(f"flr.followups[{o}]", f"must be a FollowUps, got {type(followups[o]).__name__}")
@@ -112,7 +118,8 @@ def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
 class FLRScorer(Scorer):
     """FLR rewards from a causal chat LM; see the module docstring for the definition."""
 
-    def __init__(self, model, tokenizer, config: FLRConfig = FLRConfig(), *, model_id: str = "", context_length: int | None = None):
+    def __init__(self, model, tokenizer, config: FLRConfig = FLRConfig(), *, model_id: str = "",
+                 context_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -153,7 +160,8 @@ class FLRScorer(Scorer):
             columns.append(ll[:, pos].mean(1) - ll[:, neg].mean(1))  # (n,)
         return torch.stack(columns, dim=1)  # (n, k)
 
-    def followup_loglik(self, conversations: Sequence[Conversation], responses: Sequence[str], followups: Sequence[str] | None = None) -> torch.Tensor:
+    def followup_loglik(self, conversations: Sequence[Conversation], responses: Sequence[str],
+                        followups: Sequence[str] | None = None) -> torch.Tensor:
         """``(n, F)``: mean token log-likelihood of each follow-up after each (conversation, response)."""
         followups = list(self.followups if followups is None else followups)
         for f in followups:
@@ -161,7 +169,8 @@ class FLRScorer(Scorer):
                 self._followup_ids[f] = self.tokenizer(f, add_special_tokens=False)["input_ids"]
         room = self.context_length - max((len(self._followup_ids[g]) for g in followups), default=0)
         if room < 1:
-            raise InvalidInput("followups", f"a follow-up does not fit the scorer model's context of {self.context_length} tokens")
+            raise InvalidInput("followups",
+                               f"a follow-up does not fit the scorer model's context of {self.context_length} tokens")
         # items[(i, j)] = (prefix ids, follow-up ids); prefixes are shared across j for a given i.
         prefixes: dict[tuple[int, ...], list[int]] = {}
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
@@ -177,7 +186,8 @@ class FLRScorer(Scorer):
             if self.config.prefix_cache:
                 order = list(groups)
                 values = self._loglik_shared_prefixes(
-                    [prefixes[p] for p in order], [[self._followup_ids[followups[j]] for _, j in groups[p]] for p in order],
+                    [prefixes[p] for p in order],
+                    [[self._followup_ids[followups[j]] for _, j in groups[p]] for p in order],
                 )
                 for p, v in zip(order, values):
                     for (i, j), x in zip(groups[p], v.tolist()):
@@ -190,7 +200,8 @@ class FLRScorer(Scorer):
                     out[i, j] = v
         return out
 
-    def _prefix_ids(self, conversation: Conversation, response: str, followup: str, fields: Sequence[str] | None = None) -> list[int]:
+    def _prefix_ids(self, conversation: Conversation, response: str, followup: str,
+                    fields: Sequence[str] | None = None) -> list[int]:
         """Token ids before the follow-up's first token: the conversation, the response as the
         assistant's turn, and the next user-turn header. Message text is plain text (module docstring)."""
         messages = [dict(m) for m in conversation] + [
@@ -209,7 +220,8 @@ class FLRScorer(Scorer):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         at = text.rfind(followup)
         if at < 0:
-            raise ValueError(f"the chat template does not render the follow-up {followup!r} verbatim; FLR cannot locate its tokens")
+            raise ValueError(f"the chat template does not render the follow-up {followup!r} verbatim; "
+                             "FLR cannot locate its tokens")
         return text[:at]
 
     def _mean_logprob(self, inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -232,7 +244,8 @@ class FLRScorer(Scorer):
         sums = torch.zeros(B, device=device).index_add_(0, seq, logp)  # (B,)
         return (sums / lengths.float()).cpu()
 
-    def _loglik_shared_prefixes(self, prefix_ids: list[list[int]], followup_ids: list[list[list[int]]]) -> list[torch.Tensor]:
+    def _loglik_shared_prefixes(self, prefix_ids: list[list[int]],
+                                followup_ids: list[list[list[int]]]) -> list[torch.Tensor]:
         """Per prefix ``u``, the ``(len(followup_ids[u]),)`` mean log-likelihoods of its follow-ups."""
         from tqdm.auto import tqdm
         from transformers import DynamicCache
@@ -241,7 +254,8 @@ class FLRScorer(Scorer):
         order = sorted(range(len(prefix_ids)), key=lambda u: -len(prefix_ids[u]))
         batches = [order[s: s + self.config.prefix_batch] for s in range(0, len(order), self.config.prefix_batch)]
         results: list[torch.Tensor | None] = [None] * len(prefix_ids)
-        with tqdm(total=len(prefix_ids), desc="FLR", unit="response", disable=not self.config.progress, dynamic_ncols=True) as bar:
+        with tqdm(total=len(prefix_ids), desc="FLR", unit="response", disable=not self.config.progress,
+                  dynamic_ncols=True) as bar:
             for batch in batches:
                 ids, plen = _pad_right([prefix_ids[u] for u in batch], self.pad_id)  # (B, P), (B,)
                 B, P = ids.shape
@@ -249,31 +263,39 @@ class FLRScorer(Scorer):
                 cache = DynamicCache(config=self.model.config)
                 hidden = self.decoder(
                     input_ids=ids.to(self.device), attention_mask=pmask.to(self.device),
-                    position_ids=torch.arange(P, device=self.device)[None, :].expand(B, P), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(P, device=self.device)[None, :].expand(B, P),
+                    past_key_values=cache, use_cache=True,
                 ).last_hidden_state  # (B, P, H)
-                last = hidden[torch.arange(B, device=self.device), (plen - 1).to(self.device)]  # (B, H): predicts each follow-up's first token
+                # (B, H): predicts each follow-up's first token
+                last = hidden[torch.arange(B, device=self.device), (plen - 1).to(self.device)]
                 # One row per (prefix, follow-up), shortest follow-ups together so rows carry little padding.
-                rows = sorted(((b, k) for b, u in enumerate(batch) for k in range(len(followup_ids[u]))), key=lambda r: len(followup_ids[batch[r[0]]][r[1]]))
+                rows = sorted(((b, k) for b, u in enumerate(batch) for k in range(len(followup_ids[u]))),
+                              key=lambda r: len(followup_ids[batch[r[0]]][r[1]]))
                 values = []
                 for start in range(0, len(rows), self.config.batch_size):
                     chunk = rows[start: start + self.config.batch_size]
                     owner = torch.tensor([b for b, _ in chunk])  # (r,) the prefix row each follow-up row attends to
                     fids, flen = _pad_right([followup_ids[batch[b]][k] for b, k in chunk], self.pad_id)  # (r, L), (r,)
                     r, L = fids.shape
-                    Pc = int(plen[owner].max())  # right padding: cache slots past the chunk's longest prefix are padding for every row
+                    # right padding: cache slots past the chunk's longest prefix are padding for every row
+                    Pc = int(plen[owner].max())
                     at = owner.to(self.device)
                     # Gathering copies: the forward appends to the cache, and the batched prefix cache stays reusable.
                     kv = DynamicCache(
-                        ddp_cache_data=[(keys[at, :, :Pc], vals[at, :, :Pc]) for keys, vals, *_ in cache],  # (B, heads, P, d) -> (r, heads, Pc, d) per layer
+                        # (B, heads, P, d) -> (r, heads, Pc, d) per layer
+                        ddp_cache_data=[(keys[at, :, :Pc], vals[at, :, :Pc]) for keys, vals, *_ in cache],
                         config=self.model.config,
                     )
-                    mask = torch.cat([pmask[owner, :Pc], (torch.arange(L)[None, :] < flen[:, None]).long()], dim=1)  # (r, Pc + L)
-                    positions = plen[owner][:, None] + torch.arange(L)[None, :]  # (r, L): RoPE positions continue each row's own prefix
+                    mask = torch.cat([pmask[owner, :Pc], (torch.arange(L)[None, :] < flen[:, None]).long()],
+                                     dim=1)  # (r, Pc + L)
+                    # (r, L): RoPE positions continue each row's own prefix
+                    positions = plen[owner][:, None] + torch.arange(L)[None, :]
                     h = self.decoder(
-                        input_ids=fids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                        past_key_values=kv, use_cache=True,
+                        input_ids=fids.to(self.device), attention_mask=mask.to(self.device),
+                        position_ids=positions.to(self.device), past_key_values=kv, use_cache=True,
                     ).last_hidden_state  # (r, L, H)
-                    inputs = torch.cat([last[at][:, None], h[:, :-1]], dim=1)  # (r, L, H): row t predicts follow-up token t
+                    # (r, L, H): row t predicts follow-up token t
+                    inputs = torch.cat([last[at][:, None], h[:, :-1]], dim=1)
                     values.append(self._mean_logprob(inputs, fids, flen))
                 values = torch.cat(values)  # (rows,) in `rows` order
                 for b, u in enumerate(batch):
@@ -291,7 +313,8 @@ class FLRScorer(Scorer):
             ids, seq_lengths = _pad_right([p + f for p, f in chunk], self.pad_id)  # (b, T), (b,)
             b, T = ids.shape
             mask = (torch.arange(T)[None, :] < seq_lengths[:, None]).long()  # (b, T)
-            hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state  # (b, T, H)
+            hidden = self.decoder(input_ids=ids.to(self.device),
+                                  attention_mask=mask.to(self.device)).last_hidden_state  # (b, T, H)
             targets, lengths = _pad_right([f for _, f in chunk], self.pad_id)  # (b, L), (b,)
             # Follow-up token t of item r sits at position P_r + t and is predicted by row P_r + t - 1.
             starts = torch.tensor([len(p) - 1 for p, _ in chunk])  # (b,)

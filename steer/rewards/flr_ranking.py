@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from steer.rewards.flr import FLRConfig, FLRScorer
 
     loaded = load_model(args.model)
-    scorer = FLRScorer(loaded.model, loaded.tokenizer, FLRConfig(objectives=("helpfulness",), calibration="none"), context_length=loaded.context_length)
+    scorer = FLRScorer(loaded.model, loaded.tokenizer, FLRConfig(objectives=("helpfulness",), calibration="none"),
+                       context_length=loaded.context_length)
     started = time.monotonic()
     results = rank_cases(scorer)
     seconds = time.monotonic() - started
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{correct}/{len(results)} ranked correctly ({seconds:.0f}s, model {loaded.model_id})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": loaded.model_id, "correct": correct, "total": len(results), "seconds": seconds, "cases": results}, f, indent=2)
+            json.dump({"model": loaded.model_id, "correct": correct, "total": len(results), "seconds": seconds,
+                       "cases": results}, f, indent=2)
     return 0
 
 

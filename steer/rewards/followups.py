@@ -26,7 +26,8 @@ class FollowUps:
                 raise ValueError(f"FollowUps.{name} needs at least one follow-up")
             for i, text in enumerate(value):
                 if not isinstance(text, str) or not text.strip() or text != text.strip():
-                    raise ValueError(f"FollowUps.{name}[{i}] must be non-empty text without surrounding spaces, got {text!r}")
+                    raise ValueError(
+                        f"FollowUps.{name}[{i}] must be non-empty text without surrounding spaces, got {text!r}")
             object.__setattr__(self, name, value)
 
 

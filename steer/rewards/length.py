@@ -29,7 +29,8 @@ class LengthScorer(Scorer):
         self.tokenizer = tokenizer
         self.objectives = validate_objectives((objective,), "length.objectives")
         conversations, responses = calibration_conversations()
-        self.calibration = Calibration.fit(self.objectives, self.raw_scores(conversations, responses), CALIBRATION_SET_ID)
+        self.calibration = Calibration.fit(self.objectives, self.raw_scores(conversations, responses),
+                                           CALIBRATION_SET_ID)
 
     def raw_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
         counts = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) if r else 0 for r in responses]

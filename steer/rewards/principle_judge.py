@@ -65,7 +65,8 @@ class JudgedPrinciple:
     @classmethod
     def from_statement(cls, id: str, text: str, statement: str, opposite: str | None = None,
                        templates: Mapping[str, Sequence[str]] = DEFAULT_TEMPLATES, source: str = "") -> JudgedPrinciple:
-        """Follow-ups from ``templates`` with ``{statement}`` and ``{opposite}`` (default ``not <statement>``) filled in."""
+        """Follow-ups from ``templates`` with ``{statement}`` and ``{opposite}`` (default ``not <statement>``)
+        filled in."""
         opposite = opposite if opposite is not None else f"not {statement}"
         fill = {"statement": statement, "opposite": opposite}
         return cls(id, text, tuple(t.format(**fill) for t in templates["positive"]),
@@ -89,17 +90,20 @@ def check_templates(templates: Mapping[str, Sequence[str]], field: str = "follow
     for side in ("positive", "negative"):
         items = templates.get(side)
         if not isinstance(items, (list, tuple)) or not items:
-            raise InvalidInput(f"{field}.{side}", "must be a non-empty list of follow-up templates such as 'Thanks, that was {statement}.'")
+            raise InvalidInput(f"{field}.{side}", "must be a non-empty list of follow-up templates "
+                                                  "such as 'Thanks, that was {statement}.'")
         for i, t in enumerate(items):
             if not isinstance(t, str) or not t.strip() or t != t.strip():
                 raise InvalidInput(f"{field}.{side}[{i}]", f"must be text without surrounding spaces, got {t!r}")
             try:
                 names = [name for _, name, _, _ in string.Formatter().parse(t) if name is not None]
             except ValueError as e:
-                raise InvalidInput(f"{field}.{side}[{i}]", f"is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+                raise InvalidInput(f"{field}.{side}[{i}]",
+                                   f"is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
             unknown = [n for n in names if n not in TEMPLATE_FIELDS]
             if unknown:
-                raise InvalidInput(f"{field}.{side}[{i}]", f"uses {{{unknown[0]}}}; a template may use only {{statement}} and {{opposite}}")
+                raise InvalidInput(f"{field}.{side}[{i}]",
+                                   f"uses {{{unknown[0]}}}; a template may use only {{statement}} and {{opposite}}")
 
 
 class PrincipleJudge:

@@ -88,11 +88,13 @@ class RewardModelSpec:
         if doc.get("format") != FORMAT:
             raise ValueError(f"{where}: not a {FORMAT} config (format={doc.get('format')!r})")
         if doc.get("version") != VERSION:
-            raise ValueError(f"{where}: reward model format version {doc.get('version')!r}; this steer reads version {VERSION}")
+            raise ValueError(f"{where}: reward model format version {doc.get('version')!r}; "
+                             f"this steer reads version {VERSION}")
         fields = {k: v for k, v in doc.items() if k not in ("format", "version")}
         try:
             if fields.get("calibration") is not None:
-                fields["calibration"] = {o: (float(v["mean"]), float(v["std"])) for o, v in fields["calibration"].items()}
+                fields["calibration"] = {o: (float(v["mean"]), float(v["std"]))
+                                         for o, v in fields["calibration"].items()}
             return cls(**fields)
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from e
@@ -199,7 +201,8 @@ def save_reward_model(path: str | os.PathLike, model: RewardModel, spec: RewardM
         if not hasattr(model.backbone, "save_pretrained") or not hasattr(model.backbone, "peft_config"):
             raise ValueError("spec names an adapter but the backbone is not a PEFT model")
         _replace_dir(path / spec.adapter, lambda d: model.backbone.save_pretrained(str(d)))
-    head = {"weight": model.head.weight.detach().float().contiguous(), "bias": model.head.bias.detach().float().contiguous()}
+    head = {"weight": model.head.weight.detach().float().contiguous(),
+            "bias": model.head.bias.detach().float().contiguous()}
     _atomic_write(path / HEAD_FILE, lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
     text = json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n"
     _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -235,7 +238,8 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32") -> tuple[
     head = load_file(str(path / HEAD_FILE))
     expected = (len(spec.objectives), spec.hidden_size)
     if tuple(head["weight"].shape) != expected:
-        raise ValueError(f"{path / HEAD_FILE}: head weight is {tuple(head['weight'].shape)}, the config says {expected}")
+        raise ValueError(
+            f"{path / HEAD_FILE}: head weight is {tuple(head['weight'].shape)}, the config says {expected}")
     model.head.load_state_dict(head)
     return model.eval(), loaded.tokenizer, spec
 
@@ -252,14 +256,16 @@ class RewardModelScorer(Scorer):
         k = len(self.objectives)
         self._label_mean = torch.tensor(self.spec.label_mean or (0.0,) * k)  # (k,)
         self._label_std = torch.tensor(self.spec.label_std or (1.0,) * k)  # (k,)
-        self.calibration = Calibration(dict(self.spec.calibration), str(self.path / CONFIG_FILE)) if self.spec.calibration else None
+        self.calibration = (Calibration(dict(self.spec.calibration), str(self.path / CONFIG_FILE))
+                            if self.spec.calibration else None)
 
     def raw_scores(self, conversations: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
         rows = [reward_ids(self.chat, c, r) for c, r in zip(conversations, responses)]
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
-                ids, mask = pad_ids(rows[start: start + self.batch_size], self.spec.max_length, pad_id_of(self.tokenizer))
+                ids, mask = pad_ids(rows[start: start + self.batch_size], self.spec.max_length,
+                                    pad_id_of(self.tokenizer))
                 outputs.append(self.model(ids, mask))  # (b, k)
         return torch.cat(outputs) * self._label_std + self._label_mean  # (n, k) on the label scale
 

@@ -67,7 +67,8 @@ class Rewards:
     def concat_objectives(parts: Sequence[Rewards]) -> Rewards:
         """Side by side: the objectives of every part, in order (the parts score the same n pairs)."""
         objectives = tuple(o for p in parts for o in p.objectives)
-        return Rewards(objectives, torch.cat([p.raw for p in parts], dim=1), torch.cat([p.scaled for p in parts], dim=1))
+        return Rewards(objectives, torch.cat([p.raw for p in parts], dim=1),
+                       torch.cat([p.scaled for p in parts], dim=1))
 
 
 def check_pairs(conversations: Sequence[Conversation], responses: Sequence[str]) -> None:
@@ -114,7 +115,8 @@ class Scorer(abc.ABC):
             return Rewards(self.objectives, empty, empty)
         raw = self.raw_scores(conversations, responses).float()
         if raw.shape != (len(responses), len(self.objectives)):
-            raise RuntimeError(f"{type(self).__name__}.raw_scores returned {tuple(raw.shape)}, expected ({len(responses)}, {len(self.objectives)})")
+            raise RuntimeError(f"{type(self).__name__}.raw_scores returned {tuple(raw.shape)}, "
+                               f"expected ({len(responses)}, {len(self.objectives)})")
         scaled = raw if self.calibration is None else self.calibration.apply(raw, self.objectives)
         return Rewards(self.objectives, raw, scaled)
 

@@ -37,8 +37,10 @@ from steer.rewards.scorer import Conversation, Rewards, Scorer
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    max_pending_responses: int = 128  # responses waiting or being scored before Score gets RESOURCE_EXHAUSTED (two full Score calls)
-    chunk_responses: int = 8  # responses per scorer call; cancellation and deadlines are checked between chunks (FLR's prefix batch)
+    # responses waiting or being scored before Score gets RESOURCE_EXHAUSTED (two full Score calls)
+    max_pending_responses: int = 128
+    # responses per scorer call; cancellation and deadlines are checked between chunks (FLR's prefix batch)
+    chunk_responses: int = 8
 
     def __post_init__(self):
         for name in ("max_pending_responses", "chunk_responses"):
@@ -99,7 +101,8 @@ class ScoringService:
             return self.scorer.rewards(conversations, responses)
 
     async def rewards(
-        self, conversations: Sequence[Conversation], responses: Sequence[str], *, deadline: float | None = None, admit: bool = False,
+        self, conversations: Sequence[Conversation], responses: Sequence[str], *, deadline: float | None = None,
+        admit: bool = False,
     ) -> Rewards:
         """Reward vectors (raw and common-scale) for each pair, computed in a worker thread.
 
@@ -151,12 +154,15 @@ class ScoringService:
                 if self._closed.is_set():
                     raise ScoringStopped("closed", "the server is shutting down; retry on another replica")
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise ScoringStopped("deadline", f"the deadline passed after {start} of {len(responses)} responses were scored")
+                    raise ScoringStopped("deadline",
+                                         f"the deadline passed after {start} of {len(responses)} responses were scored")
                 with self._lock:
-                    parts.append(self.scorer.rewards(conversations[start: start + step], responses[start: start + step]))
+                    parts.append(self.scorer.rewards(conversations[start: start + step],
+                                                     responses[start: start + step]))
         finally:
             with self._count_lock:
                 self._settle(work)
         if len(parts) == 1:
             return parts[0]
-        return Rewards(parts[0].objectives, torch.cat([p.raw for p in parts]), torch.cat([p.scaled for p in parts]))  # (n, k)
+        return Rewards(parts[0].objectives, torch.cat([p.raw for p in parts]),
+                       torch.cat([p.scaled for p in parts]))  # (n, k)
