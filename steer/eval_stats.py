@@ -203,7 +203,8 @@ def effect_size(groups, weight, score, indices: np.ndarray, level: float = 0.95)
     m0 = float(s0.mean()) if s0.size else float("nan")
     sd1, sd0 = _sd(s1), _sd(s0)
     dof = s1.size + s0.size - 2
-    pooled = math.sqrt(((s1.size - 1) * sd1 ** 2 + (s0.size - 1) * sd0 ** 2) / dof) if s1.size > 1 and s0.size > 1 else float("nan")
+    pooled = (math.sqrt(((s1.size - 1) * sd1 ** 2 + (s0.size - 1) * sd0 ** 2) / dof)
+              if s1.size > 1 and s0.size > 1 else float("nan"))
     d = (m1 - m0) / pooled if pooled > 0 else float("nan")
     # Bootstrap of the difference: per-prompt sums and counts, so a resample is two weighted means.
     P = indices.shape[1]
@@ -213,7 +214,8 @@ def effect_size(groups, weight, score, indices: np.ndarray, level: float = 0.95)
         diffs = sum1[indices].sum(1) / n1[indices].sum(1) - sum0[indices].sum(1) / n0[indices].sum(1)  # (B,)
     diffs = diffs[np.isfinite(diffs)]
     tail = 100.0 * (1.0 - level) / 2.0
-    ci = tuple(float(v) for v in np.percentile(diffs, [tail, 100.0 - tail])) if diffs.size else (float("nan"), float("nan"))
+    ci = (tuple(float(v) for v in np.percentile(diffs, [tail, 100.0 - tail])) if diffs.size
+          else (float("nan"), float("nan")))
     return Effect(
         n_w1=int(s1.size), n_w0=int(s0.size), mean_w1=m1, mean_w0=m0, diff=m1 - m0, diff_ci95=ci,
         sd_w1=sd1, sd_w0=sd0, pooled_sd=pooled, cohens_d=d,
@@ -281,7 +283,8 @@ class SystemResult:
             "spearman": {j: {o: s.to_json() for o, s in self.spearman[j].items()} for j in judges},
             "effect": {j: {o: e.to_json() for o, e in self.effect[j].items()} for j in judges},
             "at_weight_1": {j: {o: e.mean_w1 for o, e in self.effect[j].items()} for j in judges},
-            "side_effects": {j: {"rows_realised": k, "columns_requested": k, "matrix": self.side_effects[j].tolist()} for j in judges},
+            "side_effects": {j: {"rows_realised": k, "columns_requested": k, "matrix": self.side_effects[j].tolist()}
+                             for j in judges},
             "directions": [d.to_json() for d in self.directions],
             "plain": self.plain().to_json() if self.plain() else None,
             "timing": self.timing,
@@ -312,15 +315,18 @@ def analyse(
     spearman, effect, side = {}, {}, {}
     for judge, matrix in scores.items():
         realised = np.asarray(matrix, dtype=np.float64)[directed]  # (n_directed, k)
-        spearman[judge] = {o: within_prompt_spearman(groups, weights[:, j], realised[:, j], indices) for j, o in enumerate(objectives)}
-        effect[judge] = {o: effect_size(groups, weights[:, j], realised[:, j], indices) for j, o in enumerate(objectives)}
+        spearman[judge] = {o: within_prompt_spearman(groups, weights[:, j], realised[:, j], indices)
+                           for j, o in enumerate(objectives)}
+        effect[judge] = {o: effect_size(groups, weights[:, j], realised[:, j], indices)
+                         for j, o in enumerate(objectives)}
         side[judge] = side_effect_matrix(groups, weights, realised)
     summaries = []
     for d in [*range(len(table)), PLAIN]:
         members = np.flatnonzero(di == d)
         if d == PLAIN and members.size == 0:
             continue
-        stats = {j: {o: mean_and_se(np.asarray(m, dtype=np.float64)[members, c].tolist()) for c, o in enumerate(objectives)}
+        stats = {j: {o: mean_and_se(np.asarray(m, dtype=np.float64)[members, c].tolist())
+                     for c, o in enumerate(objectives)}
                  for j, m in scores.items()}
         summaries.append(DirectionSummary(
             label="plain" if d == PLAIN else direction_labels[d],
@@ -338,11 +344,13 @@ def compare(policy: SystemResult, base: SystemResult, objectives: Sequence[str],
     differences, bootstrapped over the same resamples) and the mean realised score at weight 1,
     next to the base model's plain answers (the bar a requested direction should clear)."""
     plain = base.plain()
-    out: dict = {"spearman_gain": {}, "at_weight_1": {}, "base_plain_tokens": plain.mean_tokens if plain else float("nan")}
+    out: dict = {"spearman_gain": {}, "at_weight_1": {},
+                 "base_plain_tokens": plain.mean_tokens if plain else float("nan")}
     for judge in policy.spearman:
         out["spearman_gain"][judge], out["at_weight_1"][judge] = {}, {}
         for o in objectives:
-            gain = np.asarray(policy.spearman[judge][o].per_prompt) - np.asarray(base.spearman[judge][o].per_prompt)  # (P,)
+            gain = (np.asarray(policy.spearman[judge][o].per_prompt)
+                    - np.asarray(base.spearman[judge][o].per_prompt))  # (P,)
             out["spearman_gain"][judge][o] = {"mean": float(nanmean(gain)), "ci95": list(bootstrap_ci(gain, indices))}
             out["at_weight_1"][judge][o] = {
                 "policy": policy.effect[judge][o].mean_w1, "base": base.effect[judge][o].mean_w1,
