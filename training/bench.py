@@ -1,4 +1,5 @@
-"""Benchmark one DPO step (sigmoid, LoRA r16 on every linear layer) as ``python -m steer.train dpo`` runs it, against TRL.
+"""\
+Benchmark one DPO step (sigmoid, LoRA r16 on every linear layer) as ``python -m steer.train dpo`` runs it, against TRL.
 
 Each configuration runs in its own subprocess, so that its peak RSS (``ru_maxrss``, the whole
 process: load included) is its own. All of them train on the *same* token ids: ``--pairs`` pairs of
@@ -86,7 +87,8 @@ def bench_pairs(tokenizer, vocab: int, args) -> list[tuple[list[int], list[int]]
     pairs = []
     for _ in range(args.pairs):
         prompt = ids(args.prompt_tokens)
-        pairs.append((prompt + ids(args.seq_tokens - args.prompt_tokens), prompt + ids(args.seq_tokens - args.prompt_tokens)))
+        pairs.append((prompt + ids(args.seq_tokens - args.prompt_tokens),
+                      prompt + ids(args.seq_tokens - args.prompt_tokens)))
     return pairs
 
 
@@ -95,7 +97,8 @@ def _summary(args, times: list[float], losses: list[float], rss_loaded: float, e
     mean = sum(times) / len(times)
     return {
         "impl": args.impl, **extra,
-        "tokens_per_step": tokens, "completion_tokens_per_step": 2 * args.pairs * (args.seq_tokens - args.prompt_tokens),
+        "tokens_per_step": tokens,
+        "completion_tokens_per_step": 2 * args.pairs * (args.seq_tokens - args.prompt_tokens),
         "seconds_per_step": times, "mean_seconds_per_step": mean, "tokens_per_second": tokens / mean,
         "rss_after_load_mb": round(rss_loaded, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
         "step_peak_over_load_mb": round(_peak_rss_mb() - rss_loaded, 1), "loss": losses,
@@ -123,7 +126,8 @@ def child_steer(args) -> dict:
     policy = build_policy(config.policy_spec())
     rss_loaded = _rss_mb()
     vocab = policy.base_model.get_output_embeddings().weight.shape[0]
-    data = [EncodedExample((TokenizedSequence(tuple(c), args.prompt_tokens), TokenizedSequence(tuple(r), args.prompt_tokens)))
+    data = [EncodedExample((TokenizedSequence(tuple(c), args.prompt_tokens),
+                            TokenizedSequence(tuple(r), args.prompt_tokens)))
             for c, r in bench_pairs(policy.tokenizer, vocab, args)]
     trainer = PreferenceTrainer(config, policy, DistContext(), total_steps=args.warmup + args.steps)
     everything = [list(range(args.pairs))]
@@ -161,7 +165,8 @@ def child_trl(args) -> dict:
     rss_loaded = _rss_mb()
     vocab = model.get_output_embeddings().weight.shape[0]
     P = args.prompt_tokens
-    rows = [{"prompt_ids": c[:P], "chosen_ids": c[P:], "rejected_ids": r[P:]} for c, r in bench_pairs(tokenizer, vocab, args)]
+    rows = [{"prompt_ids": c[:P], "chosen_ids": c[P:], "rejected_ids": r[P:]}
+            for c, r in bench_pairs(tokenizer, vocab, args)]
 
     class PreTokenized(trl.DPOTrainer):
         def _prepare_dataset(self, dataset, *unused, **unused_kw):  # the ids are TRL's tokenised columns already
@@ -178,12 +183,14 @@ def child_trl(args) -> dict:
             self.times.append(time.perf_counter() - self.t0)
 
     timer = Timer()
-    config = trl.DPOConfig(output_dir=tempfile.mkdtemp(prefix="steer-bench-trl-"), per_device_train_batch_size=args.pairs,
+    config = trl.DPOConfig(output_dir=tempfile.mkdtemp(prefix="steer-bench-trl-"),
+                           per_device_train_batch_size=args.pairs,
                            max_steps=args.warmup + args.steps, learning_rate=1e-5, max_length=None, logging_steps=1,
                            save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
                            dataloader_num_workers=0, seed=0, disable_tqdm=True,
                            **({"bf16": False} if args.impl == "trl-fp32" else {}))
-    peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
     trainer = PreTokenized(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                            peft_config=peft_config, callbacks=[timer])
     trainer.train()
@@ -202,19 +209,23 @@ def trl_available() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m steer.training.bench", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="base model: 'default', a model directory or a .gguf file (default: default)")
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="base model: 'default', a model directory or a .gguf file (default: default)")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default: 4)")
     p.add_argument("--seq-tokens", type=int, default=256, help="tokens per sequence, prompt included (default: 256)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="of which prompt (masked, no loss) (default: 64)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r, as steer's default) (default: 16)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads for every configuration (default 0: steer's "
-                   "choice from the CPUs this process may use; TRL gets torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads for every configuration (default 0: "
+                   "steer's choice from the CPUs this process may use; TRL gets torch's default)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS),
-                   help=f"configurations to run (default: {' '.join(DEFAULT_IMPLS)}; trl is skipped when not installed)")
-    p.add_argument("--output", default="bench-results/train-step.json", help="where to write the JSON (default: %(default)s)")
+                   help=f"configurations to run (default: {' '.join(DEFAULT_IMPLS)}; "
+                   "trl is skipped when not installed)")
+    p.add_argument("--output", default="bench-results/train-step.json",
+                   help="where to write the JSON (default: %(default)s)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     return p
@@ -237,7 +248,8 @@ def _ratios(results: dict) -> dict:
             out[f"tokens_per_second_{label}"] = results[num]["tokens_per_second"] / results[den]["tokens_per_second"]
             out[f"peak_rss_{label}"] = results[num]["peak_rss_mb"] / results[den]["peak_rss_mb"]
     if "steer" in results and "naive" in results:  # the fused op's own figures: how much the naive path costs
-        out["tokens_per_second_fused_over_naive"] = results["steer"]["tokens_per_second"] / results["naive"]["tokens_per_second"]
+        out["tokens_per_second_fused_over_naive"] = (results["steer"]["tokens_per_second"]
+                                                     / results["naive"]["tokens_per_second"])
         out["peak_rss_naive_over_fused"] = results["naive"]["peak_rss_mb"] / results["steer"]["peak_rss_mb"]
     return out
 
@@ -265,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {impl} skipped: {skipped[impl]}", file=sys.stderr, flush=True)
             continue
         cmd = [sys.executable, "-m", "steer.training.bench", "--child", "--impl", impl, "--model", args.model,
-               "--pairs", str(args.pairs), "--seq-tokens", str(args.seq_tokens), "--prompt-tokens", str(args.prompt_tokens),
-               "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--pairs", str(args.pairs), "--seq-tokens", str(args.seq_tokens),
+               "--prompt-tokens", str(args.prompt_tokens), "--lora-r", str(args.lora_r), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
         print(f"bench: {impl} ...", file=sys.stderr, flush=True)
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        if impl not in TRL_IMPLS:  # what `python -m steer.train` sets before torch loads; TRL runs with the environment as it is
+        # what `python -m steer.train` sets before torch loads; TRL runs with the environment as it is
+        if impl not in TRL_IMPLS:
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if run.returncode != 0:
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report = {
-        "benchmark": "one DPO optimiser step (sigmoid, LoRA, adapter-disabled reference): steer's defaults vs fp32 vs TRL",
+        "benchmark": "one DPO optimiser step (sigmoid, LoRA, adapter-disabled reference): "
+                     "steer's defaults vs fp32 vs TRL",
         "model": args.model, "pairs": args.pairs, "seq_tokens": args.seq_tokens, "prompt_tokens": args.prompt_tokens,
         "lora_r": args.lora_r, "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -291,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=1))
     for impl, r in results.items():
         print(f"{impl:10s} {r['tokens_per_second']:8.1f} tokens/s  {r['mean_seconds_per_step']:6.2f} s/step  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['step_peak_over_load_mb']:.0f} MB over the loaded model)", file=sys.stderr)
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['step_peak_over_load_mb']:.0f} MB over the loaded model)",
+              file=sys.stderr)
     for name, value in report["ratios"].items():
         print(f"{name}: x{value:.2f}", file=sys.stderr)
     print(f"(written to {out})", file=sys.stderr)

@@ -60,7 +60,8 @@ def _from_trl(name: str, value):
     a one-element ``loss_type`` list its element, TRL-only spellings of a value ours."""
     if isinstance(value, list) and name == "loss" and len(value) == 1:
         value = value[0]
-    if isinstance(value, float) and value.is_integer() and name in ("epochs", "save_every", "keep_checkpoints", "batch_size", "grad_accum"):
+    if isinstance(value, float) and value.is_integer() and name in ("epochs", "save_every", "keep_checkpoints",
+                                                                   "batch_size", "grad_accum"):
         value = int(value)
     if isinstance(value, str) and (name, value) in _TRL_VALUES:
         value = _TRL_VALUES[(name, value)]
@@ -159,7 +160,8 @@ def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> 
         aliases.setdefault(ours, []).append(trl)
     for f in _help_order(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")  # argparse formats help
+        # argparse formats help
+        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")
         flags = [_flag(f.name)] + [form for trl in aliases.get(f.name, ()) for form in (_flag(trl), "--" + trl)]
         if aliases.get(f.name):
             help_text += f" [TRL: {', '.join(aliases[f.name])}]"
@@ -169,7 +171,8 @@ def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> 
         if tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif _is_tuple(tp):
-            parser.add_argument(*flags, nargs="+", type=_tuple_item(tp), metavar=f.metadata.get("metavar", "X"), **kwargs)
+            parser.add_argument(*flags, nargs="+", type=_tuple_item(tp), metavar=f.metadata.get("metavar", "X"),
+                                **kwargs)
         else:
             if "choices" not in kwargs:  # with choices, argparse shows them instead of a metavar
                 kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
@@ -250,7 +253,8 @@ def read_config_file(cls, path: str | Path) -> dict:
             raise InvalidInput(f"{path}: {key}", f"unknown key (options are the command's flags with underscores, "
                                f"or TRL's names for them){hint}")
         if name in given_as:
-            raise InvalidInput(f"{path}: {key}", f"sets {name} again (already set by {given_as[name]!r}); keep one of them")
+            raise InvalidInput(f"{path}: {key}",
+                               f"sets {name} again (already set by {given_as[name]!r}); keep one of them")
         given_as[name] = str(key)
         out[name] = _coerce(cls, name, value, f"{path}: {key}")
     return out
@@ -289,7 +293,8 @@ def write_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report=None, description_paragraphs: int = 2) -> int:
+def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report=None,
+                description_paragraphs: int = 2) -> int:
     """What every dataclass-config command's ``main`` does: ``cls`` from defaults < ``--config`` <
     flags (a bad value exits 2 naming the field), ``--log-level``, ``run(config)``, an
     :class:`InvalidInput` from the run as ``prog: error: field: reason`` and status 2, and

@@ -48,7 +48,8 @@ class DistillExample:
     completion: str
     eos: bool  # the response ended with the end-of-turn token (else it is not taught to stop there)
     where: str = ""
-    direction: tuple[float, ...] | None = None  # mixture: the weights of the student's adapters (its prompt has no line)
+    # mixture: the weights of the student's adapters (its prompt has no line)
+    direction: tuple[float, ...] | None = None
 
 
 def targets(direction: Direction, corners: bool) -> list[tuple[Direction, bool]]:
@@ -78,9 +79,9 @@ def distill_rows(config, iteration: int, prompts, pools: list[dict], principles)
         d = Direction.from_weights(dict(zip(objectives, item["weights"])), objectives)
         conv = list(prompts[item["prompt_index"]])
         for j, c in enumerate(Candidate(*c) for c in item["cands"]):
-            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"], "direction": _weights(d),
-                            "sample": j, "source": c.source, "instruction": c.instruction, "response": c.text,
-                            "finished": c.finished, "tokens": c.tokens})
+            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
+                            "direction": _weights(d), "sample": j, "source": c.source, "instruction": c.instruction,
+                            "response": c.text, "finished": c.finished, "tokens": c.tokens})
             if not c.text.strip():
                 continue  # nothing to distill on
             for t, (e, relabeled) in enumerate(targets(d, config.corner_pairs)):
@@ -88,11 +89,13 @@ def distill_rows(config, iteration: int, prompts, pools: list[dict], principles)
                 instruction = principles.instruction(e, "positive", rng)
                 student = condition_messages(conv, e) if config.prompt_carries_direction else list(conv)
                 rows.append({"prompt": student, "teacher_prompt": instructed_messages(conv, instruction),
-                             "completion": c.text, "finished": c.finished, "direction": _weights(e), "instruction": instruction,
-                             "source": c.source, "sample_instruction": c.instruction, "relabeled": relabeled,
-                             "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"], "sample": j})
+                             "completion": c.text, "finished": c.finished, "direction": _weights(e),
+                             "instruction": instruction, "source": c.source, "sample_instruction": c.instruction,
+                             "relabeled": relabeled, "iteration": iteration, "slot": s,
+                             "prompt_index": item["prompt_index"], "sample": j})
     lengths = [r["tokens"] for r in samples]
-    stats = {"slots": len(pools), "samples": len(samples), "rows": len(rows), "rows/relabeled": sum(r["relabeled"] for r in rows),
+    stats = {"slots": len(pools), "samples": len(samples), "rows": len(rows),
+             "rows/relabeled": sum(r["relabeled"] for r in rows),
              "finished": float(np.mean([r["finished"] for r in samples])) if samples else None,
              "response_tokens": float(np.mean(lengths)) if lengths else None}
     for src in sorted({r["source"] for r in samples}):
@@ -111,7 +114,8 @@ def examples_from_rows(rows: list[dict], objectives: tuple[str, ...] | None = No
         try:
             for key in ("prompt", "teacher_prompt", "completion", "finished"):
                 if key not in r:
-                    raise InvalidInput(key, "is missing (a distill row has prompt, teacher_prompt, completion and finished)")
+                    raise InvalidInput(key, "is missing (a distill row has prompt, teacher_prompt, completion "
+                                       "and finished)")
             if not isinstance(r["completion"], str) or not r["completion"].strip():
                 raise InvalidInput("completion", "is empty: there is nothing to distill on")
             direction = None

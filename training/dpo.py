@@ -42,7 +42,8 @@ def prepare_examples(config: TrainerConfig, examples: list) -> list:
     if config.loss == "kto":
         return pairs_to_unpaired(examples) if paired else examples
     if not paired:
-        raise InvalidInput("loss", f"{config.loss!r} needs preference pairs (prompt/chosen/rejected); {examples[0].where} is an unpaired KTO row: use --loss kto")
+        raise InvalidInput("loss", f"{config.loss!r} needs preference pairs (prompt/chosen/rejected); "
+                           f"{examples[0].where} is an unpaired KTO row: use --loss kto")
     return examples
 
 
@@ -56,21 +57,23 @@ def data_key(data, base_dir: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_reference(config: TrainerConfig, policy: Policy, data, ctx: DistContext, path: Path, key: str) -> torch.Tensor:
+def cached_reference(config: TrainerConfig, policy: Policy, data, ctx: DistContext, path: Path,
+                     key: str) -> torch.Tensor:
     """Reference log-probs of ``data`` from ``path`` if it matches ``key``, else computed (on the
     policy's current = initial weights) and written there by rank 0."""
     precision = resolve_precision(config.precision, ctx.device)
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key and stored.get("impl") == config.logprob_impl and stored.get("precision", "fp32") == precision:
+        if (stored.get("key") == key and stored.get("impl") == config.logprob_impl
+                and stored.get("precision", "fp32") == precision):
             return stored["logps"]
     was_training = policy.model.training
     policy.model.eval()
     try:
         # LoRA: the policy with its adapter switched off; full: the model itself, still at its initial weights.
         source = policy if policy.lora else policy.model
-        ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl, progress=config.progress,
-                              precision=precision)
+        ref = reference_logps(source, data, ctx, batch_size=config.batch_size, impl=config.logprob_impl,
+                              progress=config.progress, precision=precision)
     finally:
         policy.model.train(was_training)
     if ctx.is_main:
@@ -131,7 +134,8 @@ def _train(config: DPOConfig, ctx: DistContext) -> dict:
                            elapsed=ckpt.state.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = PreferenceTrainer(config, policy, ctx, total, manager, logger)
     if config.precomputes_reference:  # before the checkpoint's weights are loaded: the reference is the start
-        trainer.ref = cached_reference(config, policy, data, ctx, output / REFERENCE_FILE, data_key(data, policy.base_dir))
+        trainer.ref = cached_reference(config, policy, data, ctx, output / REFERENCE_FILE,
+                                       data_key(data, policy.base_dir))
     cursor = (0, 0)
     if ckpt is not None:
         cursor = tuple(trainer.restore(ckpt)["cursor"])
@@ -142,7 +146,8 @@ def _train(config: DPOConfig, ctx: DistContext) -> dict:
         truncated = sum(s.prompt_truncated for e in data for s in e.sequences)
         logger.log({"type": "start", "step": 0, "examples": len(data), "steps": total, "global_batch": G,
                     "world_size": ctx.world_size, "truncated_prompts": truncated,
-                    "reference": "precomputed" if trainer.ref is not None else ("adapter-disabled" if config.needs_reference else "none"),
+                    "reference": ("precomputed" if trainer.ref is not None
+                                  else ("adapter-disabled" if config.needs_reference else "none")),
                     "trainable_parameters": sum(p.numel() for p in trainer.params)})
     trainer.fit(data, epochs=config.epochs, cursor=cursor, max_steps=config.max_steps, desc=f"dpo/{config.loss}")
     summary = {"type": "summary", "step": trainer.step, "config": config_to_dict(config)}

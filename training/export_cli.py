@@ -55,13 +55,14 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
     for part in parts:
         for name in (CONFIG, WEIGHTS):
             if not (part / name).is_file():
-                raise InvalidInput("adapter", f"{part} has no {name} (expected a PEFT adapter directory, e.g. <run>/adapter, "
-                                              "or a mixture directory, <run>/mixture)")
+                raise InvalidInput("adapter", f"{part} has no {name} (expected a PEFT adapter directory, "
+                                              "e.g. <run>/adapter, or a mixture directory, <run>/mixture)")
     if dtype not in DTYPES:
         raise InvalidInput("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if readme is not None and not Path(readme).is_file():
         raise InvalidInput("readme", f"no such file: {readme}")
-    check_output_dir(output, renamed_into_place=True)  # a file, or a place this process cannot write: refused before the weights are read
+    # a file, or a place this process cannot write: refused before the weights are read
+    check_output_dir(output, renamed_into_place=True)
     if output.is_dir() and any(output.iterdir()) and not force:
         raise InvalidInput("output", f"{output} is not empty; pass --force to replace it")
     def read(part: Path) -> tuple[dict, dict]:
@@ -71,14 +72,16 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
             raise InvalidInput("adapter", f"{part / CONFIG}:{e.lineno}: not valid JSON ({e.msg})") from None
         config["base_model_name_or_path"] = base_name or config.get("base_model_name_or_path") or DEFAULT_MODEL_NAME
         if "/" in config["base_model_name_or_path"] and Path(config["base_model_name_or_path"]).is_absolute():
-            raise InvalidInput("base_name", f"the adapter names its base by a local path ({config['base_model_name_or_path']}); "
+            raise InvalidInput("base_name", "the adapter names its base by a local path "
+                                            f"({config['base_model_name_or_path']}); "
                                             "pass --base-name with the model id")
         tensors = load_file(str(part / WEIGHTS))
         return config, {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
 
     exported = [read(part) for part in parts]
     config, cast = exported[0]
-    kind = f"mixture of {len(parts)} LoRA r{config.get('r', '?')} adapters ({', '.join(p.name for p in parts)})" if mixture else f"LoRA r{config.get('r', '?')}"
+    kind = (f"mixture of {len(parts)} LoRA r{config.get('r', '?')} adapters ({', '.join(p.name for p in parts)})"
+            if mixture else f"LoRA r{config.get('r', '?')}")
     metadata = {"description": description or f"{kind} for {config['base_model_name_or_path']}",
                 "dtype": dtype, "tensors": sum(len(c) for _, c in exported),
                 "parameters": int(sum(v.numel() for _, c in exported for v in c.values()))}
@@ -97,7 +100,8 @@ def export_adapter(adapter: Path, output: Path, *, dtype: str = "bfloat16", base
             (where / CONFIG).write_text(json.dumps(part_config, indent=2, sort_keys=True) + "\n")
         if mixture:
             spec_json = json.loads((adapter / "mixture.json").read_text())
-            spec_json.update(base_model_name_or_path=config["base_model_name_or_path"], description=metadata["description"])
+            spec_json.update(base_model_name_or_path=config["base_model_name_or_path"],
+                             description=metadata["description"])
             (tmp / "mixture.json").write_text(json.dumps(spec_json, indent=1) + "\n")
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         if readme is not None:
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", required=True, help="PEFT adapter directory to export (e.g. runs/dpa/adapter)")
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically with --force)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default: bfloat16)")
-    parser.add_argument("--base-name", default=None, help="model id for base_model_name_or_path (default: keep the adapter's, "
-                                                          "which steer writes as the model id for --model default)")
+    parser.add_argument("--base-name", default=None,
+                        help="model id for base_model_name_or_path (default: keep the adapter's, "
+                             "which steer writes as the model id for --model default)")
     parser.add_argument("--description", default="", help="one line for metadata.json (what Describe reports)")
     parser.add_argument("--readme", default=None, help="a Markdown file copied in as README.md")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         out = export_adapter(Path(args.adapter), Path(args.output), dtype=args.dtype, base_name=args.base_name,
-                             description=args.description, readme=Path(args.readme) if args.readme else None, force=args.force)
+                             description=args.description, readme=Path(args.readme) if args.readme else None,
+                             force=args.force)
     except InvalidInput as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -106,7 +106,8 @@ class Ranked:
 
 
 def rank_principles(rank_j: np.ndarray, *, redundancy: float, min_agreement: float) -> list[Ranked]:
-    """Every candidate, best first by (agreement, coverage) on ``rank_j``'s pairs, with its status (module docstring)."""
+    """Every candidate, best first by (agreement, coverage) on ``rank_j``'s pairs, with its status
+    (module docstring)."""
     a, c = agreement(rank_j), coverage(rank_j)
     overlap = judgement_overlap(rank_j)
     order = sorted(range(rank_j.shape[1]), key=lambda p: (-a[p], -c[p], p))
@@ -128,13 +129,15 @@ def rank_principles(rank_j: np.ndarray, *, redundancy: float, min_agreement: flo
 # -- data -------------------------------------------------------------------------------------
 
 def read_pairs(paths: Sequence[str]) -> list[tuple[PairExample, dict]]:
-    """Every row of every file as ``(pair, row as read)``; a row that is not a preference pair stops at its file:line."""
+    """Every row of every file as ``(pair, row as read)``; a row that is not a preference pair stops at
+    its file:line."""
     out = []
     for path in paths:
         for where, row in read_rows(path):
             example = parse_row(row, where)
             if not isinstance(example, PairExample):
-                raise InvalidInput(where, "is an unpaired (KTO) row; icai needs preference pairs {prompt, chosen, rejected}")
+                raise InvalidInput(where, "is an unpaired (KTO) row; icai needs preference pairs "
+                                          "{prompt, chosen, rejected}")
             out.append((example, {k: v for k, v in dict(row).items() if v is not None}))
     return out
 
@@ -171,19 +174,22 @@ def run_icai(config, make_judge=None) -> dict:
     pairs = [p for p, _ in rows]
     candidates: list[JudgedPrinciple] = read_candidates(config.candidates, library=config.library)
     train_idx, held_idx = split_pairs(len(pairs), config.heldout_fraction, config.seed)
-    log.info("%d pairs (%d train, %d held out), %d candidate principles", len(pairs), len(train_idx), len(held_idx), len(candidates))
+    log.info("%d pairs (%d train, %d held out), %d candidate principles", len(pairs), len(train_idx), len(held_idx),
+             len(candidates))
     if make_judge is None:
         from .judging import load_judge as make_judge
     judge, model_id = make_judge(config, candidates)
     chosen, rejected = pair_differences(judge, pairs)
     j = judgements(chosen - rejected, config.tie_epsilon)  # (n, P)
     train_j, held_j = j[train_idx], j[held_idx]
-    ranked = rank_principles(train_j if config.rank_by == "train" else held_j, redundancy=config.redundancy, min_agreement=config.min_agreement)
+    ranked = rank_principles(train_j if config.rank_by == "train" else held_j, redundancy=config.redundancy,
+                             min_agreement=config.min_agreement)
     held_a, held_c = _figures(held_j)
     train_a, train_c = _figures(train_j)
 
     def figures(p: int) -> dict:
-        return {"agreement": held_a[p], "coverage": held_c[p], "train_agreement": train_a[p], "train_coverage": train_c[p]}
+        return {"agreement": held_a[p], "coverage": held_c[p], "train_agreement": train_a[p],
+                "train_coverage": train_c[p]}
 
     entries, report_rows = [], []
     for r in ranked:
@@ -197,19 +203,22 @@ def run_icai(config, make_judge=None) -> dict:
         report_rows.append(row)
     overlap = judgement_overlap(train_j if config.rank_by == "train" else held_j)
     report = {
-        "model": model_id, "data": list(config.data), "pairs": len(pairs), "train_pairs": len(train_idx), "heldout_pairs": len(held_idx),
-        "seed": config.seed, "heldout_fraction": config.heldout_fraction, "rank_by": config.rank_by, "tie_epsilon": config.tie_epsilon,
-        "redundancy": config.redundancy, "min_agreement": config.min_agreement, "kept": len(entries),
+        "model": model_id, "data": list(config.data), "pairs": len(pairs), "train_pairs": len(train_idx),
+        "heldout_pairs": len(held_idx), "seed": config.seed, "heldout_fraction": config.heldout_fraction,
+        "rank_by": config.rank_by, "tie_epsilon": config.tie_epsilon, "redundancy": config.redundancy,
+        "min_agreement": config.min_agreement, "kept": len(entries),
         "candidates": report_rows,
-        "judgement_overlap": {"split": config.rank_by, "ids": [c.id for c in candidates], "matrix": np.round(overlap, 4).tolist()},
+        "judgement_overlap": {"split": config.rank_by, "ids": [c.id for c in candidates],
+                              "matrix": np.round(overlap, 4).tolist()},
         "seconds": round(time.monotonic() - started, 1),
     }
     output.mkdir(parents=True, exist_ok=True)
     if not entries:
-        log.warning("no principle reached --min-agreement %.2f on the %s split: principles.json is empty", config.min_agreement, config.rank_by)
+        log.warning("no principle reached --min-agreement %.2f on the %s split: principles.json is empty",
+                    config.min_agreement, config.rank_by)
     write_principles_file(output / "principles.json", entries, description=(
-        f"Principles found by python -m steer.train icai on {', '.join(config.data)}: best first by {config.rank_by} agreement; "
-        "agreement and coverage are on the held-out split."))
+        f"Principles found by python -m steer.train icai on {', '.join(config.data)}: "
+        f"best first by {config.rank_by} agreement; agreement and coverage are on the held-out split."))
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, idx in (("train", train_idx), ("heldout", held_idx)):
         with (output / f"{name}.jsonl").open("w", encoding="utf-8") as f:
@@ -221,7 +230,8 @@ def run_icai(config, make_judge=None) -> dict:
         for i, p in enumerate(pairs):
             f.write(json.dumps({"where": p.where, "split": split_of[i],
                                 "chosen": {c.id: round(float(chosen[i, k]), 6) for k, c in enumerate(candidates)},
-                                "rejected": {c.id: round(float(rejected[i, k]), 6) for k, c in enumerate(candidates)}}) + "\n")
+                                "rejected": {c.id: round(float(rejected[i, k]), 6)
+                                             for k, c in enumerate(candidates)}}) + "\n")
     plot_report(report, output / "report.png")
     write_config(config, output / "config.yaml")
     return report
@@ -236,9 +246,12 @@ def plot_report(report: dict, path: str | Path) -> Path:
     fig = Figure(figsize=(8, 1.3 + 0.32 * len(rows)), layout="constrained")
     ax = fig.subplots()
     ys = np.arange(len(rows))[::-1]  # best at the top
-    ax.barh(ys, [r["agreement"] for r in rows], color=[colour[r["status"]] for r in rows], alpha=0.8, label="held-out agreement")
-    ax.scatter([r["train_agreement"] for r in rows], ys, marker="|", s=200, color="black", label="train agreement", zorder=3)
-    ax.scatter([r["coverage"] for r in rows], ys, marker="o", s=14, facecolors="none", edgecolors="tab:blue", label="held-out coverage", zorder=3)
+    ax.barh(ys, [r["agreement"] for r in rows], color=[colour[r["status"]] for r in rows], alpha=0.8,
+            label="held-out agreement")
+    ax.scatter([r["train_agreement"] for r in rows], ys, marker="|", s=200, color="black", label="train agreement",
+               zorder=3)
+    ax.scatter([r["coverage"] for r in rows], ys, marker="o", s=14, facecolors="none", edgecolors="tab:blue",
+               label="held-out coverage", zorder=3)
     ax.axvline(0.5, color="black", linewidth=0.8, linestyle="--")
     ax.set_yticks(ys, [f"{r['id']} ({r['status']})" for r in rows], fontsize=8)
     ax.set_xlim(0, 1.02)

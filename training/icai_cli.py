@@ -9,8 +9,10 @@ of two principles that judge alike on >= --redundancy of the pairs only the bett
 Examples:
   python -m steer.train icai --data training/data/icai_example.jsonl --output runs/icai      # the worked example
   python -m steer.train icai --data pairs.jsonl --candidates my_candidates.json --output runs/icai
-  python -m steer.train icai --data pairs.jsonl --candidates mine.json --no-library --heldout-fraction 0.3 --seed 1 --output runs/icai
-  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1 --output runs/icai-labels
+  python -m steer.train icai --data pairs.jsonl --candidates mine.json --no-library --heldout-fraction 0.3 --seed 1\
+ --output runs/icai
+  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1\
+ --output runs/icai-labels
 
 Data rows: TRL pairs {"prompt": text or messages, "chosen": ..., "rejected": ...} (JSONL or Parquet).
 Candidate files: steer.judged-principles/v1 ({"principles": [{"id", "text", "statement", "opposite"}]},

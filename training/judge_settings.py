@@ -29,11 +29,13 @@ class JudgeConfig:
     """Fields ``label`` and ``icai`` share; each is also a flag."""
 
     output: str = field(default="", metadata=_f("directory to write into (created after every input is checked)"))
-    model: str = field(default="default", metadata=_f("judge model: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
+    model: str = field(default="default",
+                       metadata=_f("judge model: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
     dtype: str = field(default="float32", metadata=_f("judge weights dtype", choices=("float32", "bfloat16")))
     device: str = field(default="auto", metadata=_f("auto (CUDA when present), cpu or cuda", choices=DEVICES))
     batch_size: int = field(default=32, metadata=_f("follow-up rows per forward (FLR)"))
-    prefix_batch: int = field(default=8, metadata=_f("responses whose conversation + response run in one forward (FLR prefix cache)"))
+    prefix_batch: int = field(default=8, metadata=_f("responses whose conversation + response "
+                                                     "run in one forward (FLR prefix cache)"))
     progress: bool = field(default=True, metadata=_f("tqdm progress bars"))
     log_level: str = field(default="INFO", metadata=_f("what the command logs to stderr", choices=LOG_LEVELS))
 
@@ -63,17 +65,26 @@ class JudgeConfig:
 class LabelConfig(JudgeConfig):
     """``python -m steer.train label``: every field is also a flag (``--field-name``)."""
 
-    data: tuple[str, ...] = field(default=(), metadata=_f("JSONL/Parquet rows {prompt, responses: [2 or more]} or TRL pairs {prompt, chosen, rejected} (their order is ignored)", metavar="FILE"))
-    principles: str = field(default="", metadata=_f("principles file: icai's principles.json (steer.judged-principles/v1) or a steer.principles/v1 file (each objective judged by FLR's follow-ups for it)"))
-    top: int = field(default=0, metadata=_f("judge by the first N principles of the file only (icai writes them best first; 0: all)"))
-    ids: tuple[str, ...] = field(default=(), metadata=_f("judge by the principles with these ids only, in this order (instead of --top)", metavar="ID"))
-    min_margin: float = field(default=0.0, metadata=_f("skip a pair whose margin (mean over principles of the score difference, nats) is below this; a margin of 0 is always skipped"))
+    data: tuple[str, ...] = field(default=(), metadata=_f("JSONL/Parquet rows {prompt, responses: [2 or more]} "
+                                                          "or TRL pairs {prompt, chosen, rejected} "
+                                                          "(their order is ignored)", metavar="FILE"))
+    principles: str = field(default="", metadata=_f("principles file: icai's principles.json "
+                                                    "(steer.judged-principles/v1) or a steer.principles/v1 "
+                                                    "file (each objective judged by FLR's follow-ups for it)"))
+    top: int = field(default=0, metadata=_f("judge by the first N principles of the file "
+                                            "only (icai writes them best first; 0: all)"))
+    ids: tuple[str, ...] = field(default=(), metadata=_f("judge by the principles with these ids "
+                                                         "only, in this order (instead of --top)", metavar="ID"))
+    min_margin: float = field(default=0.0, metadata=_f("skip a pair whose margin (mean over "
+                                                       "principles of the score difference, nats) is "
+                                                       "below this; a margin of 0 is always skipped"))
 
     def __post_init__(self):
         super().__post_init__()
         self._require_files("data")
         if not isinstance(self.principles, str) or not self.principles.strip():
-            raise InvalidInput("principles", "is required: a principles file (icai's principles.json, or a steer.principles/v1 file)")
+            raise InvalidInput("principles",
+                               "is required: a principles file (icai's principles.json, or a steer.principles/v1 file)")
         require_int("top", self.top, 0)
         for i, pid in enumerate(self.ids):
             if not isinstance(pid, str) or not pid.strip():
@@ -89,15 +100,26 @@ class LabelConfig(JudgeConfig):
 class ICAIConfig(JudgeConfig):
     """``python -m steer.train icai``: every field is also a flag (``--field-name``)."""
 
-    data: tuple[str, ...] = field(default=(), metadata=_f("TRL-format pairs {prompt, chosen, rejected}, JSONL or Parquet", metavar="FILE"))
-    candidates: tuple[str, ...] = field(default=(), metadata=_f("more candidate principles files (steer.judged-principles/v1 or steer.principles/v1)", metavar="FILE"))
-    library: bool = field(default=True, metadata=_f("include the shipped candidate library (steer/data/icai_candidates.json)"))
-    heldout_fraction: float = field(default=0.5, metadata=_f("share of pairs held out (seeded split); the rest is the train split"))
+    data: tuple[str, ...] = field(default=(), metadata=_f("TRL-format pairs {prompt, chosen, "
+                                                          "rejected}, JSONL or Parquet", metavar="FILE"))
+    candidates: tuple[str, ...] = field(default=(), metadata=_f(
+        "more candidate principles files (steer.judged-principles/v1 or steer.principles/v1)", metavar="FILE"))
+    library: bool = field(default=True,
+                          metadata=_f("include the shipped candidate library (steer/data/icai_candidates.json)"))
+    heldout_fraction: float = field(default=0.5,
+                                    metadata=_f("share of pairs held out (seeded split); the rest is the train split"))
     seed: int = field(default=0, metadata=_f("the train/held-out split"))
-    rank_by: str = field(default="train", metadata=_f("split whose agreement ranks the principles and decides redundancy: train (held-out agreement then estimates how the choice generalises) or heldout", choices=RANK_SPLITS))
-    tie_epsilon: float = field(default=1e-3, metadata=_f("a principle's judgement of a pair is a tie (counted as disagreement) when |score difference| <= this (nats)"))
-    redundancy: float = field(default=0.9, metadata=_f("two principles whose judgements (prefer chosen / prefer rejected / tie) are equal on at least this share of pairs are redundant: the better one is kept"))
-    min_agreement: float = field(default=0.5, metadata=_f("principles.json keeps only principles whose agreement on the ranking split is at least this (report.json lists every candidate)"))
+    rank_by: str = field(default="train", metadata=_f("split whose agreement ranks the principles and decides "
+                                                      "redundancy: train (held-out agreement then estimates "
+                                                      "how the choice generalises) or heldout", choices=RANK_SPLITS))
+    tie_epsilon: float = field(default=1e-3, metadata=_f("a principle's judgement of a pair is a tie (counted as "
+                                                         "disagreement) when |score difference| <= this (nats)"))
+    redundancy: float = field(default=0.9, metadata=_f("two principles whose judgements (prefer chosen / "
+                                                       "prefer rejected / tie) are equal on at least this "
+                                                       "share of pairs are redundant: the better one is kept"))
+    min_agreement: float = field(default=0.5, metadata=_f("principles.json keeps only principles whose "
+                                                          "agreement on the ranking split is at least "
+                                                          "this (report.json lists every candidate)"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,7 +129,8 @@ class ICAIConfig(JudgeConfig):
                 raise InvalidInput(f"candidates[{i}]", f"must be a file path, got {path!r}")
         if not self.library and not self.candidates:
             raise InvalidInput("library", "--no-library needs --candidates FILE: there would be no principles to test")
-        require_float("heldout_fraction", self.heldout_fraction, minimum=0, maximum=1, exclusive_min=True, exclusive_max=True)
+        require_float("heldout_fraction", self.heldout_fraction, minimum=0, maximum=1, exclusive_min=True,
+                      exclusive_max=True)
         require_int("seed", self.seed, 0)
         require_choice("rank_by", self.rank_by, RANK_SPLITS)
         require_float("tie_epsilon", self.tie_epsilon, minimum=0)

@@ -115,7 +115,8 @@ def load_json_lines(path: str | Path, field: str = "principles"):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise InvalidInput(f"{path}:{line}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        raise InvalidInput(f"{path}:{line}",
+                           f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     if not text.strip():
         raise InvalidInput(f"{path}:1", "is empty: expected a JSON object")
     decoder = json.JSONDecoder()
@@ -152,19 +153,22 @@ def _line_of_path(data, path: str) -> int:
 
 # -- reading ----------------------------------------------------------------------------------
 
-def read_principles_file(path: str | Path, field: str = "principles", display: str | None = None) -> list[JudgedPrinciple]:
+def read_principles_file(path: str | Path, field: str = "principles",
+                         display: str | None = None) -> list[JudgedPrinciple]:
     """The principles in a judged-principles or objective-principles file (module docstring), in file order.
 
     ``display``: how messages and each principle's ``source`` name the file (default: ``path``)."""
     data = load_json_lines(path, field)
     path = Path(display) if display else Path(path)
     if not isinstance(data, dict):
-        raise InvalidInput(f"{path}:{_line(data)}", f"must be a JSON object with a 'principles' list, got {type(data).__name__}")
+        raise InvalidInput(f"{path}:{_line(data)}",
+                           f"must be a JSON object with a 'principles' list, got {type(data).__name__}")
     fmt = data.get("format")
     if fmt == OBJECTIVES_FORMAT or (fmt is None and "objectives" in data and "principles" not in data):
         return _objective_principles(path, data)
     if fmt is not None and fmt != FORMAT:
-        raise InvalidInput(f"{path}:{_line(data, 'format')}", f"format: is {fmt!r}; this version reads {FORMAT!r} or {OBJECTIVES_FORMAT!r}")
+        raise InvalidInput(f"{path}:{_line(data, 'format')}",
+                           f"format: is {fmt!r}; this version reads {FORMAT!r} or {OBJECTIVES_FORMAT!r}")
     return _judged_principles(path, data)
 
 
@@ -181,7 +185,8 @@ def _judged_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
     if "followups" in data:
         t = data["followups"]
         if not isinstance(t, dict):
-            raise bad(_line(data, "followups"), "followups", 'must be an object {"positive": [templates], "negative": [templates]}')
+            raise bad(_line(data, "followups"), "followups",
+                      'must be an object {"positive": [templates], "negative": [templates]}')
         for key in t:
             if key not in ("positive", "negative"):
                 raise bad(_line(t, key), f"followups.{key}", "unknown key (allowed: positive, negative)")
@@ -201,7 +206,8 @@ def _judged_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
     for i, entry in enumerate(items):
         name = f"principles[{i}]"
         if not isinstance(entry, dict):
-            raise bad(getattr(entry, "line", _line(items)), name, f"must be an object with text and statement, got {type(entry).__name__}")
+            raise bad(getattr(entry, "line", _line(items)), name,
+                      f"must be an object with text and statement, got {type(entry).__name__}")
         for key in entry:
             if key not in ENTRY_KEYS + RESULT_KEYS:
                 raise bad(_line(entry, key), f"{name}.{key}", f"unknown key (allowed: {', '.join(ENTRY_KEYS)}; "
@@ -213,15 +219,18 @@ def _judged_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
                 return None
             if not isinstance(value, str) or not value.strip():
                 where = _line(entry, key) if key in entry else entry.line
-                raise bad(where, f"{name}.{key}", "is missing" if key not in entry else f"must be non-empty text, got {value!r}")
+                raise bad(where, f"{name}.{key}",
+                          "is missing" if key not in entry else f"must be non-empty text, got {value!r}")
             return value.strip()
 
         text = text_of("text", True)
         pid = text_of("id", False) or f"p{i + 1}"
         if not _ID.match(pid):
-            raise bad(_line(entry, "id"), f"{name}.id", f"must be letters, digits, '_' and '-' (starting with a letter or digit), got {pid!r}")
+            raise bad(_line(entry, "id"), f"{name}.id",
+                      f"must be letters, digits, '_' and '-' (starting with a letter or digit), got {pid!r}")
         if pid in seen:
-            raise bad(_line(entry, "id") if "id" in entry else entry.line, f"{name}.id", f"{pid!r} is already the id of the principle at line {seen[pid]}")
+            raise bad(_line(entry, "id") if "id" in entry else entry.line, f"{name}.id",
+                      f"{pid!r} is already the id of the principle at line {seen[pid]}")
         seen[pid] = entry.line
         source = f"{path}:{entry.line}"
         has_pos, has_neg = "positive" in entry, "negative" in entry
@@ -236,14 +245,15 @@ def _judged_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
                     raise bad(_line(entry, side), f"{name}.{side}", "must be a non-empty list of follow-up texts")
                 for k, f in enumerate(value):
                     if not isinstance(f, str) or not f.strip() or f != f.strip():
-                        raise bad(_line(entry, side), f"{name}.{side}[{k}]", f"must be text without surrounding spaces, got {f!r}")
+                        raise bad(_line(entry, side), f"{name}.{side}[{k}]",
+                                  f"must be text without surrounding spaces, got {f!r}")
                 lists[side] = tuple(value)
             out.append(JudgedPrinciple(pid, text, lists["positive"], lists["negative"], text_of("statement", False),
                                        text_of("opposite", False), source))
             continue
         if "statement" not in entry:
-            raise bad(entry.line, f"{name}.statement", "is missing: give a statement (what a user says when the principle is met) "
-                                                       "or positive and negative follow-ups")
+            raise bad(entry.line, f"{name}.statement", "is missing: give a statement (what a user says when the "
+                                                       "principle is met) or positive and negative follow-ups")
         statement, opposite = text_of("statement", True), text_of("opposite", False)
         out.append(JudgedPrinciple.from_statement(pid, text, statement, opposite, templates, source))
     return out
@@ -263,7 +273,8 @@ def _objective_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
     for name in parsed.objectives:
         if name not in BUILTIN_FOLLOWUPS:
             raise InvalidInput(f"{path}:{_line(objectives, name)}",
-                               f"objectives.{name}: FLR has no follow-ups to judge this objective by (it has {', '.join(BUILTIN_FOLLOWUPS)}); "
+                               f"objectives.{name}: FLR has no follow-ups to judge this objective by "
+                               f"(it has {', '.join(BUILTIN_FOLLOWUPS)}); "
                                f"write a {FORMAT} file with a statement for it")
         sets = BUILTIN_FOLLOWUPS[name]
         out.append(JudgedPrinciple(name, f"Select the response with more {name} (judged by FLR's {name} follow-ups).",
@@ -275,14 +286,16 @@ def read_candidates(paths: Sequence[str | Path], *, library: bool = True) -> lis
     """The shipped library (when ``library``) then every file in ``paths``; ids must be unique across them."""
     files = ([PACKAGED_CANDIDATES] if library else []) + [Path(p) for p in paths]
     if not files:
-        raise InvalidInput("candidates", "no candidate principles: keep the shipped library (--library) or give --candidates FILE")
+        raise InvalidInput("candidates",
+                           "no candidate principles: keep the shipped library (--library) or give --candidates FILE")
     out: list[JudgedPrinciple] = []
     where: dict[str, str] = {}
     for f in files:
         display = "steer/data/" + f.name if f == PACKAGED_CANDIDATES else None  # no install path in outputs
         for p in read_principles_file(f, "candidates", display):
             if p.id in where:
-                raise InvalidInput(p.source, f"id {p.id!r} is already used by the candidate at {where[p.id]}; ids must be unique across candidate files")
+                raise InvalidInput(p.source, f"id {p.id!r} is already used by the candidate at "
+                                             f"{where[p.id]}; ids must be unique across candidate files")
             where[p.id] = p.source
             out.append(p)
     return out

@@ -42,7 +42,8 @@ def load_judge(config, principles: Sequence[JudgedPrinciple]) -> tuple[Principle
     loaded.model.to(device)
     log.info("judge model %s on %s (%.1fs)", loaded.model_id, device, time.monotonic() - started)
     judge = PrincipleJudge(loaded.model, loaded.tokenizer, principles, batch_size=config.batch_size,
-                           prefix_batch=config.prefix_batch, progress=config.progress, context_length=loaded.context_length)
+                           prefix_batch=config.prefix_batch, progress=config.progress,
+                           context_length=loaded.context_length)
     return judge, loaded.model_id
 
 
@@ -50,7 +51,8 @@ def _key(conversation: Conversation, response: str) -> tuple:
     return tuple((m["role"], m["content"]) for m in conversation), response
 
 
-def score_responses(judge: PrincipleJudge, conversations: Sequence[Conversation], responses: Sequence[str]) -> np.ndarray:
+def score_responses(judge: PrincipleJudge, conversations: Sequence[Conversation],
+                    responses: Sequence[str]) -> np.ndarray:
     """``(n, P)`` float64 scores, row i for ``(conversations[i], responses[i])``; duplicates are scored once."""
     index: dict[tuple, int] = {}
     rows = []
@@ -59,7 +61,8 @@ def score_responses(judge: PrincipleJudge, conversations: Sequence[Conversation]
         if k not in index:
             index[k] = len(index)
             rows.append((conv, response))
-    log.info("judging %d distinct responses (%d asked) by %d principles", len(rows), len(responses), len(judge.principles))
+    log.info("judging %d distinct responses (%d asked) by %d principles", len(rows), len(responses),
+             len(judge.principles))
     started = time.monotonic()
     unique = judge.scores([list(c) for c, _ in rows], [r for _, r in rows]).double().numpy()  # (u, P)
     log.info("judged in %.1fs", time.monotonic() - started)

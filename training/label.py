@@ -68,7 +68,8 @@ def parse_label_row(row: Mapping, where: str) -> LabelItem:
     if not isinstance(row, Mapping):
         raise InvalidInput(where, f"row: must be a JSON object, got {type(row).__name__}")
     if _present(row, "completion") or _present(row, "label"):
-        raise InvalidInput(where, "completion: an unpaired (KTO) row has one response; label needs {prompt, responses} or {prompt, chosen, rejected}")
+        raise InvalidInput(where, "completion: an unpaired (KTO) row has one response; label "
+                                  "needs {prompt, responses} or {prompt, chosen, rejected}")
     if _present(row, "responses"):
         if _present(row, "chosen") or _present(row, "rejected"):
             raise InvalidInput(where, "responses: the row also has chosen/rejected; give one of the two forms")
@@ -87,9 +88,11 @@ def parse_label_row(row: Mapping, where: str) -> LabelItem:
         return LabelItem(row["prompt"], conversation, responses, where)
     if not (_present(row, "chosen") or _present(row, "rejected")):
         missing = "responses" if _present(row, "prompt") else "prompt"
-        raise InvalidInput(where, f"{missing}: is missing (a row has prompt and responses: [two or more], or prompt, chosen and rejected)")
+        raise InvalidInput(where, f"{missing}: is missing (a row has prompt and responses: "
+                                  "[two or more], or prompt, chosen and rejected)")
     if not _present(row, "prompt") and (isinstance(row.get("chosen"), str) or isinstance(row.get("rejected"), str)):
-        raise InvalidInput(where, "prompt: is missing (without a prompt column, chosen and rejected must be whole conversations)")
+        raise InvalidInput(where, "prompt: is missing (without a prompt column, "
+                                  "chosen and rejected must be whole conversations)")
     pair = parse_row(row, where)
     assert isinstance(pair, PairExample)
     prompt = row["prompt"] if _present(row, "prompt") else [dict(m) for m in pair.prompt]
@@ -107,7 +110,8 @@ def _as_message(item: LabelItem, text: str):
     return [{"role": "assistant", "content": text}] if item.conversational else text
 
 
-def label_items(items: Sequence[LabelItem], scores: Sequence[np.ndarray], principle_ids: Sequence[str], min_margin: float) -> tuple[list[dict], dict]:
+def label_items(items: Sequence[LabelItem], scores: Sequence[np.ndarray], principle_ids: Sequence[str],
+                min_margin: float) -> tuple[list[dict], dict]:
     """``(pairs.jsonl rows, counts)`` from each item's ``(responses, P)`` scores (module docstring)."""
     rows, skipped = [], {"margin": 0, "equal": 0}
     given = reproduced = 0
@@ -127,9 +131,11 @@ def label_items(items: Sequence[LabelItem], scores: Sequence[np.ndarray], princi
                     continue
                 hi, lo = (a, b) if d > 0 else (b, a)
                 row = {
-                    "prompt": item.prompt, "chosen": _as_message(item, item.responses[hi]), "rejected": _as_message(item, item.responses[lo]),
+                    "prompt": item.prompt, "chosen": _as_message(item, item.responses[hi]),
+                    "rejected": _as_message(item, item.responses[lo]),
                     "margin": abs(d),
-                    "principle_scores": [{"id": pid, "chosen": float(s[hi, k]), "rejected": float(s[lo, k])} for k, pid in enumerate(principle_ids)],
+                    "principle_scores": [{"id": pid, "chosen": float(s[hi, k]), "rejected": float(s[lo, k])}
+                                         for k, pid in enumerate(principle_ids)],
                     "source": item.where,
                 }
                 if is_given:
@@ -159,20 +165,24 @@ def run_label(config, make_judge=None) -> dict:
         by_id = {p.id: p for p in principles}
         unknown = [i for i in config.ids if i not in by_id]
         if unknown:
-            raise InvalidInput(config.principles, f"ids: no principle {unknown[0]!r} in this file; its ids are {', '.join(by_id)}")
+            raise InvalidInput(config.principles,
+                               f"ids: no principle {unknown[0]!r} in this file; its ids are {', '.join(by_id)}")
         principles = [by_id[i] for i in config.ids]
     elif config.top:
         if config.top > len(principles):
-            log.warning("--top %d but %s holds %d principles: using all of them", config.top, config.principles, len(principles))
+            log.warning("--top %d but %s holds %d principles: using all of them",
+                        config.top, config.principles, len(principles))
         principles = principles[: config.top]
     log.info("%d rows, %d responses; judged by %d principle(s): %s", len(items), sum(len(i.responses) for i in items),
              len(principles), "; ".join(p.text for p in principles))
     if make_judge is None:
         from .judging import load_judge as make_judge
     judge, model_id = make_judge(config, principles)
-    flat = score_responses(judge, [i.conversation for i in items for _ in i.responses], [r for i in items for r in i.responses])  # (R, P)
+    flat = score_responses(judge, [i.conversation for i in items for _ in i.responses],
+                           [r for i in items for r in i.responses])  # (R, P)
     bounds = np.cumsum([0] + [len(i.responses) for i in items])
-    rows, counts = label_items(items, [flat[bounds[k]: bounds[k + 1]] for k in range(len(items))], [p.id for p in principles], config.min_margin)
+    rows, counts = label_items(items, [flat[bounds[k]: bounds[k + 1]] for k in range(len(items))],
+                               [p.id for p in principles], config.min_margin)
     margins = np.array([r["margin"] for r in rows])
     summary = {
         "model": model_id, "data": list(config.data), "principles_file": config.principles,
@@ -187,5 +197,6 @@ def run_label(config, make_judge=None) -> dict:
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_config(config, output / "config.yaml")
     if not rows:
-        log.warning("every pair was skipped (margins below --min-margin %.3g or equal texts): pairs.jsonl is empty", config.min_margin)
+        log.warning("every pair was skipped (margins below --min-margin %.3g or equal texts): pairs.jsonl is empty",
+                    config.min_margin)
     return summary

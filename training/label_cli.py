@@ -5,10 +5,14 @@ follow-up saying the principle was met ("Thanks, that was short and to the point
 saying it was not; a pair's margin is the mean over principles of the score difference.
 
 Examples:
-  python -m steer.train label --data prompts_with_responses.jsonl --principles runs/icai/principles.json --output runs/labels
-  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1 --output runs/icai-labels
-  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --ids shorter --output runs/icai-shorter
-  python -m steer.train label --data pairs.jsonl --principles steer/data/principles.json --min-margin 0.05 --output runs/rlaif
+  python -m steer.train label --data prompts_with_responses.jsonl --principles runs/icai/principles.json\
+ --output runs/labels
+  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --top 1\
+ --output runs/icai-labels
+  python -m steer.train label --data runs/icai/heldout.jsonl --principles runs/icai/principles.json --ids shorter\
+ --output runs/icai-shorter
+  python -m steer.train label --data pairs.jsonl --principles steer/data/principles.json --min-margin 0.05\
+ --output runs/rlaif
   python -m steer.train dpo --data runs/labels/pairs.jsonl --output runs/dpo-rlaif          # train on the labels
 
 Input rows (JSONL or Parquet; other columns are ignored):
@@ -48,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 def _report(config, summary: dict) -> None:
     skipped = summary["skipped"]
     print(f"labelled {summary['written']} of {summary['pairs']} pairs from {summary['rows']} rows "
-          f"(skipped: {skipped['margin']} below --min-margin, {skipped['equal']} equal texts) -> {config.output}/pairs.jsonl")
+          f"(skipped: {skipped['margin']} below --min-margin, {skipped['equal']} equal texts) "
+          f"-> {config.output}/pairs.jsonl")
     if summary["input_pairs"]:
-        print(f"reproduced {summary['reproduced']} of {summary['input_pairs']} input labels ({summary['reproduced_share']:.3f})")
+        print(f"reproduced {summary['reproduced']} of {summary['input_pairs']} input labels "
+              f"({summary['reproduced_share']:.3f})")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def sequence_logprobs(model, batch: Batch, *, impl: str = "fused") -> SequenceLo
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1]  # (B, T-1, H): row t predicts token t+1
     targets = batch.labels[:, 1:]  # (B, T-1)
     valid = targets != IGNORE_INDEX  # (B, T-1)
@@ -74,7 +75,8 @@ def completion_logprob_rows(model, batch: Batch) -> Tensor:
     IGNORE_INDEX), in row-major order: what distillation compares, where :func:`sequence_logprobs`
     needs only each row's target entry. The LM head runs outside autocast as there."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False).last_hidden_state  # (B, T, H)
     valid = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     with torch.autocast(hidden.device.type, enabled=False):
         rows = hidden[:, :-1][valid].to(head.weight.dtype)  # (N, H)

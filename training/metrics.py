@@ -21,7 +21,8 @@ CURVE_FILE = "training_curve.png"
 class MetricsLogger:
     """Appends records on rank 0; other ranks hold a logger that writes nothing."""
 
-    def __init__(self, output: str | Path, enabled: bool = True, *, resume_lines: int | None = None, elapsed: float = 0.0):
+    def __init__(self, output: str | Path, enabled: bool = True, *, resume_lines: int | None = None,
+                 elapsed: float = 0.0):
         self.path = Path(output) / METRICS_FILE
         self.enabled = enabled
         self.lines = 0

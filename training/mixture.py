@@ -55,7 +55,8 @@ class MixturePolicy(Policy):
         return save_mixture(self.model, Path(output) / MIXTURE_DIR, spec)  # written beside and renamed into place
 
 
-def build_mixture_policy(spec: PolicySpec, objectives: tuple[str, ...], device: torch.device | str = "cpu", base=None) -> MixturePolicy:
+def build_mixture_policy(spec: PolicySpec, objectives: tuple[str, ...], device: torch.device | str = "cpu",
+                         base=None) -> MixturePolicy:
     """The base model (frozen) with one fresh LoRA adapter per objective on ``spec.lora_target``
     (PEFT's init: A random, seeded by ``spec.seed``; B zero, so training starts at the base model)."""
     lm, tokenizer, base_dir = base if base is not None else load_base(spec.model, spec.dtype, device)
@@ -93,7 +94,8 @@ def read_pair_files(paths, objectives: tuple[str, ...]) -> list[dict]:
                     raise InvalidInput("data", f"{where}: missing {key!r} (rows of a dpa run's pairs.jsonl have it)")
             direction = row["direction"]
             if not isinstance(direction, dict) or set(direction) != set(objectives):
-                raise InvalidInput("data", f"{where}: direction must name exactly {list(objectives)}, got {direction!r}")
+                raise InvalidInput("data",
+                                   f"{where}: direction must name exactly {list(objectives)}, got {direction!r}")
             weights = {}
             for o in objectives:
                 w = direction[o]
@@ -111,9 +113,9 @@ def read_pair_files(paths, objectives: tuple[str, ...]) -> list[dict]:
                 prompt = strip_direction_line(parse_prompt(row["prompt"]))
             except InvalidInput as e:
                 raise InvalidInput("data", f"{where}: {e.field}: {e.reason}") from None
-            out.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row.get("rejected"), "direction": weights,
-                        "chosen_finished": bool(row.get("chosen_finished", True)), "rejected_finished": bool(row.get("rejected_finished", True)),
-                        "where": where})
+            out.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row.get("rejected"),
+                        "direction": weights, "chosen_finished": bool(row.get("chosen_finished", True)),
+                        "rejected_finished": bool(row.get("rejected_finished", True)), "where": where})
     if not out:
         raise InvalidInput("data", f"no pairs in {', '.join(map(str, paths))}")
     return out

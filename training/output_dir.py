@@ -32,7 +32,8 @@ def check_output_dir(path: str | os.PathLike, field: str = "output", *, renamed_
     flag = "--" + field.replace("_", "-")
     try:
         if path.is_symlink() and not path.exists():
-            raise InvalidInput(field, f"{path} is a symbolic link to nothing ({os.readlink(path)}); remove it or choose another {flag}")
+            raise InvalidInput(field, f"{path} is a symbolic link to nothing "
+                                      f"({os.readlink(path)}); remove it or choose another {flag}")
         if path.exists() and not path.is_dir():
             raise InvalidInput(field, f"{path} exists and is not a directory; choose a directory for {flag}")
         existing = path.absolute().parent if renamed_into_place else path.absolute()
@@ -41,8 +42,10 @@ def check_output_dir(path: str | os.PathLike, field: str = "output", *, renamed_
     except OSError as e:  # e.g. a parent we may not even look into
         raise InvalidInput(field, f"{path} cannot be used: {e.strerror or e}; choose another {flag}") from None
     if not existing.is_dir():
-        raise InvalidInput(field, f"{path} cannot be created: {existing} is a file, not a directory; choose another {flag}")
+        raise InvalidInput(field,
+                           f"{path} cannot be created: {existing} is a file, not a directory; choose another {flag}")
     if not _writable(existing):
         what = "is not writable" if existing == path.absolute() else f"cannot be created: {existing} is not writable"
-        raise InvalidInput(field, f"{path} {what} (read-only, or owned by another user); fix its permissions or choose another {flag}")
+        raise InvalidInput(field, f"{path} {what} (read-only, or owned by another "
+                                  f"user); fix its permissions or choose another {flag}")
     return path

@@ -100,12 +100,14 @@ def _completion(value, column: str) -> str:
         messages = _messages(value, column)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             roles = [m["role"] for m in messages]
-            raise InvalidInput(column, f"a conversational completion is exactly one assistant message, got roles {roles}")
+            raise InvalidInput(column,
+                               f"a conversational completion is exactly one assistant message, got roles {roles}")
         field, content = f"{column}[0].content", messages[0]["content"]
         if not isinstance(content, str):
             raise InvalidInput(field, f"must be a string, got {type(content).__name__}")
     if not content.strip():
-        # An empty chosen answer teaches the policy to stop at once; an empty rejected one is no preference worth learning.
+        # An empty chosen answer teaches the policy to stop at once; an empty rejected one is no preference worth
+        # learning.
         raise InvalidInput(field, f"is empty ({content!r}): every completion needs text; fill it in or drop the row")
     return content
 
@@ -116,9 +118,11 @@ def _split_implicit(chosen, rejected) -> tuple[tuple, str, str]:
     c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     for column, conv in (("chosen", c), ("rejected", r)):
         if conv[-1]["role"] != "assistant":
-            raise InvalidInput(f"{column}[{len(conv) - 1}].role", "without a prompt column, the conversation must end with the assistant's turn")
+            raise InvalidInput(f"{column}[{len(conv) - 1}].role",
+                               "without a prompt column, the conversation must end with the assistant's turn")
     if c[:-1] != r[:-1]:
-        raise InvalidInput("chosen", "without a prompt column, chosen and rejected must share every turn before their last one")
+        raise InvalidInput("chosen",
+                           "without a prompt column, chosen and rejected must share every turn before their last one")
     return parse_prompt(c[:-1], "chosen"), _completion([c[-1]], "chosen"), _completion([r[-1]], "rejected")
 
 
@@ -134,10 +138,12 @@ def parse_row(row: Mapping, where: str) -> Example:
             label = row["label"]
             if not isinstance(label, bool):
                 raise InvalidInput("label", f"must be true or false, got {label!r}")
-            return UnpairedExample(parse_prompt(row["prompt"]), _completion(row["completion"], "completion"), label, where)
+            return UnpairedExample(parse_prompt(row["prompt"]), _completion(row["completion"], "completion"),
+                                   label, where)
         for key in ("chosen", "rejected"):
             if not _present(row, key):
-                raise InvalidInput(key, "is missing (a preference row has prompt, chosen and rejected; a KTO row prompt, completion and label)")
+                raise InvalidInput(key, "is missing (a preference row has prompt, chosen and "
+                                        "rejected; a KTO row prompt, completion and label)")
         if _present(row, "prompt"):
             prompt = parse_prompt(row["prompt"])
             chosen, rejected = _completion(row["chosen"], "chosen"), _completion(row["rejected"], "rejected")
@@ -163,13 +169,14 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 column = len(raw[: e.start].decode("utf-8", "replace")) + 1
-                raise InvalidInput(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
-                                                        "save the file as UTF-8") from None
+                raise InvalidInput(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                                       f"{column}); save the file as UTF-8") from None
             yield lineno, text
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed object)`` for each non-blank line of a JSONL file; encoding and syntax errors name file:line."""
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file; encoding and syntax errors
+    name file:line."""
     for lineno, line in _utf8_lines(path):
         if not line.strip():
             continue
@@ -288,7 +295,8 @@ class Encoder:
             p = p[-self.max_prompt_length:]
         c = self.completion_ids(completion, eos)[: self.max_length - len(p)]
         if not c:
-            raise InvalidInput(where or "completion", f"no completion token fits: the prompt takes {len(p)} of max_length={self.max_length} tokens")
+            raise InvalidInput(where or "completion", "no completion token fits: the prompt takes "
+                                                      f"{len(p)} of max_length={self.max_length} tokens")
         return TokenizedSequence(tuple(p + c), len(p), truncated)
 
 

@@ -53,7 +53,8 @@ def lora_targets(spec: str):
     if not names:
         raise InvalidInput("lora_target", "is empty: use 'all-linear' or module names such as q_proj,v_proj")
     if "lm_head" in names:
-        raise InvalidInput("lora_target", "lm_head cannot carry an adapter: log-probs use its weight directly in the fused op")
+        raise InvalidInput("lora_target",
+                           "lm_head cannot carry an adapter: log-probs use its weight directly in the fused op")
     return names
 
 
@@ -96,7 +97,8 @@ class Policy:
         params = dict(self.named_trainable())
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this policy: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError("checkpoint does not match this policy: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name].to(p.device, p.dtype))
@@ -187,7 +189,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         lora_a, lora_b = self.lora_A[a], self.lora_B[a]
         h = lora_a(self.lora_dropout[a](x.to(lora_a.weight.dtype)))  # (..., r)
         out = result.to(lora_b.weight.dtype).reshape(-1, result.shape[-1])  # (N, out)
-        result = torch.addmm(out, h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=self.scaling[a]).view(result.shape)
+        result = torch.addmm(out, h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
+                             alpha=self.scaling[a]).view(result.shape)
     return result.to(dtype)
 
 

@@ -31,18 +31,25 @@ PROG = "python -m steer.train reward"
 class RewardTrainConfig:
     """Every field is also a ``python -m steer.train reward`` flag (``--field-name``)."""
 
-    data: tuple[str, ...] = field(default=(), metadata={"help": "training files (JSONL or Parquet); ratings and/or preference rows"})
+    data: tuple[str, ...] = field(default=(), metadata={"help": "training files (JSONL or Parquet); "
+                                                                "ratings and/or preference rows"})
     output: str = field(default="", metadata={"help": "directory to write the reward model (and checkpoint.pt) into"})
-    eval_data: tuple[str, ...] = field(default=(), metadata={"help": "held-out files; without them eval_fraction of data is held out"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for eval when no eval_data is given"})
-    model: str = field(default="default", metadata={"help": "base causal LM: 'default', a model directory or a .gguf file"})
+    eval_data: tuple[str, ...] = field(default=(), metadata={"help": "held-out files; without them "
+                                                                     "eval_fraction of data is held out"})
+    eval_fraction: float = field(default=0.1,
+                                 metadata={"help": "share of rows held out for eval when no eval_data is given"})
+    model: str = field(default="default",
+                       metadata={"help": "base causal LM: 'default', a model directory or a .gguf file"})
     objectives: tuple[str, ...] = field(default=DEFAULT_OBJECTIVES, metadata={"help": "head outputs, in order"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank; 0 freezes the backbone and trains the head only"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_target: str = field(default="all-linear", metadata={"help": "modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"})
-    max_length: int = field(default=512, metadata={"help": "tokens read per example (longer conversations lose their start)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step (a preference pair counts once, runs two sequences)"})
+    lora_target: str = field(default="all-linear", metadata={"help": "modules to adapt: 'all-linear' or "
+                                                                     "comma-separated names (q_proj,v_proj)"})
+    max_length: int = field(default=512,
+                            metadata={"help": "tokens read per example (longer conversations lose their start)"})
+    batch_size: int = field(default=8,
+                            metadata={"help": "examples per step (a preference pair counts once, runs two sequences)"})
     steps: int = field(default=300, metadata={"help": "optimiser steps"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (constant after warmup)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
@@ -54,7 +61,8 @@ class RewardTrainConfig:
     seed: int = field(default=0, metadata={"help": "data order, eval split and head initialisation"})
     dtype: str = field(default="float32", metadata={"help": "backbone dtype", "choices": ("float32", "bfloat16")})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
-    log_level: str = field(default="INFO", metadata={"help": "what the command logs to stderr", "choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
+    log_level: str = field(default="INFO", metadata={"help": "what the command logs to stderr",
+                                                             "choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
 
     def __post_init__(self):
         for name in ("data", "eval_data", "objectives"):
@@ -95,14 +103,17 @@ _FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(RewardTrainCon
 def build_parser():
     from steer.training.config import build_parser as dataclass_parser
 
-    return dataclass_parser(RewardTrainConfig, prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    return dataclass_parser(RewardTrainConfig, prog=PROG, description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1])
 
 
 def config_from_args(argv: list[str]) -> RewardTrainConfig:
-    """Dataclass defaults < ``--config`` YAML < flags given (``steer.training.config``); InvalidInput names the field."""
+    """Dataclass defaults < ``--config`` YAML < flags given (``steer.training.config``); InvalidInput names
+    the field."""
     from steer.training.config import merge_config
 
-    return merge_config(RewardTrainConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    return merge_config(RewardTrainConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0],
+                        epilog=__doc__.split("\n\n", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,8 @@ def parse_row(row: Mapping, objectives: Sequence[str], where: str) -> Example:
             raise bad(f"objective: must be one of {', '.join(objectives)}, got {objective!r}")
         if texts["chosen"] == texts["rejected"]:
             raise bad("chosen and rejected are identical: the pair carries no preference")
-        return PreferenceExample(conversation, texts["chosen"], texts["rejected"], list(objectives).index(objective), where)
+        return PreferenceExample(conversation, texts["chosen"], texts["rejected"],
+                                 list(objectives).index(objective), where)
 
     response = row.get("response")
     if not isinstance(response, str) or not response.strip():

@@ -155,10 +155,12 @@ def build_model(config: RewardTrainConfig):
     if config.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        target = config.lora_target if config.lora_target == "all-linear" else [t.strip() for t in config.lora_target.split(",") if t.strip()]
+        target = (config.lora_target if config.lora_target == "all-linear"
+                  else [t.strip() for t in config.lora_target.split(",") if t.strip()])
         backbone = get_peft_model(
             backbone,
-            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=target, bias="none"),
+            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                       target_modules=target, bias="none"),
         )
     hidden = int(loaded.model.config.hidden_size)
     torch.manual_seed(config.seed)
@@ -194,7 +196,8 @@ def predict(model: RewardModel, tokenizer, texts: list[str], max_length: int, ba
     return torch.cat(outs) if outs else torch.zeros(0, model.head.out_features)
 
 
-def evaluate(model: RewardModel, tokenizer, examples: list[Example], config: RewardTrainConfig, label_mean, label_std) -> tuple[dict, torch.Tensor]:
+def evaluate(model: RewardModel, tokenizer, examples: list[Example], config: RewardTrainConfig,
+             label_mean, label_std) -> tuple[dict, torch.Tensor]:
     """Per-objective metrics and the raw (label-scale) predictions of every eval response ``(m, k)``."""
     was_training = model.training
     model.eval()
@@ -202,7 +205,8 @@ def evaluate(model: RewardModel, tokenizer, examples: list[Example], config: Rew
     prefs = [e for e in examples if isinstance(e, PreferenceExample)]
     texts = [render_for_reward(tokenizer, e.conversation, e.response) for e in ratings]
     for e in prefs:
-        texts += [render_for_reward(tokenizer, e.conversation, e.chosen), render_for_reward(tokenizer, e.conversation, e.rejected)]
+        texts += [render_for_reward(tokenizer, e.conversation, e.chosen),
+                  render_for_reward(tokenizer, e.conversation, e.rejected)]
     mean, std = torch.tensor(label_mean), torch.tensor(label_std)
     raw = predict(model, tokenizer, texts, config.max_length, config.batch_size) * std + mean  # (m, k) label scale
     metrics: dict[str, dict] = {}
@@ -228,7 +232,8 @@ def evaluate(model: RewardModel, tokenizer, examples: list[Example], config: Rew
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, step: int, config: RewardTrainConfig, label_mean, label_std) -> None:
+def save_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, step: int,
+                    config: RewardTrainConfig, label_mean, label_std) -> None:
     """One file, written to a temp name and renamed: a crash never leaves a torn checkpoint."""
     state = {
         "step": step,
@@ -299,7 +304,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         train, held = split_examples(examples, config.eval_fraction, config.seed)
     if not train:
         raise InvalidInput("data", "no training rows left after the eval split")
-    log.info("reward model: %d train rows, %d eval rows, objectives %s", len(train), len(held), ",".join(config.objectives))
+    log.info("reward model: %d train rows, %d eval rows, objectives %s", len(train), len(held),
+             ",".join(config.objectives))
 
     model, tokenizer, hidden = build_model(config)
     output.mkdir(parents=True, exist_ok=True)  # every input passed: a refused run leaves no empty directory
@@ -319,7 +325,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     started = time.monotonic()
     bar = tqdm(total=config.steps, initial=step, desc="reward model", disable=not config.progress, dynamic_ncols=True)
     while step < config.steps:
-        batch = collate([train[i] for i in _batches(len(train), config.batch_size, config.seed, step)], tokenizer, config.max_length, label_mean, label_std)
+        batch = collate([train[i] for i in _batches(len(train), config.batch_size, config.seed, step)],
+                        tokenizer, config.max_length, label_mean, label_std)
         loss, parts = batch_loss(model, batch, config.bt_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -338,7 +345,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
 
     calibration_set = held or train[:512]
     metrics, raw = evaluate(model, tokenizer, calibration_set, config, label_mean, label_std)
-    calibration = Calibration.fit(config.objectives, raw, "eval split" if held else "train rows") if raw.shape[0] >= 2 else None
+    calibration = (Calibration.fit(config.objectives, raw, "eval split" if held else "train rows")
+                   if raw.shape[0] >= 2 else None)
     spec = RewardModelSpec(
         objectives=config.objectives,
         base_model=str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,

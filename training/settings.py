@@ -29,7 +29,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # steer.logs.LEVELS
 
 
 # Per-loss beta when none is given: TRL's defaults (SimPO: the paper's 2.0; ORPO: lambda 0.1).
-DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1, "sft": 0.0, "distill": 0.0}
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1, "sft": 0.0,
+                "distill": 0.0}
 DEFAULT_SIMPO_GAMMA = 1.0  # TRL: gamma_beta_ratio 0.5 x beta 2.0
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")  # steer.training.trainer.resolve_precision
@@ -50,39 +51,68 @@ def _f(help_text: str, **extra):
 class TrainerConfig:
     """Fields every policy-training command shares (``dpo``, ``dpa``); each is also a flag."""
 
-    output: str = field(default="", metadata=_f("run directory: adapter/ (or model/), checkpoints/, metrics.jsonl, training_curve.png, config.yaml"))
-    model: str = field(default="default", metadata=_f("base causal LM: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
-    loss: str = field(default="sigmoid", metadata=_f("preference loss: sigmoid (DPO), ipo, hinge, simpo, orpo, kto, sft (NLL on the chosen response), or distill (dpa only: context distillation of the principles into the direction line, see steer.training.distill)", choices=LOSSES))
-    beta: float | None = field(default=None, metadata=_f("loss strength (DPO/hinge/KTO: KL weight; IPO: tau; SimPO: reward scale; ORPO: lambda)", unset="0.1; simpo 2.0"))
-    gamma: float | None = field(default=None, metadata=_f("SimPO target reward margin (simpo only)", unset="1.0 for simpo"))
-    label_smoothing: float = field(default=0.0, metadata=_f("cDPO label-flip probability in [0, 0.5) (sigmoid and simpo only)"))
-    full: bool = field(default=False, metadata=_f("train every weight instead of a LoRA adapter (reference log-probs are then precomputed)"))
+    output: str = field(default="", metadata=_f("run directory: adapter/ (or model/), checkpoints/, "
+                                                "metrics.jsonl, training_curve.png, config.yaml"))
+    model: str = field(default="default", metadata=_f("base causal LM: 'default' (SmolLM2-135M-Instruct), "
+                                                      "a model directory or a .gguf file"))
+    loss: str = field(default="sigmoid", metadata=_f("preference loss: sigmoid (DPO), ipo, hinge, simpo, "
+                                                     "orpo, kto, sft (NLL on the chosen response), or distill "
+                                                     "(dpa only: context distillation of the principles into "
+                                                     "the direction line, see steer.training.distill)", choices=LOSSES))
+    beta: float | None = field(default=None, metadata=_f("loss strength (DPO/hinge/KTO: KL weight; IPO: tau; "
+                                                         "SimPO: reward scale; ORPO: lambda)", unset="0.1; simpo 2.0"))
+    gamma: float | None = field(default=None,
+                                metadata=_f("SimPO target reward margin (simpo only)", unset="1.0 for simpo"))
+    label_smoothing: float = field(default=0.0,
+                                   metadata=_f("cDPO label-flip probability in [0, 0.5) (sigmoid and simpo only)"))
+    full: bool = field(default=False, metadata=_f("train every weight instead of a LoRA adapter "
+                                                  "(reference log-probs are then precomputed)"))
     lora_r: int = field(default=16, metadata=_f("LoRA rank"))
     lora_alpha: float = field(default=32.0, metadata=_f("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.0, metadata=_f("dropout on the LoRA input"))
-    lora_target: str = field(default="all-linear", metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
-    precision: str = field(default="auto", metadata=_f("compute precision: bf16 (autocast: bf16 decoder matmuls; fp32 LoRA weights, gradients, AdamW state and log-probs), fp32, or auto: bf16 where the hardware multiplies bf16 natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32", choices=PRECISIONS))
-    gradient_checkpointing: bool = field(default=True, metadata=_f("recompute each decoder layer's activations in backward (one extra forward): a fraction of the memory; --no-gradient-checkpointing keeps them all"))
-    release_memory: bool = field(default=True, metadata=_f("CPU: give freed activation memory back to the OS between decoder layers (glibc malloc_trim once the process grew 256 MB since the last trim): 0.6x the peak RSS, ~7% slower steps; --no-release-memory when memory is plentiful"))
-    threads: int = field(default=0, metadata=_f("CPU intra-op threads (0: the CPUs this process may use, from its affinity mask and cgroup quota, shared among the ranks on this machine)"))
-    precompute_ref: bool = field(default=False, metadata=_f("LoRA: compute reference log-probs once before training instead of per step"))
+    lora_target: str = field(default="all-linear",
+                             metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
+    precision: str = field(default="auto", metadata=_f(
+        "compute precision: bf16 (autocast: bf16 decoder matmuls; fp32 LoRA weights, "
+        "gradients, AdamW state and log-probs), fp32, or auto: bf16 where the hardware "
+        "multiplies bf16 natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32", choices=PRECISIONS))
+    gradient_checkpointing: bool = field(default=True, metadata=_f(
+        "recompute each decoder layer's activations in backward (one extra forward): "
+        "a fraction of the memory; --no-gradient-checkpointing keeps them all"))
+    release_memory: bool = field(default=True, metadata=_f("CPU: give freed activation memory back to the OS between "
+                                                           "decoder layers (glibc malloc_trim once the process grew "
+                                                           "256 MB since the last trim): 0.6x the peak RSS, ~7% slower "
+                                                           "steps; --no-release-memory when memory is plentiful"))
+    threads: int = field(default=0, metadata=_f("CPU intra-op threads (0: the CPUs this process "
+                                                "may use, from its affinity mask and cgroup "
+                                                "quota, shared among the ranks on this machine)"))
+    precompute_ref: bool = field(default=False, metadata=_f("LoRA: compute reference log-probs once "
+                                                            "before training instead of per step"))
     lr: float = field(default=5e-5, metadata=_f("AdamW peak learning rate"))
-    lr_schedule: str = field(default="linear", metadata=_f("after warmup: constant, linear decay to 0, or cosine decay to 0", choices=SCHEDULES))
+    lr_schedule: str = field(default="linear", metadata=_f("after warmup: constant, linear "
+                                                           "decay to 0, or cosine decay to 0", choices=SCHEDULES))
     warmup_steps: int = field(default=0, metadata=_f("linear warmup steps"))
     weight_decay: float = field(default=0.0, metadata=_f("AdamW weight decay"))
     adam_eps: float = field(default=1e-8, metadata=_f("AdamW epsilon (the floor of the per-element update normaliser)"))
     max_grad_norm: float = field(default=1.0, metadata=_f("clip the gradient norm to this (0: no clipping)"))
-    batch_size: int = field(default=4, metadata=_f("examples per micro-batch per rank (a pair counts once and runs two sequences)"))
-    grad_accum: int = field(default=1, metadata=_f("micro-batches per optimiser step; global batch = batch_size x grad_accum x ranks"))
+    batch_size: int = field(default=4, metadata=_f("examples per micro-batch per rank (a "
+                                                   "pair counts once and runs two sequences)"))
+    grad_accum: int = field(default=1, metadata=_f("micro-batches per optimiser step; global "
+                                                   "batch = batch_size x grad_accum x ranks"))
     max_length: int = field(default=512, metadata=_f("prompt + completion tokens per sequence (completions are cut)"))
-    max_prompt_length: int = field(default=384, metadata=_f("prompt tokens kept (the end: question and assistant header)"))
+    max_prompt_length: int = field(default=384,
+                                   metadata=_f("prompt tokens kept (the end: question and assistant header)"))
     seed: int = field(default=0, metadata=_f("adapter init, data order, dropout"))
     save_every: int = field(default=0, metadata=_f("optimiser steps between checkpoints (0: none during training)"))
     keep_checkpoints: int = field(default=2, metadata=_f("newest checkpoints kept"))
-    resume: bool = field(default=False, metadata=_f("continue from the newest checkpoint in output (same data order and RNG)"))
-    dtype: str = field(default="float32", metadata=_f("storage dtype of the base model's weights (bfloat16 halves them; LoRA weights stay float32); what the matmuls run in is --precision", choices=("float32", "bfloat16")))
+    resume: bool = field(default=False,
+                         metadata=_f("continue from the newest checkpoint in output (same data order and RNG)"))
+    dtype: str = field(default="float32", metadata=_f("storage dtype of the base model's weights (bfloat16 "
+                                                      "halves them; LoRA weights stay float32); what the "
+                                                      "matmuls run in is --precision", choices=("float32", "bfloat16")))
     device: str = field(default="auto", metadata=_f("auto (CUDA when present), cpu or cuda", choices=DEVICES))
-    logprob_impl: str = field(default="fused", metadata=_f("log-probs: fused (linear_logprob, no N x V logits) or naive (full logits)", choices=LOGPROB_IMPLS))
+    logprob_impl: str = field(default="fused", metadata=_f("log-probs: fused (linear_logprob, no N x V logits) "
+                                                           "or naive (full logits)", choices=LOGPROB_IMPLS))
     progress: bool = field(default=True, metadata=_f("tqdm progress bars (rank 0)"))
     log_level: str = field(default="INFO", metadata=_f("what the command logs to stderr", choices=LOG_LEVELS))
 
@@ -115,7 +145,8 @@ class TrainerConfig:
         require_int("max_length", self.max_length, 2)
         require_int("max_prompt_length", self.max_prompt_length, 1)
         if self.max_prompt_length >= self.max_length:
-            raise InvalidInput("max_prompt_length", f"must be < max_length ({self.max_length}) to leave room for the completion")
+            raise InvalidInput("max_prompt_length",
+                               f"must be < max_length ({self.max_length}) to leave room for the completion")
         require_int("seed", self.seed, 0)
         require_choice("precision", self.precision, PRECISIONS)
         require_int("threads", self.threads, 0)
@@ -149,8 +180,8 @@ class TrainerConfig:
     def policy_spec(self):
         from .policy import PolicySpec
 
-        return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.dtype,
-                          self.seed, self.gradient_checkpointing)
+        return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target,
+                          self.dtype, self.seed, self.gradient_checkpointing)
 
 
 PACKAGED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -160,7 +191,8 @@ PACKAGED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 class DPOConfig(TrainerConfig):
     """``python -m steer.train dpo``: every field is also a flag (``--field-name``)."""
 
-    data: tuple[str, ...] = field(default=(), metadata=_f("training files, JSONL or Parquet, TRL format (see steer.training.pairs)", metavar="FILE"))
+    data: tuple[str, ...] = field(default=(), metadata=_f("training files, JSONL or Parquet, "
+                                                          "TRL format (see steer.training.pairs)", metavar="FILE"))
     epochs: int = field(default=1, metadata=_f("passes over the data"))
     max_steps: int = field(default=0, metadata=_f("stop after this many optimiser steps (0: run every epoch)"))
 
@@ -186,36 +218,59 @@ class DPAConfig(TrainerConfig):
     rounded to the two decimals the conditioning line shows, so v . r uses what the policy reads.
     """
 
-    prompts: str = field(default="", metadata=_f("JSONL/Parquet prompt file: rows {\"prompt\": text or messages}", unset="the packaged training/data/prompts.jsonl"))
-    scorer: str = field(default="default", metadata=_f("reward vector: 'default' (FLR + length for conciseness), 'flr', a reward-model directory, or parts joined by '+' (see steer.rewards.build)"))
-    scorer_model: str | None = field(default=None, metadata=_f("run FLR on this model instead of the base policy ('default', a directory or .gguf)", unset="the base model, adapter off"))
-    scorer_calibration: str = field(default="auto", metadata=_f("FLR calibration: auto (shipped/cached/computed), none (raw), or a JSON path"))
-    objectives: tuple[str, ...] = field(default=DEFAULT_OBJECTIVES, metadata=_f("objectives of the directions and the reward vector, in order", metavar="NAME"))
+    prompts: str = field(default="", metadata=_f("JSONL/Parquet prompt file: rows {\"prompt\": text or messages}",
+                                                 unset="the packaged training/data/prompts.jsonl"))
+    scorer: str = field(default="default", metadata=_f("reward vector: 'default' (FLR + length for "
+                                                       "conciseness), 'flr', a reward-model directory, "
+                                                       "or parts joined by '+' (see steer.rewards.build)"))
+    scorer_model: str | None = field(default=None, metadata=_f("run FLR on this model instead of the "
+                                                               "base policy ('default', a directory "
+                                                               "or .gguf)", unset="the base model, adapter off"))
+    scorer_calibration: str = field(default="auto", metadata=_f("FLR calibration: auto (shipped/cached/computed), "
+                                                                "none (raw), or a JSON path"))
+    objectives: tuple[str, ...] = field(default=DEFAULT_OBJECTIVES, metadata=_f(
+        "objectives of the directions and the reward vector, in order", metavar="NAME"))
     iterations: int = field(default=2, metadata=_f("sample -> score -> pair -> train rounds"))
-    prompts_per_iteration: int = field(default=16, metadata=_f("prompts drawn per iteration (cycling through a seeded shuffle of the file)"))
+    prompts_per_iteration: int = field(default=16, metadata=_f("prompts drawn per iteration (cycling "
+                                                               "through a seeded shuffle of the file)"))
     directions_per_prompt: int = field(default=1, metadata=_f("directions sampled per prompt and iteration"))
-    samples: int = field(default=2, metadata=_f("on-policy responses per (prompt, direction): the current policy under the direction line"))
-    guided_samples: int = field(default=2, metadata=_f("base-model responses per (prompt, direction) under principles chosen FOR the direction (0: none)"))
-    contrast_samples: int = field(default=1, metadata=_f("base-model responses per (prompt, direction) under principles AGAINST the direction (0: none)"))
-    principles: str = field(default="", metadata=_f("principles file (JSON, see steer.principles): instructions per objective for guided/contrast samples", unset="the packaged steer/data/principles.json"))
-    corner_share: float = field(default=0.25, metadata=_f("share of directions that are corners (one objective only); the rest are Dirichlet mixes"))
-    dirichlet_alpha: float = field(default=1.0, metadata=_f("Dirichlet concentration of the mixed directions (1: uniform on the simplex)"))
-    min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common scale) is below this; sft ignores it"))
-    corner_pairs: bool = field(default=False, metadata=_f("also pair every pool under each corner direction it was not sampled for (reward vectors do not depend on the direction): the same prompt with opposite preferences, at no sampling cost; distill: also distill every response under each other corner"))
-    missing_eos_penalty: float = field(default=1.0, metadata=_f("subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
+    samples: int = field(default=2, metadata=_f("on-policy responses per (prompt, direction): "
+                                                "the current policy under the direction line"))
+    guided_samples: int = field(default=2, metadata=_f("base-model responses per (prompt, direction) under "
+                                                       "principles chosen FOR the direction (0: none)"))
+    contrast_samples: int = field(default=1, metadata=_f("base-model responses per (prompt, direction) "
+                                                         "under principles AGAINST the direction (0: none)"))
+    principles: str = field(default="", metadata=_f("principles file (JSON, see steer.principles): "
+                                                    "instructions per objective for guided/contrast "
+                                                    "samples", unset="the packaged steer/data/principles.json"))
+    corner_share: float = field(default=0.25, metadata=_f("share of directions that are corners (one "
+                                                          "objective only); the rest are Dirichlet mixes"))
+    dirichlet_alpha: float = field(default=1.0, metadata=_f("Dirichlet concentration of the mixed "
+                                                            "directions (1: uniform on the simplex)"))
+    min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common "
+                                                       "scale) is below this; sft ignores it"))
+    corner_pairs: bool = field(default=False, metadata=_f(
+        "also pair every pool under each corner direction it was not sampled for (reward "
+        "vectors do not depend on the direction): the same prompt with opposite preferences, "
+        "at no sampling cost; distill: also distill every response under each other corner"))
+    missing_eos_penalty: float = field(default=1.0, metadata=_f(
+        "subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's "
+        "online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
     max_new_tokens: int = field(default=128, metadata=_f("tokens per sampled response at most"))
     temperature: float = field(default=0.8, metadata=_f("sampling temperature (> 0: pairs need diverse samples)"))
     top_p: float = field(default=0.95, metadata=_f("nucleus sampling mass"))
     generation_batch_size: int = field(default=16, metadata=_f("sequences per generate() batch"))
     epochs_per_iteration: int = field(default=1, metadata=_f("passes over each iteration's pairs"))
-    lr_schedule: str = field(default="constant", metadata=_f("after warmup: constant, linear decay to 0, or cosine decay to 0", choices=SCHEDULES))
+    lr_schedule: str = field(default="constant", metadata=_f("after warmup: constant, linear "
+                                                             "decay to 0, or cosine decay to 0", choices=SCHEDULES))
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.prompts, str):
             raise InvalidInput("prompts", f"must be a file path, got {self.prompts!r}")
         if not isinstance(self.scorer, str) or not self.scorer.strip() or self.scorer.strip() == "none":
-            raise InvalidInput("scorer", "is required: 'default', 'flr', a reward-model directory, or parts joined by '+'")
+            raise InvalidInput("scorer",
+                               "is required: 'default', 'flr', a reward-model directory, or parts joined by '+'")
         if not isinstance(self.scorer_calibration, str) or not self.scorer_calibration:
             raise InvalidInput("scorer_calibration", "is 'auto', 'none' or a calibration JSON path")
         object.__setattr__(self, "objectives", validate_objectives(self.objectives, "objectives"))
@@ -227,10 +282,12 @@ class DPAConfig(TrainerConfig):
         require_int("contrast_samples", self.contrast_samples, 0)
         single = self.loss in ("sft", "distill")
         if self.pool_size < (1 if single else 2):
-            raise InvalidInput("samples", f"the candidate pool (samples + guided_samples + contrast_samples = {self.pool_size}) "
-                               f"needs at least {1 if single else 2} responses per (prompt, direction) to pick a pair from")
+            raise InvalidInput("samples", "the candidate pool (samples + guided_samples + contrast_samples = "
+                               f"{self.pool_size}) needs at least {1 if single else 2} responses per "
+                               "(prompt, direction) to pick a pair from")
         if self.loss == "distill" and self.full:
-            raise InvalidInput("full", "distill's teacher is the base model with the adapter switched off; full fine-tuning has no such switch (use LoRA)")
+            raise InvalidInput("full", "distill's teacher is the base model with the adapter "
+                                       "switched off; full fine-tuning has no such switch (use LoRA)")
         if not isinstance(self.principles, str):
             raise InvalidInput("principles", f"must be a file path, got {self.principles!r}")
         require_float("corner_share", self.corner_share, minimum=0, maximum=1)
@@ -245,7 +302,8 @@ class DPAConfig(TrainerConfig):
 
     @property
     def prompt_carries_direction(self) -> bool:
-        """dpa: the training prompt carries the direction line (the policy reads it); a mixture mixes adapters instead."""
+        """dpa: the training prompt carries the direction line (the policy reads it); a mixture mixes adapters
+        instead."""
         return True
 
     @property
@@ -274,18 +332,22 @@ class MixtureConfig(DPAConfig):
     prompt carries no direction line: the mix of adapters is the direction.
     """
 
-    data: tuple[str, ...] = field(default=(), metadata=_f("train on these pairs.jsonl files of a dpa/mixture run (rows with a direction) instead of sampling", metavar="FILE"))
-    samples: int = field(default=0, metadata=_f("on-policy samples per (prompt, direction): 0 (a mixture is trained on the principle-guided pool)"))
+    data: tuple[str, ...] = field(default=(), metadata=_f("train on these pairs.jsonl files of a dpa/mixture run (rows "
+                                                          "with a direction) instead of sampling", metavar="FILE"))
+    samples: int = field(default=0, metadata=_f("on-policy samples per (prompt, direction): 0 (a "
+                                                "mixture is trained on the principle-guided pool)"))
 
     def __post_init__(self):
         super().__post_init__()
         if self.samples:
-            raise InvalidInput("samples", "must be 0 for mixture: the pool is the base model's guided and contrast samples "
-                                          "(on-policy sampling of a mixture is not implemented)")
+            raise InvalidInput("samples", "must be 0 for mixture: the pool is the base model's guided and contrast "
+                                          "samples (on-policy sampling of a mixture is not implemented)")
         if self.loss == "kto":
-            raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
+            raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their "
+                                       "direction); use sigmoid, ipo, hinge, simpo, orpo or sft")
         if self.loss == "distill" and self.data:
-            raise InvalidInput("data", "distill samples its own responses and needs a teacher prompt per response, which pair files do not have; drop --data")
+            raise InvalidInput("data", "distill samples its own responses and needs a teacher prompt "
+                                       "per response, which pair files do not have; drop --data")
         if self.full:
             raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
         _require_paths("data", self.data)

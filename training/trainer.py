@@ -86,8 +86,8 @@ def epoch_order(n: int, seed: int, epoch: int, salt: int = 0) -> list[int]:
 
 
 @torch.inference_mode()
-def reference_logps(model_or_policy, data: list[EncodedExample], ctx: DistContext, *, batch_size: int, impl: str = "fused",
-                    progress: bool = False, precision: str = "fp32") -> torch.Tensor:
+def reference_logps(model_or_policy, data: list[EncodedExample], ctx: DistContext, *, batch_size: int,
+                    impl: str = "fused", progress: bool = False, precision: str = "fp32") -> torch.Tensor:
     """``(n, S)`` reference log-probs of every sequence of every example (S = sequences per example).
 
     ``model_or_policy``: a LoRA :class:`Policy` (its adapter is switched off) or a frozen model.
@@ -150,8 +150,10 @@ class PreferenceTrainer:
         self.precision = resolve_precision(config.precision, ctx.device)  # "bf16" or "fp32"
         self.forward = wrap_ddp(SequenceLogprobs(policy.model, config.logprob_impl), ctx)
         self.params = [p for _, p in policy.named_trainable()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                           eps=config.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
         self.total_steps = total_steps
         self.manager = manager
         self.logger = logger
@@ -195,9 +197,11 @@ class PreferenceTrainer:
             with self.autocast(), self.policy.rows(examples):
                 logps, counts = self.forward(batch.input_ids, batch.attention_mask, batch.labels)  # (b,), (b,)
             loss = -logps.sum() / counts.sum()  # token-mean NLL of the chosen responses
-            return StepResult(loss, {"loss": loss.item(), "nll": loss.item(), "logps/chosen": logps.mean().item()}, batch.tokens)
+            return StepResult(loss, {"loss": loss.item(), "nll": loss.item(), "logps/chosen": logps.mean().item()},
+                              batch.tokens)
         if examples[0].label is None:  # pairs: one forward over chosen rows then rejected rows
-            batch = collate([e.sequences[0] for e in examples] + [e.sequences[1] for e in examples], self.pad_id).to(dev)
+            batch = collate([e.sequences[0] for e in examples] + [e.sequences[1] for e in examples],
+                            self.pad_id).to(dev)
             rc = rr = None
             if cfg.needs_reference:  # before the policy pass, so its activations never coexist with the policy's graph
                 if self.ref is not None:
@@ -279,7 +283,8 @@ class PreferenceTrainer:
         if self.config.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm()
+                                                              for p in self.params if p.grad is not None]))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -305,8 +310,8 @@ class PreferenceTrainer:
 
         Like ``DistributedSampler(drop_last=False)``, an epoch whose size is not a multiple of the
         global batch is padded with its own first examples, so every step (and every rank) gets a
-        full batch and no example is left out. ``record`` adds fields to every metrics record (DPA: the iteration). Checkpoints every
-        ``save_every`` global steps record the cursor and ``extra_state()``.
+        full batch and no example is left out. ``record`` adds fields to every metrics record (DPA: the
+        iteration). Checkpoints every ``save_every`` global steps record the cursor and ``extra_state()``.
         """
         from tqdm.auto import tqdm
 
@@ -317,7 +322,8 @@ class PreferenceTrainer:
         done = cursor[0] * per_epoch + cursor[1]
         if max_steps:
             planned = min(planned, done + max(0, max_steps - self.step))
-        bar = tqdm(total=planned, initial=min(done, planned), desc=desc, unit="step", disable=not (cfg.progress and self.ctx.is_main))
+        bar = tqdm(total=planned, initial=min(done, planned), desc=desc, unit="step",
+                   disable=not (cfg.progress and self.ctx.is_main))
         taken = 0
         try:
             for epoch in range(cursor[0], epochs):
@@ -326,11 +332,13 @@ class PreferenceTrainer:
                 for b in range(cursor[1] if epoch == cursor[0] else 0, per_epoch):
                     if max_steps and self.step >= max_steps:
                         return taken
-                    micro = rank_micro_batches(order[b * G:(b + 1) * G], self.ctx.rank, self.ctx.world_size, cfg.grad_accum)
+                    micro = rank_micro_batches(order[b * G:(b + 1) * G], self.ctx.rank, self.ctx.world_size,
+                                               cfg.grad_accum)
                     metrics = self.train_step(data, micro)
                     taken += 1
                     if self.logger is not None:
-                        self.logger.log({"type": "step", "step": self.step, "epoch": epoch, **(record or {}), **metrics})
+                        self.logger.log({"type": "step", "step": self.step, "epoch": epoch,
+                                         **(record or {}), **metrics})
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
                     if cfg.save_every and self.step % cfg.save_every == 0:
