@@ -65,8 +65,8 @@ from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
 __all__ = [  # the names other modules and the tests import from here; the rest is in eval_grid/eval_report
     "BASE", "HELDOUT", "PLAIN", "POLICY", "TRAINING", "EvalConfig", "EvalResult", "HeldoutJudge", "ScorerJudge",
-    "default_prompts_path", "direction_grid", "direction_label", "evaluate", "generate_samples", "load_policy_and_judge",
-    "load_prompts", "main", "run_eval",
+    "default_prompts_path", "direction_grid", "direction_label", "evaluate", "generate_samples",
+    "load_policy_and_judge", "load_prompts", "main", "run_eval",
 ]
 
 STRATEGIES = ("conditioned", "rerank", "mixture")
@@ -115,8 +115,8 @@ def generate_samples(
     out: list[Sample] = []
     for seed in seeds:
         generated = generate_batch(
-            model, tokenizer, [conversations[p] for p, _ in jobs], [None if mixed else directions[d] for _, d in jobs], params,
-            num_samples=per_job, batch_size=batch_size, seed=seed, progress=progress,
+            model, tokenizer, [conversations[p] for p, _ in jobs], [None if mixed else directions[d] for _, d in jobs],
+            params, num_samples=per_job, batch_size=batch_size, seed=seed, progress=progress,
             mix_weights=[directions[d].weights for _, d in jobs] if mixed else None,
         )
         chosen = [0] * len(jobs)
@@ -131,7 +131,8 @@ def generate_samples(
             out.append(Sample(p, d, seed, g.text, len(g.token_ids), g.finished, c))
         if plain:
             answers = generate_batch(
-                model, tokenizer, conversations, [None] * len(prompts), params, batch_size=batch_size, seed=seed, progress=progress,
+                model, tokenizer, conversations, [None] * len(prompts), params, batch_size=batch_size, seed=seed,
+                progress=progress,
             )
             out += [Sample(p, PLAIN, seed, g.text, len(g.token_ids), g.finished) for p, (g,) in enumerate(answers)]
     return out
@@ -173,7 +174,8 @@ def evaluate(
     objectives = tuple(next(iter(judges.values())).objectives)
     for name, judge in judges.items():
         if tuple(judge.objectives) != objectives:
-            raise InvalidInput("judges", f"judge {name!r} scores {list(judge.objectives)}, another scores {list(objectives)}")
+            raise InvalidInput("judges",
+                               f"judge {name!r} scores {list(judge.objectives)}, another scores {list(objectives)}")
     indices = st.bootstrap_indices(len(prompts), bootstrap, bootstrap_seed)  # (B, P), shared by every statistic
     conversations = _user_turns(prompts)
     weights = [d.weights for d in directions]
@@ -191,7 +193,8 @@ def evaluate(
         generate_s = time.monotonic() - started
         started = time.monotonic()
         texts, tokens = [s.text for s in samples], [s.num_tokens for s in samples]
-        scores = {j: judge.score([conversations[s.prompt_index] for s in samples], texts, tokens) for j, judge in judges.items()}
+        scores = {j: judge.score([conversations[s.prompt_index] for s in samples], texts, tokens)
+                  for j, judge in judges.items()}
         timing = {"generate_s": generate_s, "judge_s": time.monotonic() - started, "generated_tokens": sum(tokens),
                   "generate_tokens_per_s": sum(tokens) / generate_s if generate_s > 0 else float("nan")}
         systems[name] = st.analyse(
@@ -204,7 +207,8 @@ def evaluate(
     return EvalResult(
         objectives, tuple(directions), tuple(prompts), tuple(seeds), strategy,
         {name: judge.describe() for name, judge in judges.items()},
-        {POLICY: systems[POLICY], BASE: systems[BASE]}, {POLICY: samples_by_system[POLICY], BASE: samples_by_system[BASE]},
+        {POLICY: systems[POLICY], BASE: systems[BASE]},
+        {POLICY: samples_by_system[POLICY], BASE: samples_by_system[BASE]},
         st.compare(systems[POLICY], systems[BASE], objectives, indices),
     )
 
@@ -219,7 +223,8 @@ class EvalConfig:
     adapter: str | None = None  # PEFT adapter on the policy; the base system and the judges use the model without it
     mixture: str | None = None  # --strategy mixture: a mixture directory (steer.train mixture) on the policy
     device: str = "auto"  # auto (CUDA when present), cpu or cuda: every model of the run
-    scorer: str = "default"  # training judge (and rerank's ranker): steer.rewards.build_scorer spec; 'none': no training judge
+    # training judge (and rerank's ranker): steer.rewards.build_scorer spec; 'none': no training judge
+    scorer: str = "default"
     scorer_model: str | None = None  # run both FLR judges on this model instead of the base model
     prompts: str | None = None  # JSONL prompt set; None: the shipped held-out split
     limit: int | None = None  # first N prompts only
@@ -256,24 +261,29 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidInput(name, f"must be an integer >= {low}, got {value!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
             raise InvalidInput("limit", f"must be an integer >= 1 (or unset for every prompt), got {self.limit!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if (not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature)
+                or self.temperature < 0):
             raise InvalidInput("temperature", f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidInput("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.strategy == "mixture" and self.mixture is None:
-            raise InvalidInput("mixture", "strategy 'mixture' needs --mixture DIR (a python -m steer.train mixture output)")
+            raise InvalidInput("mixture",
+                               "strategy 'mixture' needs --mixture DIR (a python -m steer.train mixture output)")
         if self.mixture is not None and self.strategy != "mixture":
             raise InvalidInput("mixture", f"applies to --strategy mixture, not {self.strategy!r}")
         if self.mixture is not None and self.adapter not in (None, "none"):
-            raise InvalidInput("adapter", "a mixture is applied to the bare model; leave --adapter unset with --strategy mixture")
+            raise InvalidInput("adapter",
+                               "a mixture is applied to the bare model; leave --adapter unset with --strategy mixture")
         if self.strategy not in STRATEGIES:
             raise InvalidInput("strategy", f"expected one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.strategy == "rerank" and self.scorer.strip() == "none":
             raise InvalidInput("scorer", "strategy 'rerank' ranks candidates by v . r and needs a scorer, got 'none'")
         if self.temperature == 0 and (self.seeds > 1 or (self.strategy == "rerank" and self.candidates > 1)):
-            raise InvalidInput("temperature", "greedy decoding (0) gives every seed and candidate the same answer; use --seeds 1 or a temperature > 0")
+            raise InvalidInput("temperature", "greedy decoding (0) gives every seed and candidate the same answer; "
+                               "use --seeds 1 or a temperature > 0")
         object.__setattr__(self, "objectives", validate_objectives(self.objectives))
         direction_grid(self.grid, self.objectives)  # raises InvalidInput("grid", ...) on a bad spec
 
@@ -284,11 +294,12 @@ class EvalConfig:
     def sampling(self):
         from steer.sampling import SamplingParams
 
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature), top_p=float(self.top_p))
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature),
+                              top_p=float(self.top_p))
 
 
-def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None, objectives: Sequence[str] | None = None,
-                          device: str = "cpu"):
+def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None,
+                          objectives: Sequence[str] | None = None, device: str = "cpu"):
     """(policy, base) LoadedModels: the policy carries the adapter (or the mixture); the base model is
     the same model without it, the second system of the report and the judges' model (so rewards are
     measured by the same yardstick before and after training). Without either they are one object."""
@@ -305,14 +316,16 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
         spec, _ = load_mixture(policy.model, path)
         policy.adapter = f"mixture {mixture} ({', '.join(spec.objectives)})"
         if objectives is not None and tuple(spec.objectives) != tuple(objectives):
-            raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; this evaluation's objectives are {list(objectives)} (same order)")
+            raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; "
+                               f"this evaluation's objectives are {list(objectives)} (same order)")
         return policy, load_model(model, adapter="none", device=device)
     policy = load_model(model, adapter=adapter, device=device)
     base = load_model(model, device=device) if policy.adapter is not None else policy  # 'none' loads no adapter either
     return policy, base
 
 
-def run_eval(config: EvalConfig, progress: bool = True, command: str | None = None) -> tuple[EvalResult, dict[str, Path]]:
+def run_eval(config: EvalConfig, progress: bool = True,
+             command: str | None = None) -> tuple[EvalResult, dict[str, Path]]:
     """Load, generate, judge, write the report; returns the result and the written paths."""
     from steer.rewards.build import build_scorer
 
@@ -334,17 +347,17 @@ def run_eval(config: EvalConfig, progress: bool = True, command: str | None = No
     directions = direction_grid(config.grid, config.objectives)
     result = evaluate(
         policy.model, base.model, base.tokenizer, [p.prompt for p in prompts], directions, config.sampling(), judges,
-        seeds=config.seed_list, strategy=config.strategy, rerank_judge=judges.get(TRAINING), candidates=config.candidates,
-        plain=config.plain, batch_size=config.batch_size, bootstrap=config.bootstrap, bootstrap_seed=config.bootstrap_seed,
-        progress=progress,
+        seeds=config.seed_list, strategy=config.strategy, rerank_judge=judges.get(TRAINING),
+        candidates=config.candidates, plain=config.plain, batch_size=config.batch_size, bootstrap=config.bootstrap,
+        bootstrap_seed=config.bootstrap_seed, progress=progress,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
     title = (f"{policy.model_id}" + (f" + {config.mixture or config.adapter}" if policy.adapter else " (no adapter)")
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(
         result, config.output, prompts,
-        command=command, config={**asdict(config), "objectives": list(config.objectives)}, prompts_file=str(prompts_path),
-        model_id=policy.model_id, adapter=policy.adapter, title=title,
+        command=command, config={**asdict(config), "objectives": list(config.objectives)},
+        prompts_file=str(prompts_path), model_id=policy.model_id, adapter=policy.adapter, title=title,
     )
     return result, paths
 
@@ -355,22 +368,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = EvalConfig()
-    p.add_argument("--model", default=d.model, help="policy: 'default' (embedded SmolLM2-135M-Instruct), a model directory or a .gguf file")
-    p.add_argument("--adapter", default=None, help="policy adapter: a PEFT directory, 'default' (the one shipped for the default model) or "
-                   "'none' (unset: the bare model, then policy and base are one system); the base system and the judges never carry it")
-    p.add_argument("--scorer", default=d.scorer, help="training judge (and rerank's ranker): 'default' (FLR + length), 'flr', a reward model directory, parts joined by '+', or 'none'")
+    p.add_argument("--model", default=d.model,
+                   help="policy: 'default' (embedded SmolLM2-135M-Instruct), a model directory or a .gguf file")
+    p.add_argument("--adapter", default=None, help="policy adapter: a PEFT directory, 'default' (the one shipped for "
+                   "the default model) or 'none' (unset: the bare model, then policy and base are one system); the "
+                   "base system and the judges never carry it")
+    p.add_argument("--scorer", default=d.scorer, help="training judge (and rerank's ranker): 'default' (FLR + length), "
+                   "'flr', a reward model directory, parts joined by '+', or 'none'")
     p.add_argument("--scorer-model", default=None, help="run both FLR judges on this model instead of the base model")
     p.add_argument("--prompts", default=None, help="JSONL prompt set (default: the shipped held-out split, 52 prompts)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
-    p.add_argument("--grid", default=d.grid, help="directions: 'default' (3 corners, uniform, 3 pairwise 50/50), 'corners', 'simplex:N', or explicit 'helpfulness=1,creativity=1;conciseness=1'")
+    p.add_argument("--grid", default=d.grid, help="directions: 'default' (3 corners, uniform, 3 pairwise 50/50), "
+                   "'corners', 'simplex:N', or explicit 'helpfulness=1,creativity=1;conciseness=1'")
     p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
-                   help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer; "
-                        "mixture: the plain prompt through --mixture's adapters mixed by the direction")
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="where every model runs: auto (CUDA when present), cpu or cuda")
-    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train mixture writes one) "
-                   "or 'default' (the one shipped for the default model)")
+                   help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r "
+                        "under --scorer; mixture: the plain prompt through --mixture's adapters mixed by the direction")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="where every model runs: auto (CUDA when present), cpu or cuda")
+    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train "
+                   "mixture writes one) or 'default' (the one shipped for the default model)")
     p.add_argument("--candidates", type=int, default=d.candidates, help="rerank: samples per (prompt, direction, seed)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); one response per prompt, direction and seed")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); "
+                   "one response per prompt, direction and seed")
     p.add_argument("--seed", type=int, default=d.seed, help="the first sampling seed")
     p.add_argument("--no-plain", action="store_true", help="skip the base model's plain answers (no direction line)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -392,14 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = EvalConfig(
-            model=args.model, adapter=args.adapter, mixture=args.mixture, device=args.device, scorer=args.scorer, scorer_model=args.scorer_model,
+            model=args.model, adapter=args.adapter, mixture=args.mixture, device=args.device, scorer=args.scorer,
+            scorer_model=args.scorer_model,
             prompts=args.prompts, limit=args.limit, grid=args.grid, strategy=args.strategy, candidates=args.candidates,
             seeds=args.seeds, seed=args.seed, plain=not args.no_plain, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
             score_batch_size=args.score_batch_size, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
             output=args.output,
         )
-        result, paths = run_eval(config, progress=not args.no_progress, command=shlex.join(["python", "-m", "steer.eval", *argv]))
+        result, paths = run_eval(config, progress=not args.no_progress,
+                                 command=shlex.join(["python", "-m", "steer.eval", *argv]))
     except (InvalidInput, FileNotFoundError) as e:
         print(f"steer.eval: error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def direction_grid(spec: str, objectives: Sequence[str] = DEFAULT_OBJECTIVES, fi
         steps = spec.partition(":")[2]
         if not steps.isdigit() or not 1 <= int(steps) <= MAX_SIMPLEX_STEPS:
             raise InvalidInput(field, f"simplex:N needs an integer N in 1..{MAX_SIMPLEX_STEPS}, got {spec!r}")
-        out = [Direction.from_weights(dict(zip(objectives, c)), objectives) for c in _compositions(int(steps), len(objectives))]
+        out = [Direction.from_weights(dict(zip(objectives, c)), objectives)
+               for c in _compositions(int(steps), len(objectives))]
     elif "=" in spec:
         out = []
         for i, part in enumerate(p for p in spec.split(";") if p.strip()):
@@ -51,7 +52,8 @@ def direction_grid(spec: str, objectives: Sequence[str] = DEFAULT_OBJECTIVES, fi
                     raise InvalidInput(f"{field}[{i}]", f"expected name=weight, got {item.strip()!r}")
             out.append(Direction.from_weights(weights, objectives, field=f"{field}[{i}]"))
     else:
-        raise InvalidInput(field, f"expected 'default', 'corners', 'simplex:N' or 'name=w,...;name=w,...', got {spec!r}")
+        raise InvalidInput(field,
+                           f"expected 'default', 'corners', 'simplex:N' or 'name=w,...;name=w,...', got {spec!r}")
     unique: dict[tuple[float, ...], Direction] = {}
     for d in out:
         unique.setdefault(tuple(round(w, 9) for w in d.weights), d)

@@ -15,7 +15,8 @@ from steer.eval_report import HELDOUT, TOKEN_OBJECTIVE, TRAINING
 
 
 def _score_in_chunks(scorer, conversations, texts, batch_size: int, progress: bool, desc: str):
-    """``scorer.rewards`` over every pair, ``batch_size`` pairs per call; returns (raw, scaled) as (n, k) float64 arrays."""
+    """``scorer.rewards`` over every pair, ``batch_size`` pairs per call; returns (raw, scaled) as (n, k)
+    float64 arrays."""
     chunks = range(0, len(texts), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -47,10 +48,12 @@ class ScorerJudge:
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
             _, scaled = _score_in_chunks(
-                self.scorer, [json.loads(c) for c, _ in todo], [t for _, t in todo], self.batch_size, self.progress, f"judge {self.name}",
+                self.scorer, [json.loads(c) for c, _ in todo], [t for _, t in todo], self.batch_size, self.progress,
+                f"judge {self.name}",
             )
             self._cache.update(zip(todo, map(tuple, scaled.tolist())))
-        return np.array([self._cache[k] for k in keys], dtype=np.float64).reshape(len(keys), len(self.objectives))  # (n, k)
+        # (n, k)
+        return np.array([self._cache[k] for k in keys], dtype=np.float64).reshape(len(keys), len(self.objectives))
 
 
 class HeldoutJudge:
@@ -58,12 +61,14 @@ class HeldoutJudge:
     every other objective comes from ``flr`` (an FLRScorer with the held-out follow-up sets and no
     calibration: raw values, since Spearman is rank-based and needs no common scale)."""
 
-    def __init__(self, flr, objectives: Sequence[str], batch_size: int = 32, progress: bool = False, name: str = HELDOUT):
+    def __init__(self, flr, objectives: Sequence[str], batch_size: int = 32, progress: bool = False,
+                 name: str = HELDOUT):
         self.flr, self.batch_size, self.progress, self.name = flr, batch_size, progress, name
         self.objectives = tuple(objectives)
         self._flr_objectives = tuple(o for o in self.objectives if o != TOKEN_OBJECTIVE)
         if self._flr_objectives and (flr is None or not set(self._flr_objectives) <= set(flr.objectives)):
-            raise InvalidInput("objectives", f"the held-out judge's FLR scores {list(getattr(flr, 'objectives', []))}, need {list(self._flr_objectives)}")
+            raise InvalidInput("objectives", f"the held-out judge's FLR scores {list(getattr(flr, 'objectives', []))}, "
+                               f"need {list(self._flr_objectives)}")
 
     def describe(self) -> str:
         parts = [f"{o}: raw FLR, held-out follow-ups" for o in self._flr_objectives]
@@ -74,7 +79,8 @@ class HeldoutJudge:
     def score(self, conversations, texts, num_tokens):
         out = np.empty((len(texts), len(self.objectives)))  # (n, k)
         if self._flr_objectives:
-            raw, _ = _score_in_chunks(self.flr, list(conversations), list(texts), self.batch_size, self.progress, f"judge {self.name}")
+            raw, _ = _score_in_chunks(self.flr, list(conversations), list(texts), self.batch_size, self.progress,
+                                      f"judge {self.name}")
             for j, o in enumerate(self.objectives):
                 if o != TOKEN_OBJECTIVE:
                     out[:, j] = raw[:, list(self.flr.objectives).index(o)]
@@ -83,7 +89,8 @@ class HeldoutJudge:
         return out
 
 
-def build_heldout_judge(loaded, objectives: Sequence[str], batch_size: int = 32, progress: bool = False) -> HeldoutJudge:
+def build_heldout_judge(loaded, objectives: Sequence[str], batch_size: int = 32,
+                        progress: bool = False) -> HeldoutJudge:
     """The held-out judge on ``loaded`` (the base model): FLR with HELDOUT_FOLLOWUPS, no calibration."""
     from steer.rewards.heldout_followups import HELDOUT_FOLLOWUPS
 
@@ -99,5 +106,6 @@ def build_heldout_judge(loaded, objectives: Sequence[str], batch_size: int = 32,
         from steer.rewards.flr import FLRConfig, FLRScorer
 
         config = FLRConfig(objectives=flr_objectives, followups=HELDOUT_FOLLOWUPS, calibration="none")
-        flr = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, context_length=loaded.context_length)
+        flr = FLRScorer(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id,
+                        context_length=loaded.context_length)
     return HeldoutJudge(flr, objectives, batch_size=batch_size, progress=progress)

@@ -95,16 +95,20 @@ def format_table(result: EvalResult) -> str:
         for judge in system.spearman:
             cells = "".join(f"{_ci(s.mean, s.ci95):>{col}}" for s in system.spearman[judge].values())
             lines.append(f"{'spearman ' + judge:<{width + 20}}{cells}")
-        cells = "".join(f"{_num(e.diff, '+.3g') + ' (d ' + _num(e.cohens_d, '+.2f') + ')':>{col}}" for e in system.effect[head].values())
+        cells = "".join(f"{_num(e.diff, '+.3g') + ' (d ' + _num(e.cohens_d, '+.2f') + ')':>{col}}"
+                        for e in system.effect[head].values())
         lines.append(f"{'w=1 - w=0 (d)':<{width + 20}}{cells}")
     if not result.policy_is_base:
-        cells = "".join(f"{_ci(g['mean'], g['ci95']):>{col}}" for g in result.comparison["spearman_gain"][head].values())
-        lines += ["", f"{'spearman gain':<{width + 20}}{cells}", f"(policy - base, judge {head!r}, paired over prompts)"]
+        cells = "".join(f"{_ci(g['mean'], g['ci95']):>{col}}"
+                        for g in result.comparison["spearman_gain"][head].values())
+        lines += ["", f"{'spearman gain':<{width + 20}}{cells}",
+                  f"(policy - base, judge {head!r}, paired over prompts)"]
     at1 = result.comparison["at_weight_1"][head]
     if "helpfulness" in at1:
         h = at1["helpfulness"]
         lines.append(f"\nhelpfulness ({head}) at helpfulness=1: policy {_num(h[POLICY])}, base {_num(h[BASE])}; "
-                     f"base plain answers {_num(h['base_plain'])} ({_num(result.comparison['base_plain_tokens'], '.1f')} tokens)")
+                     f"base plain answers {_num(h['base_plain'])} "
+                     f"({_num(result.comparison['base_plain_tokens'], '.1f')} tokens)")
     return "\n".join(lines).lstrip("\n")
 
 
@@ -131,7 +135,8 @@ DEFINITIONS = {  # written into steerability.json so the numbers explain themsel
     HELDOUT: "helpfulness, creativity: raw FLR (mean log-likelihood of held-out positive minus negative follow-ups, "
              "nats) on the base model; conciseness: minus the response's token count (higher = shorter)",
     TRAINING: "the training scorer (--scorer) on the base model, on its common scale ((raw - mean) / std); under "
-              "--strategy rerank it also chose among the candidates, so only the held-out judge is independent of the choice",
+              "--strategy rerank it also chose among the candidates, so only the held-out judge is independent "
+              "of the choice",
     "spearman_gain": "per prompt, policy rho minus base rho, averaged; bootstrapped over the same prompt resamples",
     "at_weight_1": "mean realised score where the request gave that objective weight 1; base_plain: the base "
                    "model's answers without a direction line",
@@ -174,7 +179,8 @@ def plot_steerability(result: EvalResult, path: str | Path, title: str = "") -> 
         ax.axis("off")
     cmap = matplotlib.colormaps["viridis"]
     colour_of = {POLICY: "tab:blue", BASE: "tab:grey"}
-    unit = {"helpfulness": "helpfulness (raw FLR, nats)", "creativity": "creativity (raw FLR, nats)", TOKEN_OBJECTIVE: f"{TOKEN_OBJECTIVE} (-tokens)"} if head == HELDOUT else {}
+    unit = {"helpfulness": "helpfulness (raw FLR, nats)", "creativity": "creativity (raw FLR, nats)",
+            TOKEN_OBJECTIVE: f"{TOKEN_OBJECTIVE} (-tokens)"} if head == HELDOUT else {}
 
     def err(se: float):
         return None if math.isnan(se) else se
@@ -186,13 +192,15 @@ def plot_steerability(result: EvalResult, path: str | Path, title: str = "") -> 
                 x, y, xe, ye = d.mean[head][oa], d.mean[head][ob], err(d.se[head][oa]), err(d.se[head][ob])
                 if d.weights is None:
                     ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="*", color="red", markersize=11, ecolor="lightgrey")
-                    ax.annotate("base plain", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="red")
+                    ax.annotate("base plain", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                                color="red")
                     continue
                 wa, wb = d.weights[oa], d.weights[ob]
                 colour = cmap(wa / (wa + wb)) if wa + wb > 0 else "grey"  # share of the pair's weight on x
                 ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o" if name == POLICY else "s", color=colour,
                             mfc=colour if name == POLICY else "none", ecolor="lightgrey", capsize=2)
-                ax.annotate(d.label if name == POLICY else f"{d.label} (base)", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+                ax.annotate(d.label if name == POLICY else f"{d.label} (base)", (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6)
         ax.set(xlabel=unit.get(oa, oa), ylabel=unit.get(ob, ob))
         ax.set_title(f"{oa} vs {ob} ({head} judge)", fontsize=9)
         ax.grid(alpha=0.3)
@@ -231,14 +239,15 @@ def plot_steerability(result: EvalResult, path: str | Path, title: str = "") -> 
     ax.set_yticks(range(len(objectives)), list(objectives), fontsize=7)
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(f"{shown[0]} side effects: Spearman(realised row, requested column)", fontsize=9)
-    fig.suptitle(f"{title}\n" * bool(title) + "● policy   □ base   ★ base model's plain answers   (mean ± se over prompts x seeds; "
-                 "colour: share of the pair's weight on the x objective)", fontsize=10)
+    fig.suptitle(f"{title}\n" * bool(title) + "● policy   □ base   ★ base model's plain answers   (mean ± se over "
+                 "prompts x seeds; colour: share of the pair's weight on the x objective)", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
 
 
-def write_report(result: EvalResult, out_dir: str | Path, prompts: Sequence[PromptRecord] | None = None, **extra) -> dict[str, Path]:
+def write_report(result: EvalResult, out_dir: str | Path, prompts: Sequence[PromptRecord] | None = None,
+                 **extra) -> dict[str, Path]:
     """steerability.json, steerability.png and generations.jsonl under ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +264,8 @@ def write_report(result: EvalResult, out_dir: str | Path, prompts: Sequence[Prom
                     "category": prompts[s.prompt_index].category if prompts else None,
                     "direction": "plain" if plain else direction_label(result.directions[s.direction_index]),
                     "weights": None if plain else result.directions[s.direction_index].as_dict(),
-                    "seed": s.seed, "candidate": s.candidate, "text": s.text, "num_tokens": s.num_tokens, "finished": s.finished,
+                    "seed": s.seed, "candidate": s.candidate, "text": s.text, "num_tokens": s.num_tokens,
+                    "finished": s.finished,
                     "scores": {j: dict(zip(result.objectives, m[i].tolist())) for j, m in scores.items()},
                 }
                 f.write(json.dumps(_finite(row), ensure_ascii=False, allow_nan=False) + "\n")
