@@ -107,7 +107,8 @@ def _build_scorer(config: DPAConfig, base, frozen, show_progress: bool = True):
                          context_length=int(getattr(lm.config, "max_position_embeddings", 2048) or 2048))
     try:
         scorer = build_scorer(config.scorer, loaded, config.objectives, scorer_model=config.scorer_model,
-                              calibration=config.scorer_calibration, field="scorer", progress=config.progress and show_progress)
+                              calibration=config.scorer_calibration, field="scorer",
+                              progress=config.progress and show_progress)
     except ValueError as e:  # InvalidInput included: name the flag
         raise e if isinstance(e, InvalidInput) else InvalidInput("scorer", str(e)) from e
     return scorer, frozen is None and config.scorer_model is None
@@ -171,7 +172,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         if ctx.is_main:
             write_config(config, output / "config.yaml")
         logger.log({"type": "start", "step": 0, "prompts": len(prompts), "iterations": config.iterations,
-                    "global_batch": G, "world_size": ctx.world_size, "scorer": scorer.describe() if scorer is not None else None,
+                    "global_batch": G, "world_size": ctx.world_size,
+                    "scorer": scorer.describe() if scorer is not None else None,
                     "trainable_parameters": sum(p.numel() for p in trainer.params)})
 
     for k in range(start, iterations):
@@ -185,17 +187,22 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         else:
             cursor = (0, 0)
             saved = _saved_pool(config, samples_file) if config.resume else None
-            if distill and saved is not None:  # sampled before the run stopped (or copied from another run): sample nothing
+            # sampled before the run stopped (or copied from another run): sample nothing
+            if distill and saved is not None:
                 from .distill import distill_rows
 
-                log.info("iteration %d: distilling on the %d saved samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)
+                log.info("iteration %d: distilling on the %d saved samples in %s", k,
+                         sum(len(i["cands"]) for i in saved), samples_file)
                 rows_, samples_, stats_ = distill_rows(config, k, prompts, saved, principles)
                 got = IterationData(rows_, samples_, {**stats_, "seconds/sample": 0.0, "resampled": False})
             elif distill:
-                got = collect_distill(config, k, prompts, policy, ctx, principles, base_model=frozen[0] if frozen is not None else None)
+                got = collect_distill(config, k, prompts, policy, ctx, principles,
+                                      base_model=frozen[0] if frozen is not None else None)
             elif saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
-                log.info("iteration %d: re-pairing the %d scored samples in %s", k, sum(len(i["cands"]) for i in saved), samples_file)
-                got = pair_pool(config, k, prompts, saved, {"seconds/sample": 0.0, "seconds/score": 0.0, "resampled": False})
+                log.info("iteration %d: re-pairing the %d scored samples in %s", k,
+                         sum(len(i["cands"]) for i in saved), samples_file)
+                got = pair_pool(config, k, prompts, saved,
+                                {"seconds/sample": 0.0, "seconds/score": 0.0, "resampled": False})
             else:
                 got = collect(config, k, prompts, policy, scorer, scorer_shares_policy, ctx, principles=principles,
                               base_model=frozen[0] if frozen is not None else None)
@@ -212,18 +219,21 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             elif ctx.is_main:
                 print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
-                      f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s", file=sys.stderr)
+                      f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s",
+                      file=sys.stderr)
         if distill:
             from .distill import encode_distill, examples_from_rows
 
             examples = examples_from_rows(rows, None if config.prompt_carries_direction else config.objectives)
         else:
-            examples = examples_from_pairs(rows, config.loss, None if config.prompt_carries_direction else config.objectives)
+            examples = examples_from_pairs(rows, config.loss,
+                                           None if config.prompt_carries_direction else config.objectives)
         if not examples:
             logger.log({"type": "skip", "iteration": k, "step": trainer.step, "reason": "every pair was a near-tie"})
             log.warning("iteration %d: no pairs (all below min_margin); no training this iteration", k)
         else:  # fewer than a global batch is fine: the trainer pads the epoch with repeats
-            data = encode_distill(examples, encoder) if distill else encode_examples(examples, encoder, sft=config.loss == "sft")
+            data = (encode_distill(examples, encoder) if distill
+                    else encode_examples(examples, encoder, sft=config.loss == "sft"))
             trainer.ref = None
             if config.precomputes_reference:
                 policy.model.eval()
@@ -232,7 +242,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                                               precision=trainer.precision)
                 policy.model.train()
             trainer.fit(data, epochs=config.epochs_per_iteration, cursor=cursor, salt=k + 1,
-                        extra_state=lambda k=k: {"iteration": k}, record={"iteration": k}, desc=f"{'dpa' if config.prompt_carries_direction else 'mixture'}/{config.loss} it {k}")
+                        extra_state=lambda k=k: {"iteration": k}, record={"iteration": k},
+                        desc=f"{'dpa' if config.prompt_carries_direction else 'mixture'}/{config.loss} it {k}")
         cursor = (0, 0)
         latest = manager.latest()
         if latest is None or latest.step != trainer.step or latest.state["extra"].get("iteration") != k:

@@ -7,15 +7,20 @@ against the direction; scores every candidate with the reward vector r, pairs th
 by v . r, and trains on the prompt that carries the direction line only.
 
 Examples:
-  python -m steer.train dpa --output runs/dpa                                   # packaged prompts and principles, FLR + length
-  python -m steer.train dpa --config training/recipes/default-adapter.yaml --output runs/default-adapter   # the shipped adapter
-  python -m steer.train dpa --guided-samples 0 --contrast-samples 0 --samples 4 --output runs/plain   # plain on-policy DPA
+  python -m steer.train dpa --output runs/dpa                                   \
+# packaged prompts and principles, FLR + length
+  python -m steer.train dpa --config training/recipes/default-adapter.yaml --output runs/default-adapter   \
+# the shipped adapter
+  python -m steer.train dpa --guided-samples 0 --contrast-samples 0 --samples 4 --output runs/plain   \
+# plain on-policy DPA
   python -m steer.train dpa --principles my_principles.json --guided-samples 3 --output runs/dpa   # your own principles
   python -m steer.train dpa --scorer flr --iterations 4 --samples 4 --output runs/dpa-flr
   python -m steer.train dpa --scorer runs/rm --loss ipo --output runs/dpa-rm    # a trained reward model
   python -m steer.train dpa --loss sft --samples 8 --output runs/rft            # rejection-sampling fine-tuning
-  python -m steer.train dpa --loss distill --samples 0 --guided-samples 1 --contrast-samples 1 --corner-pairs --output runs/distill
-                                                                                # context distillation of the principles into the line
+  python -m steer.train dpa --loss distill --samples 0 --guided-samples 1 --contrast-samples 1 --corner-pairs \
+--output runs/distill
+                                                                                # context distillation of the \
+principles into the line
   python -m steer.train dpa --prompts my_prompts.jsonl --prompts-per-iteration 64 --max-new-tokens 96 --output runs/dpa
   python -m steer.train dpa --config dpa.yaml --resume
   torchrun --nproc_per_node 2 -m steer.train dpa --output runs/dpa-ddp

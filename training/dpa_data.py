@@ -69,7 +69,8 @@ def quantize(direction: Direction) -> Direction:
     return Direction.from_weights({o: u / 100 for o, u in zip(direction.objectives, units)}, direction.objectives)
 
 
-def sample_directions(n: int, objectives: tuple[str, ...], rng: np.random.Generator, corner_share: float, alpha: float) -> list[Direction]:
+def sample_directions(n: int, objectives: tuple[str, ...], rng: np.random.Generator, corner_share: float,
+                      alpha: float) -> list[Direction]:
     """``round(corner_share * n)`` corners (objectives in turn from a random start) and Dirichlet(alpha)
     mixes for the rest, in a random order; each quantised to two decimals."""
     k = len(objectives)
@@ -108,15 +109,18 @@ class Candidate:
     instruction: str | None  # the principle text a base-model candidate was sampled under
 
 
-def candidate_requests(config: DPAConfig, principles, directions: list[Direction], slot_ids: list[int], iteration: int) -> list[tuple[int, str, str]]:
+def candidate_requests(config: DPAConfig, principles, directions: list[Direction], slot_ids: list[int],
+                       iteration: int) -> list[tuple[int, str, str]]:
     """``(position in slot_ids, source, instruction)`` for every base-model candidate: ``guided_samples``
     instructions for the slot's direction, then ``contrast_samples`` against it. Each slot draws from
     its own seeded stream, so the instructions do not depend on how slots are split across ranks."""
     out = []
     for a, s in enumerate(slot_ids):
         rng = np.random.default_rng([config.seed, 13, iteration, s])
-        out += [(a, GUIDED, principles.instruction(directions[s], "positive", rng)) for _ in range(config.guided_samples)]
-        out += [(a, CONTRAST, principles.instruction(directions[s], "negative", rng)) for _ in range(config.contrast_samples)]
+        out += [(a, GUIDED, principles.instruction(directions[s], "positive", rng))
+                for _ in range(config.guided_samples)]
+        out += [(a, CONTRAST, principles.instruction(directions[s], "negative", rng))
+                for _ in range(config.contrast_samples)]
     return out
 
 
@@ -164,7 +168,8 @@ class SampledPools:
                  "cands": [tuple(c.__dict__.values()) for c in self.pool[a]]} for a, s in enumerate(self.mine)]
 
 
-def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles=None, base_model=None) -> SampledPools:
+def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles=None,
+                 base_model=None) -> SampledPools:
     """Steps 1-2 of the module docstring for iteration ``iteration``, this rank's share of the slots.
 
     ``principles`` (a :class:`steer.principles.Principles`) and ``base_model`` (the model the guided and
@@ -196,12 +201,14 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
     if config.guided_samples + config.contrast_samples:
         requests = candidate_requests(config, principles, directions, mine, iteration)
         conversations = [instructed_messages(prompts[slots[mine[a]]], text) for a, _, text in requests]
-        # Contrast and guided rows apart, and rows of the same instruction objective together: similar lengths per batch.
+        # Contrast and guided rows apart, and rows of the same instruction objective together:
+        # similar lengths per batch.
         keys = [(src, text.split(".")[0], a) for a, src, text in requests]
         context = policy.reference() if base_model is None else contextlib.nullcontext()
         with context:
-            gens = _generate_sorted(base_model if base_model is not None else policy.model, policy.tokenizer, conversations, params,
-                                    batch_size=config.generation_batch_size, seed=config.seed * 7919 + iteration * 104_729 + 7 * ctx.world_size + ctx.rank,
+            gens = _generate_sorted(base_model if base_model is not None else policy.model, policy.tokenizer,
+                                    conversations, params, batch_size=config.generation_batch_size,
+                                    seed=config.seed * 7919 + iteration * 104_729 + 7 * ctx.world_size + ctx.rank,
                                     progress=show, keys=keys)
         for (a, src, text), g in zip(requests, gens):
             pool[a].append(Candidate(g.text, g.finished, len(g.token_ids), src, text))
@@ -209,8 +216,8 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
     return SampledPools(slots, directions, mine, pool, time.monotonic() - t0)
 
 
-def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool, ctx: DistContext,
-            principles=None, base_model=None) -> IterationData:
+def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool,
+            ctx: DistContext, principles=None, base_model=None) -> IterationData:
     """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result.
     ``principles`` and ``base_model``: see :func:`sample_pools`."""
     got = sample_pools(config, iteration, prompts, policy, ctx, principles, base_model)
@@ -219,7 +226,8 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
     texts = [c.text for cands in got.pool for c in cands]
     policy.model.eval()
     with _score_context(policy, scorer_shares_policy):
-        rewards = scorer.rewards(conversations, texts)  # raw and scaled (n candidates, k), on the unconditioned conversation
+        # raw and scaled (n candidates, k), on the unconditioned conversation
+        rewards = scorer.rewards(conversations, texts)
     policy.model.train()
     t2 = time.monotonic()
 
@@ -229,10 +237,12 @@ def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, 
         at += len(got.pool[a])
         item["scaled"], item["raw"] = rewards.scaled[rows].tolist(), rewards.raw[rows].tolist()  # (pool, k) each
     merged = sorted((item for part in all_gather_object(ctx, local) for item in part), key=lambda x: x["slot"])
-    return pair_pool(config, iteration, prompts, merged, {"seconds/sample": round(got.seconds, 3), "seconds/score": round(t2 - t1, 3)})
+    return pair_pool(config, iteration, prompts, merged,
+                     {"seconds/sample": round(got.seconds, 3), "seconds/score": round(t2 - t1, 3)})
 
 
-def collect_distill(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles, base_model=None) -> IterationData:
+def collect_distill(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx: DistContext, principles,
+                    base_model=None) -> IterationData:
     """Steps 1-2, then the distillation rows of :mod:`steer.training.distill` (no scoring); every rank
     gets the same result. ``IterationData.pairs`` holds the rows."""
     from .distill import distill_rows
@@ -255,8 +265,8 @@ def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
         return None
     slots = config.prompts_per_iteration * config.directions_per_prompt
     if len(pools) != slots or any(len(p["cands"]) != config.pool_size for p in pools):
-        log.warning("%s holds %d pools of sizes %s, this config asks for %d of %d; sampling again", samples_file, len(pools),
-                    sorted({len(p["cands"]) for p in pools}), slots, config.pool_size)
+        log.warning("%s holds %d pools of sizes %s, this config asks for %d of %d; sampling again", samples_file,
+                    len(pools), sorted({len(p["cands"]) for p in pools}), slots, config.pool_size)
         return None
     return pools
 
@@ -296,10 +306,11 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
         scores = (torch.tensor(item["scaled"], dtype=torch.float32) @ v).tolist()  # (pool,) v . r
         ranked = [sc - (0.0 if c.finished else config.missing_eos_penalty) for sc, c in zip(scores, cands)]
         for j, c in enumerate(cands):
-            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"], "direction": _weights(d), "sample": j,
-                            "source": c.source, "instruction": c.instruction,
+            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
+                            "direction": _weights(d), "sample": j, "source": c.source, "instruction": c.instruction,
                             "response": c.text, "finished": c.finished, "tokens": c.tokens,
-                            "rewards": dict(zip(objectives, item["scaled"][j])), "rewards_raw": dict(zip(objectives, item["raw"][j])),
+                            "rewards": dict(zip(objectives, item["scaled"][j])),
+                            "rewards_raw": dict(zip(objectives, item["raw"][j])),
                             "score": scores[j], "pair_score": ranked[j]})
             lengths.append(c.tokens)
             finished.append(c.finished)
@@ -334,10 +345,12 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
             rejected_from[cands[lo].source] += 1
             chosen_finished.append(cands[hi].finished)
             pairs.append({
-                "prompt": condition_messages(conv, e) if config.prompt_carries_direction else list(conv), "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
+                "prompt": condition_messages(conv, e) if config.prompt_carries_direction else list(conv),
+                "chosen": cands[hi].text, "rejected": cands[lo].text if hi != lo else None,
                 "direction": _weights(e), "chosen_rewards": dict(zip(objectives, item["scaled"][hi])),
                 "rejected_rewards": dict(zip(objectives, item["scaled"][lo])), "chosen_score": e_scores[hi],
-                "rejected_score": e_scores[lo], "margin": margin, "chosen_finished": cands[hi].finished, "rejected_finished": cands[lo].finished,
+                "rejected_score": e_scores[lo], "margin": margin, "chosen_finished": cands[hi].finished,
+                "rejected_finished": cands[lo].finished,
                 "chosen_source": cands[hi].source, "rejected_source": cands[lo].source, "relabeled": relabeled,
                 "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
             })
@@ -349,14 +362,17 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
             by_source[f"tokens/{src}"] = float(np.mean(toks))
             by_source[f"finished/{src}"] = float(np.mean([r["finished"] for r in samples if r["source"] == src]))
     stats = {
-        "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs), "pairs/relabeled": sum(p["relabeled"] for p in pairs),
+        "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs),
+        "pairs/relabeled": sum(p["relabeled"] for p in pairs),
         "skipped/margin": skipped["margin"], "skipped/equal": skipped["equal"],
         **{f"chosen/{k}": v for k, v in chosen_from.items()}, **{f"rejected/{k}": v for k, v in rejected_from.items()},
-        "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)), "score/worst": float(np.mean(worst)),
+        "score/mean": float(np.mean(all_scores)), "score/best": float(np.mean(best)),
+        "score/worst": float(np.mean(worst)),
         "score/corner_mean": float(np.mean(corner)) if corner else None,
         "margin/mean": float(np.mean(margins)) if margins else None,
         **{f"reward/{o}": m for o, m in zip(objectives, reward_means)},
-        "finished": float(np.mean(finished)), "chosen_finished": float(np.mean(chosen_finished)) if chosen_finished else None,
+        "finished": float(np.mean(finished)),
+        "chosen_finished": float(np.mean(chosen_finished)) if chosen_finished else None,
         "response_tokens": float(np.mean(lengths)), **by_source, **timings,
     }
     return IterationData(pairs, samples, stats)
@@ -371,8 +387,8 @@ def examples_from_pairs(rows: list[dict], loss: str, objectives: tuple[str, ...]
         where = r.get("where") or f"iteration {r['iteration']} slot {r['slot']}"
         rejected = r["rejected"] if r["rejected"] is not None else ""
         direction = tuple(float(r["direction"][o]) for o in objectives) if objectives is not None else None
-        out.append(PairExample(tuple(r["prompt"]), r["chosen"], rejected, where, bool(r["chosen_finished"]), bool(r["rejected_finished"]),
-                               direction))
+        out.append(PairExample(tuple(r["prompt"]), r["chosen"], rejected, where, bool(r["chosen_finished"]),
+                               bool(r["rejected_finished"]), direction))
     return pairs_to_unpaired(out) if loss == "kto" else out
 
 
