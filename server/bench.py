@@ -59,6 +59,14 @@ class Sample:
     tokens: int
 
 
+def write_results(path: str | Path, results: dict) -> None:
+    """Write ``results`` as indented JSON to ``path`` (creating its folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
 def workload(n: int, seed: int = 0):
     rng = random.Random(seed)
     out = []
@@ -301,9 +309,7 @@ def main(argv=None) -> int:
         del loaded
     results["quality"] = precision_quality(args.model, PROMPTS, args.dtype, args.linears)
     print(f"served numerics ({args.dtype}, linears {args.linears}) vs fp32 torch: {results['quality']}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"wrote {output}")
+    write_results(output, results)
     return 0
 
 

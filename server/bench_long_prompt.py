@@ -22,13 +22,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from steer.server.bench import write_results
 
 
 def rss_mb(pid: int) -> float:
@@ -152,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results(args.output, results)
     return 0
 
 
