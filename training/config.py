@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import sys
 import types
@@ -296,7 +297,8 @@ def write_config(config, path: str | Path) -> None:
 def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report=None,
                 description_paragraphs: int = 2) -> int:
     """What every dataclass-config command's ``main`` does: ``cls`` from defaults < ``--config`` <
-    flags (a bad value exits 2 naming the field), ``--log-level``, ``run(config)``, an
+    flags (a bad value exits 2 naming the field), ``--log-level``, ``run(config)`` (``run`` is a
+    function or ``"module:function"``), an
     :class:`InvalidInput` from the run as ``prog: error: field: reason`` and status 2, and
     ``report(config, result)`` (prints the outcome) on success. ``doc``'s first
     ``description_paragraphs`` paragraphs describe the command in ``--help``, the rest is its epilog."""
@@ -307,6 +309,9 @@ def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report
     config = parse_config(cls, argv, prog=prog, description="\n\n".join(parts[:description_paragraphs]),
                           epilog="\n\n".join(parts[description_paragraphs:]))
     configure_logging(config.log_level)
+    if isinstance(run, str):  # "module:function", imported once the flags parsed: --help stays quick
+        module, _, name = run.partition(":")
+        run = getattr(importlib.import_module(module), name)
     try:
         result = run(config)
     except InvalidInput as e:

@@ -69,6 +69,16 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def run_in_process_group(run, config):
+    """``run(config, ctx)`` in the process group that ``config.device`` and ``config.threads`` ask for
+    (:func:`init_distributed`); the group is shut down afterwards, also when ``run`` raises."""
+    ctx = init_distributed(config.device, config.threads)
+    try:
+        return run(config, ctx)
+    finally:
+        shutdown(ctx)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -45,7 +45,7 @@ from steer.errors import InvalidInput
 
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import config_to_dict, write_config
-from .distributed import DistContext, barrier, init_distributed, shutdown
+from .distributed import DistContext, barrier, run_in_process_group
 from .dpa_data import (  # noqa: F401  (the data steps; re-exported for callers of this module)
     Candidate,
     IterationData,
@@ -80,11 +80,7 @@ ITERATIONS = "iterations"
 
 def run_dpa(config: DPAConfig) -> dict:
     """Run the whole command; returns a summary (also the last record of metrics.jsonl)."""
-    ctx = init_distributed(config.device, config.threads)
-    try:
-        return _run(config, ctx)
-    finally:
-        shutdown(ctx)
+    return run_in_process_group(_run, config)
 
 
 def _given_pairs(config: DPAConfig) -> list[dict] | None:

@@ -24,7 +24,7 @@ from steer.errors import InvalidInput
 
 from .checkpoint import CheckpointManager
 from .config import config_to_dict, write_config
-from .distributed import DistContext, barrier, init_distributed, shutdown
+from .distributed import DistContext, barrier, run_in_process_group
 from .metrics import MetricsLogger, plot_curves
 from .output_dir import check_output_dir
 from .pairs import Encoder, PairExample, encode_examples, pairs_to_unpaired, read_examples
@@ -103,11 +103,7 @@ def check_output(config: TrainerConfig, manager: CheckpointManager):
 
 def train_dpo(config: DPOConfig) -> dict:
     """Run the whole command; returns a summary (also the last record of metrics.jsonl)."""
-    ctx = init_distributed(config.device, config.threads)
-    try:
-        return _train(config, ctx)
-    finally:
-        shutdown(ctx)
+    return run_in_process_group(_train, config)
 
 
 def _train(config: DPOConfig, ctx: DistContext) -> dict:

@@ -31,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from steer.training.config import report_saved, run_command
     from steer.training.settings import DPOConfig
 
-    def run(config):
-        from steer.training.dpo import train_dpo
-
-        return train_dpo(config)
-
-    return run_command(DPOConfig, argv, prog=PROG, doc=__doc__, run=run, report=report_saved, description_paragraphs=1)
+    return run_command(DPOConfig, argv, prog=PROG, doc=__doc__,
+                       run="steer.training.dpo:train_dpo", report=report_saved, description_paragraphs=1)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from steer.training.config import run_command
     from steer.training.judge_settings import ICAIConfig
 
-    def run(config):
-        from steer.training.icai import run_icai
-
-        return run_icai(config)
-
-    return run_command(ICAIConfig, argv, prog=PROG, doc=__doc__, run=run, report=_report)
+    return run_command(ICAIConfig, argv, prog=PROG, doc=__doc__, run="steer.training.icai:run_icai", report=_report)
 
 
 def _report(config, report: dict) -> None:

@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from steer.training.config import run_command
     from steer.training.judge_settings import LabelConfig
 
-    def run(config):
-        from steer.training.label import run_label
-
-        return run_label(config)
-
-    return run_command(LabelConfig, argv, prog=PROG, doc=__doc__, run=run, report=_report)
+    return run_command(LabelConfig, argv, prog=PROG, doc=__doc__, run="steer.training.label:run_label", report=_report)
 
 
 def _report(config, summary: dict) -> None:

@@ -29,12 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from steer.training.config import report_saved, run_command
     from steer.training.settings import MixtureConfig
 
-    def run(config):
-        from steer.training.dpa import run_dpa
-
-        return run_dpa(config)
-
-    return run_command(MixtureConfig, argv, prog=PROG, doc=__doc__, run=run, report=report_saved)
+    return run_command(MixtureConfig, argv, prog=PROG, doc=__doc__,
+                       run="steer.training.dpa:run_dpa", report=report_saved)
 
 
 if __name__ == "__main__":

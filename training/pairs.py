@@ -195,6 +195,18 @@ def _json_object_lines(path: Path) -> Iterator[tuple[int, dict]]:
         yield lineno, obj
 
 
+def data_file(path: str | Path) -> tuple[Path, str]:
+    """``(path, the datasets builder that reads it)`` for a local training-data file; InvalidInput
+    naming the file when its type is not one of SUFFIXES or it does not exist."""
+    path = Path(path)
+    builder = SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        raise InvalidInput(str(path), f"unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
+    if not path.is_file():
+        raise InvalidInput(str(path), "no such file")
+    return path, builder
+
+
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     """``(where, row)`` for every row of a local JSONL/Parquet file, read through ``datasets``.
 
@@ -204,12 +216,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     """
     import datasets
 
-    path = Path(path)
-    builder = SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise InvalidInput(str(path), f"unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
-    if not path.is_file():
-        raise InvalidInput(str(path), "no such file")
+    path, builder = data_file(path)
     parsed = list(_json_object_lines(path)) if path.suffix.lower() == ".jsonl" else None
     if builder == "json" and parsed is None:  # a .json file (one array): datasets would only say it could not decode
         for _ in _utf8_lines(path):

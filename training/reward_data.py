@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer.training.pairs import SUFFIXES, json_lines  # one JSONL reader and file-type table for all training data
+from steer.training.pairs import data_file, json_lines  # one JSONL reader and file-type table for all training data
 
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
@@ -112,12 +112,7 @@ def read_reward_file(path: str | Path, objectives: Sequence[str]) -> list[Exampl
     """All rows of one JSONL/Parquet file as examples, or ``InvalidInput`` at the first bad row."""
     import datasets
 
-    path = Path(path)
-    builder = SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise InvalidInput(str(path), f"unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
-    if not path.is_file():
-        raise InvalidInput(str(path), "no such file")
+    path, builder = data_file(path)
     if builder == "json":
         lines = []
         for lineno, obj in json_lines(path):
