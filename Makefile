@@ -9,12 +9,13 @@ PORT ?= 50051
 MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-slow fuzz proto bench-kernels bench-serve bench-rerank bench-long-prompt loadtest clean help
+.PHONY: install serve test test-slow lint fuzz proto bench-kernels bench-serve bench-rerank bench-long-prompt loadtest clean help
 
 help:
 	@echo "make serve        serve the default model on $(HOST):$(PORT) (self-installs first)"
 	@echo "make test         run the CPU test suite (self-installs first)"
 	@echo "make test-slow    also run the slow tests that load the real default model"
+	@echo "make lint         ruff check (rules and line length in pyproject.toml)"
 	@echo "make fuzz         hostile requests against a tiny-model server (FUZZ_REQUESTS=2000, FUZZ_SEED=0)"
 	@echo "make proto        regenerate steer/v1/*_pb2*.py from proto/steer/v1/steer.proto"
 	@echo "make bench-kernels  fused log-prob benchmark (writes JSON)"
@@ -44,6 +45,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The fuzz test of `make test` (250 requests) at a larger size; any seed gives a reproducible request list.
 fuzz: $(STAMP)
