@@ -115,20 +115,18 @@ def linear_logprob(
     if backend == "triton":
         from . import logprob_triton  # deferred: imports triton only when it is used
 
-        logp, lse, entropy = logprob_triton.triton_linear_logprob(
-            x, weight, t, bias, temperature=temperature, ignore_index=ignore_index,
-            return_lse=return_lse, return_entropy=return_entropy,
-        )
+        fused = logprob_triton.triton_linear_logprob
     else:
         valid = t != ignore_index
         v = weight.shape[0]
         if bool(((t < 0) | (t >= v))[valid].any()):
             bad = t[valid & ((t < 0) | (t >= v))][0].item()
             raise ValueError(f"targets holds {bad}, outside [0, {v}) and not ignore_index={ignore_index}")
-        logp, lse, entropy = torch_linear_logprob(
-            x, weight, t, bias, temperature=temperature, ignore_index=ignore_index,
-            return_lse=return_lse, return_entropy=return_entropy,
-        )
+        fused = torch_linear_logprob
+    logp, lse, entropy = fused(
+        x, weight, t, bias, temperature=temperature, ignore_index=ignore_index,
+        return_lse=return_lse, return_entropy=return_entropy,
+    )
     logp = logp.view(out_shape)
     if not (return_lse or return_entropy):
         return logp

@@ -12,6 +12,8 @@ signature as the Triton path (`logprob_triton.py`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -233,7 +235,9 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def torch_linear_logprob(
+def fused_linear_logprob(
+    function: type[torch.autograd.Function],
+    config: object,
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -243,16 +247,34 @@ def torch_linear_logprob(
     ignore_index: int = -100,
     return_lse: bool = False,
     return_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Runs a fused path's autograd Function; returns (logp, lse, entropy) with None for what was not asked for.
+
+    `function` is `ChunkedLinearLogprob` or `logprob_triton.TritonLinearLogprob`, both applied as
+    (hidden, weight, bias, targets, temperature, ignore_index, return_entropy, config), `config`
+    being the chunk rows or the tile sizes.
+    """
+    logp, lse, entropy = function.apply(
+        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), config
+    )
+    return logp, (lse if return_lse else None), (entropy if return_entropy else None)
+
+
+def torch_linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
     chunk_rows: int | None = None,
+    **options: Any,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Chunked torch path; returns (logp, lse, entropy) with None for what was not asked for.
 
     hidden (N, H) and targets (N,) are already flattened and validated by the dispatcher
-    (`logprob.linear_logprob`). `chunk_rows` overrides the workspace-derived chunk (tests use it
-    to cross chunk boundaries on small shapes).
+    (`logprob.linear_logprob`). `options` are temperature, ignore_index, return_lse and
+    return_entropy, as in `fused_linear_logprob`. `chunk_rows` overrides the workspace-derived
+    chunk (tests use it to cross chunk boundaries on small shapes).
     """
     rows = chunk_rows if chunk_rows is not None else chunk_rows_for(weight.shape[0], hidden.dtype)
-    logp, lse, entropy = ChunkedLinearLogprob.apply(
-        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), int(rows)
-    )
-    return logp, (lse if return_lse else None), (entropy if return_entropy else None)
+    return fused_linear_logprob(ChunkedLinearLogprob, int(rows), hidden, weight, targets, bias, **options)

@@ -15,14 +15,49 @@ dW rows: the second pass would recompute the (N x V x H) logits GEMM a second ti
 op's FLOPs), while an owned-rows pass streams its dX/dW accumulators through memory exactly like
 the atomics do (the accumulators, BLOCK_N x H and BLOCK_V x H, never fit in registers for
 H ~ 4k). The cost of atomics is a summation order that varies run to run (fp32, ~1e-6 relative).
+
+`tile_2d`, `matmul_tile`, `input_precision` and `check_block_sizes` serve `mixture_lora_triton` too.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .logprob_torch import fused_linear_logprob
+
+
+@triton.jit
+def tile_2d(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of an (N, C) output on a 2D grid: rows, cols and their in-bounds masks."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, rows < N, cols < C
+
+
+@triton.jit
+def matmul_tile(
+    a_ptr, b_ptr,
+    rows, cols, row_mask, col_mask,
+    K, stride_an, stride_ak, stride_bk, stride_bc,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """A[rows] @ B[:, cols], fp32, (BLOCK_N, BLOCK_C), for A (N, K) and B (K, C) read through strides."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bc,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_C)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -35,15 +70,9 @@ def _logits_tile(
     INPUT_PRECISION: tl.constexpr,
 ):
     """z tile = (X[rows] W[cols]^T + b[cols]) / T, fp32, (BLOCK_N, BLOCK_V)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_mask = hs < H
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + hs[None, :] * stride_xh,
-                    mask=row_mask[:, None] & h_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wv + hs[:, None] * stride_wh,
-                      mask=col_mask[None, :] & h_mask[:, None], other=0.0)  # (BLOCK_H, BLOCK_V)
-        acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
+    acc = matmul_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask,
+                      H, stride_xn, stride_xh, stride_wh, stride_wv,  # B = W^T: (h, v) strides
+                      BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc * inv_temperature
@@ -118,12 +147,7 @@ def _linear_logprob_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    rows, cols, row_mask, col_mask = tile_2d(N, V, BLOCK_N, BLOCK_V)
     tgt = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (tgt != ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -190,7 +214,7 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, ignore_index,
         1.0 / temperature, ignore_index,
         HAS_BIAS=bias is not None, RETURN_ENTROPY=return_entropy,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        INPUT_PRECISION=_input_precision(hidden),
+        INPUT_PRECISION=input_precision(hidden),
         num_warps=8,
     )
     return logp, lse, entropy
@@ -219,7 +243,7 @@ def linear_logprob_bwd(grad_logp, hidden, weight, bias, targets, lse, temperatur
             1.0 / temperature, ignore_index,
             HAS_BIAS=bias is not None, COMPUTE_DX=need_x, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-            INPUT_PRECISION=_input_precision(hidden),
+            INPUT_PRECISION=input_precision(hidden),
             num_warps=8,
         )
     return (
@@ -229,10 +253,18 @@ def linear_logprob_bwd(grad_logp, hidden, weight, bias, targets, lse, temperatur
     )
 
 
-def _input_precision(hidden: Tensor) -> str | None:
+def input_precision(operand: Tensor) -> str | None:
+    """tl.dot's input_precision for `operand`'s dtype (also used by `mixture_lora_triton`)."""
     # fp32 inputs get exact fp32 dots ("ieee"), not tf32: fp32 is what tests compare at 1e-5.
     # Half inputs: the backend's default (the option only concerns fp32 operands).
-    return "ieee" if hidden.dtype == torch.float32 else None
+    return "ieee" if operand.dtype == torch.float32 else None
+
+
+def check_block_sizes(names: tuple[str, ...], blocks: tuple[int, ...]) -> None:
+    """Raises ValueError unless every tile size is a power of two >= 16 (what tl.dot tiles need)."""
+    for name, size in zip(names, blocks):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles); got {size}")
 
 
 class TritonLinearLogprob(torch.autograd.Function):
@@ -261,24 +293,17 @@ def triton_linear_logprob(
     targets: Tensor,
     bias: Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_lse: bool = False,
-    return_entropy: bool = False,
     block_n: int | None = None,
     block_v: int | None = None,
     block_h: int | None = None,
+    **options: Any,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Triton path; returns (logp, lse, entropy) with None for what was not asked for.
 
-    hidden (N, H), targets (N,) flattened by the dispatcher. block_* override the tile sizes
-    (tests use small ones to cross tile boundaries; each must be a power of two >= 16).
+    hidden (N, H), targets (N,) flattened by the dispatcher. `options` are temperature, ignore_index,
+    return_lse and return_entropy, as in `logprob_torch.fused_linear_logprob`. block_* override the
+    tile sizes (tests use small ones to cross tile boundaries; each must be a power of two >= 16).
     """
     blocks = _block_sizes(hidden, block_n, block_v, block_h)
-    for name, size in zip(("block_n", "block_v", "block_h"), blocks):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles); got {size}")
-    logp, lse, entropy = TritonLinearLogprob.apply(
-        hidden, weight, bias, targets.contiguous(), float(temperature), int(ignore_index), bool(return_entropy), blocks
-    )
-    return logp, (lse if return_lse else None), (entropy if return_entropy else None)
+    check_block_sizes(("block_n", "block_v", "block_h"), blocks)
+    return fused_linear_logprob(TritonLinearLogprob, blocks, hidden, weight, targets.contiguous(), bias, **options)

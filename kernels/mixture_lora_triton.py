@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .logprob_triton import check_block_sizes, input_precision, matmul_tile, tile_2d
 from .mixture_lora import check_mixture_lora_args
 
 
@@ -47,21 +48,9 @@ def _mixture_lora_shrink_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KR: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_j * BLOCK_KR + tl.arange(0, BLOCK_KR)
-    row_mask = rows < N
-    col_mask = cols < KR
-    acc = tl.zeros((BLOCK_N, BLOCK_KR), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        lt = tl.load(l_ptr + rows[:, None] * stride_ln + ds[None, :] * stride_ld,
-                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        mt = tl.load(m_ptr + ds[:, None] * stride_md + cols[None, :] * stride_mj,
-                     mask=d_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_KR)
-        acc = tl.dot(lt, mt, acc, input_precision=INPUT_PRECISION)
+    rows, cols, row_mask, col_mask = tile_2d(N, KR, BLOCK_N, BLOCK_KR)
+    acc = matmul_tile(l_ptr, m_ptr, rows, cols, row_mask, col_mask, D, stride_ln, stride_ld, stride_md, stride_mj,
+                      BLOCK_N, BLOCK_KR, BLOCK_D, INPUT_PRECISION)  # (BLOCK_N, BLOCK_KR) fp32
     tl.store(h_ptr + rows[:, None] * KR + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -79,12 +68,7 @@ def _mixture_lora_expand_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KR: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < N
-    col_mask = cols < C
+    rows, cols, row_mask, col_mask = tile_2d(N, C, BLOCK_N, BLOCK_C)
     w_rows = rows // rows_per_weight  # (BLOCK_N,) the weights row each x row reads
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for j0 in range(0, KR, BLOCK_KR):
@@ -102,11 +86,6 @@ def _mixture_lora_expand_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _input_precision(x: Tensor) -> str | None:
-    # fp32 inputs get exact fp32 dots ("ieee"), not tf32, as in logprob_triton: tests compare at 1e-5.
-    return "ieee" if x.dtype == torch.float32 else None
-
-
 def _block_sizes(x: Tensor, kr: int, block_n: int | None, block_d: int | None,
                  block_kr: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, BLOCK_KR): fixed defaults (not autotuned), small under the interpreter.
@@ -117,9 +96,7 @@ def _block_sizes(x: Tensor, kr: int, block_n: int | None, block_d: int | None,
     default_kr = min(64, max(16, triton.next_power_of_2(kr)))
     default = (64, 64, default_kr) if x.device.type == "cuda" else (16, 32, default_kr)
     blocks = (block_n or default[0], block_d or default[1], block_kr or default[2])
-    for name, size in zip(("block_n", "block_d", "block_kr"), blocks):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles); got {size}")
+    check_block_sizes(("block_n", "block_d", "block_kr"), blocks)
     return blocks
 
 
@@ -136,7 +113,7 @@ def _shrink(left: Tensor, m: Tensor, m_strides: tuple[int, int], kr: int, blocks
         n, d, kr,
         left.stride(0), left.stride(1), m_strides[0], m_strides[1],
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KR=block_kr,
-        INPUT_PRECISION=_input_precision(left),
+        INPUT_PRECISION=input_precision(left),
     )
     return h
 
@@ -156,7 +133,7 @@ def _expand(h: Tensor, w2: Tensor, m: Tensor, m_strides: tuple[int, int], c: int
         w2.stride(0), w2.stride(1), m_strides[0], m_strides[1],
         float(scale),
         BLOCK_N=block_n, BLOCK_C=block_d, BLOCK_KR=block_kr,
-        INPUT_PRECISION=_input_precision(m),
+        INPUT_PRECISION=input_precision(m),
     )
     return y
 

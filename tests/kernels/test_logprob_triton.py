@@ -12,10 +12,6 @@ Run `TRITON_INTERPRET=1 pytest tests/kernels/test_logprob_triton.py` to see them
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,17 +32,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
 
 
 @pytest.mark.skipif(RUN_HERE, reason="kernel tests run in this process")
-def test_triton_kernels_under_interpreter():
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("STEER_KERNELS", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, f"interpreter run failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) >= 13, f"the kernel tests did not run:\n{result.stdout[-2000:]}"
+def test_triton_kernels_under_interpreter(run_under_triton_interpreter):
+    run_under_triton_interpreter(__file__, 13)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -256,18 +252,8 @@ def test_stack_lora_adapters_names_the_bad_adapter(a_list, b_list, match):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(RUN_TRITON_HERE, reason="the Triton tests run in this process")
-def test_triton_kernels_under_interpreter():
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("STEER_KERNELS", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-         "-k", "test_triton_"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, f"interpreter run failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) >= 10, f"the Triton tests did not run:\n{result.stdout[-2000:]}"
+def test_triton_kernels_under_interpreter(run_under_triton_interpreter):
+    run_under_triton_interpreter(__file__, 10, "-k", "test_triton_")
 
 
 @pytest.fixture(scope="module")
