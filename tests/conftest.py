@@ -19,6 +19,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_CONTEXT = 512
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny-model ops are too small to gain from intra-op threads, and on a
+    busy machine the thread pool's synchronisation costs several times the work (measured: 14 s vs 89 s for
+    the same run on 2 loaded cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The default model's tokenizer (the first run converts the GGUF once into the cache)."""
@@ -156,3 +169,27 @@ def slow_tiny_loaded(tiny_loaded):
 
     return lambda delay: dataclasses.replace(tiny_loaded, model=SlowModel(tiny_loaded.model, delay),
                                              model_id=f"slow-tiny-{delay}")
+
+
+def _followup_loglik(model, tokenizer, conversation, response, followup) -> float:
+    import torch
+
+    messages = list(conversation) + [{"role": "assistant", "content": response}, {"role": "user", "content": followup}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(text[: text.rfind(followup)], add_special_tokens=False)["input_ids"])
+    target = tokenizer(followup, add_special_tokens=False)["input_ids"]
+    # The whole-text tokenisation splits exactly at the follow-up: the definition FLR relies on.
+    assert ids[start: start + len(target)] == target
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()  # (T, V), the model's own LM head
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(torch.stack([logp[t - 1, ids[t]] for t in range(start, start + len(target))]).mean())
+
+
+@pytest.fixture(scope="session")
+def followup_loglik():
+    """``loglik(model, tokenizer, conversation, response, followup)``: the mean log p of the follow-up's
+    tokens, computed independently of steer.rewards: the whole rendered dialogue in one forward, full
+    logits, plain log_softmax and gather."""
+    return _followup_loglik

@@ -1,7 +1,6 @@
 """Continuous batching: concurrent requests give what they give alone; limits and cancellation."""
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -80,31 +79,11 @@ def test_batched_engine_logprobs_match_single_sequence_forward(tiny_loaded):
 
 
 @pytest.fixture(scope="module")
-def slow_server(start_tiny_server, tiny_loaded):
+def slow_server(start_tiny_server, slow_tiny_loaded):
     from steer.server.app import ServerConfig
 
-    from steer.models import LoadedModel
-
-    class Slow:
-        def __init__(self, model):
-            self._model = model
-
-        def __call__(self, *a, **k):
-            time.sleep(0.03)
-            return self._model(*a, **k)
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-
-    loaded = LoadedModel(Slow(tiny_loaded.model), tiny_loaded.tokenizer, "slow", None, tiny_loaded.context_length)
-    return start_tiny_server(ServerConfig(port=0, engine=EngineConfig(max_concurrent=2, max_queue=1)), loaded=loaded)
-
-
-def wait_for(condition, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)
+    return start_tiny_server(ServerConfig(port=0, engine=EngineConfig(max_concurrent=2, max_queue=1)),
+                             loaded=slow_tiny_loaded(0.03))
 
 
 def gen(max_new_tokens):
@@ -112,11 +91,11 @@ def gen(max_new_tokens):
                               sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, seed=1))
 
 
-def test_overflow_is_resource_exhausted_while_admitted_requests_complete(slow_server):
+def test_overflow_is_resource_exhausted_while_admitted_requests_complete(slow_server, wait_until):
     with grpc.insecure_channel(slow_server.target) as channel:
         stub = steer_pb2_grpc.SteerStub(channel)
         admitted = [stub.Generate.future(gen(20), timeout=60) for _ in range(3)]  # 2 running + 1 waiting
-        wait_for(lambda: sum(slow_server.running.engine.stats().values()) == 3)
+        wait_until(lambda: sum(slow_server.running.engine.stats().values()) == 3)
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(gen(2), timeout=60)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -124,7 +103,7 @@ def test_overflow_is_resource_exhausted_while_admitted_requests_complete(slow_se
         assert [f.result().usage.completion_tokens for f in admitted] == [20, 20, 20]
 
 
-def test_cancelled_stream_frees_its_slot(slow_server):
+def test_cancelled_stream_frees_its_slot(slow_server, wait_until):
     with grpc.insecure_channel(slow_server.target) as channel:
         stub = steer_pb2_grpc.SteerStub(channel)
         streams = [stub.GenerateStream(gen(200), timeout=60) for _ in range(3)]  # fills 2 slots + queue
@@ -133,6 +112,6 @@ def test_cancelled_stream_frees_its_slot(slow_server):
         for s in streams:
             s.cancel()
         # The cancelled sequences leave the batch at their next step.
-        wait_for(lambda: slow_server.running.engine.stats() == {"waiting": 0, "running": 0})
+        wait_until(lambda: slow_server.running.engine.stats() == {"waiting": 0, "running": 0})
         reply = stub.Generate(gen(3), timeout=30)
         assert reply.usage.completion_tokens == 3

@@ -12,24 +12,9 @@ from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2 as pb
 
 
-class SlowModel:
-    """Wraps a model so each forward takes at least ``delay`` seconds (makes timing tests deterministic)."""
-
-    def __init__(self, model, delay):
-        self._model, self._delay = model, delay
-
-    def __call__(self, *args, **kwargs):
-        time.sleep(self._delay)
-        return self._model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 @pytest.fixture(scope="module")
-def slow_loaded(tiny_loaded):
-    return LoadedModel(SlowModel(tiny_loaded.model, 0.02), tiny_loaded.tokenizer, "slow-tiny", None,
-                       tiny_loaded.context_length)
+def slow_loaded(slow_tiny_loaded):
+    return slow_tiny_loaded(0.02)
 
 
 PROMPT = [1, 2, 3, 4]
@@ -41,88 +26,84 @@ async def collect(engine, params, deadline=None):
     return events
 
 
-def test_deadline_ends_with_time_limit(slow_loaded):
+def run_engine(make_engine, body):
+    """``await body(engine)`` in a new event loop, on the engine ``make_engine()`` makes there; closed afterwards."""
     async def main():
-        engine = Engine(slow_loaded, EngineConfig())
+        engine = make_engine()
         try:
-            events = await collect(engine, SamplingParams(max_new_tokens=60, seed=0), time.monotonic() + 0.2)
+            return await body(engine)
         finally:
             engine.close()
-        fin = events[-1]
-        assert fin.finish_reason == FinishReason.TIME_LIMIT
-        assert 0 < fin.completion_tokens < 60
-        assert "".join(e.text for e in events[:-1]) == fin.text
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_deadline_ends_with_time_limit(slow_loaded):
+    async def body(engine):
+        return await collect(engine, SamplingParams(max_new_tokens=60, seed=0), time.monotonic() + 0.2)
+
+    events = run_engine(lambda: Engine(slow_loaded, EngineConfig()), body)
+    fin = events[-1]
+    assert fin.finish_reason == FinishReason.TIME_LIMIT
+    assert 0 < fin.completion_tokens < 60
+    assert "".join(e.text for e in events[:-1]) == fin.text
 
 
 def test_leaving_the_stream_cancels_and_frees_the_slot(slow_loaded):
-    async def main():
-        engine = Engine(slow_loaded, EngineConfig(max_concurrent=1, max_queue=0))
-        try:
-            stream = engine.generate(PROMPT, SamplingParams(max_new_tokens=500, seed=0))
-            await stream.__anext__()
-            with pytest.raises(Overloaded):  # the only slot is taken and nothing may wait
-                await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
-            await stream.aclose()  # what a cancelled gRPC call does to the handler
-            for _ in range(500):  # the sequence leaves at its next step
-                if engine.stats()["running"] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert engine.stats() == {"waiting": 0, "running": 0}
-            events = await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
-            assert events[-1].completion_tokens == 3
-            assert engine.generated_tokens < 500  # the cancelled one really stopped early
-        finally:
-            engine.close()
+    async def body(engine):
+        stream = engine.generate(PROMPT, SamplingParams(max_new_tokens=500, seed=0))
+        await stream.__anext__()
+        with pytest.raises(Overloaded):  # the only slot is taken and nothing may wait
+            await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
+        await stream.aclose()  # what a cancelled gRPC call does to the handler
+        for _ in range(500):  # the sequence leaves at its next step
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats() == {"waiting": 0, "running": 0}
+        events = await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
+        assert events[-1].completion_tokens == 3
+        assert engine.generated_tokens < 500  # the cancelled one really stopped early
 
-    asyncio.run(main())
+    run_engine(lambda: Engine(slow_loaded, EngineConfig(max_concurrent=1, max_queue=0)), body)
 
 
 def test_queue_overflow_is_rejected_while_admitted_requests_complete(slow_loaded):
-    async def main():
-        engine = Engine(slow_loaded, EngineConfig(max_queue=2, max_concurrent=1))
-        try:
-            params = SamplingParams(max_new_tokens=5, seed=0)
-            running = asyncio.create_task(collect(engine, params))
-            await asyncio.sleep(0.1)  # first request is running, queue is empty
-            waiting = [asyncio.create_task(collect(engine, params)) for _ in range(2)]
-            await asyncio.sleep(0.01)
-            with pytest.raises(Overloaded, match="max_queue=2"):
-                await collect(engine, params)
-            done = await asyncio.gather(running, *waiting)
-            assert [d[-1].completion_tokens for d in done] == [5, 5, 5]
-        finally:
-            engine.close()
+    async def body(engine):
+        params = SamplingParams(max_new_tokens=5, seed=0)
+        running = asyncio.create_task(collect(engine, params))
+        await asyncio.sleep(0.1)  # first request is running, queue is empty
+        waiting = [asyncio.create_task(collect(engine, params)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="max_queue=2"):
+            await collect(engine, params)
+        done = await asyncio.gather(running, *waiting)
+        assert [d[-1].completion_tokens for d in done] == [5, 5, 5]
 
-    asyncio.run(main())
+    run_engine(lambda: Engine(slow_loaded, EngineConfig(max_queue=2, max_concurrent=1)), body)
 
 
 def test_a_request_cancelled_while_waiting_gives_its_queue_place_back_at_once(slow_loaded):
-    async def main():
-        engine = Engine(slow_loaded, EngineConfig(max_concurrent=1, max_queue=1))
-        try:
-            long = engine.generate(PROMPT, SamplingParams(max_new_tokens=500, seed=0))
-            await long.__anext__()  # running: it holds the only slot for seconds
-            queued = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
-            await asyncio.sleep(0.05)
-            assert engine.stats() == {"waiting": 1, "running": 1}
-            with pytest.raises(Overloaded, match="1 waiting"):  # the queue's one place is taken
-                await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
-            queued.cancel()  # its caller leaves before it ever started
-            with pytest.raises(asyncio.CancelledError):
-                await queued
-            # Gone from the queue now, not when the worker would have popped it (after the long one).
-            assert engine.stats() == {"waiting": 0, "running": 1}
-            replacement = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
-            await asyncio.sleep(0.05)
-            assert not replacement.done() and engine.stats() == {"waiting": 1, "running": 1}  # admitted, waiting
-            await long.aclose()
-            assert (await replacement)[-1].completion_tokens == 3
-        finally:
-            engine.close()
+    async def body(engine):
+        long = engine.generate(PROMPT, SamplingParams(max_new_tokens=500, seed=0))
+        await long.__anext__()  # running: it holds the only slot for seconds
+        queued = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
+        await asyncio.sleep(0.05)
+        assert engine.stats() == {"waiting": 1, "running": 1}
+        with pytest.raises(Overloaded, match="1 waiting"):  # the queue's one place is taken
+            await collect(engine, SamplingParams(max_new_tokens=3, seed=0))
+        queued.cancel()  # its caller leaves before it ever started
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        # Gone from the queue now, not when the worker would have popped it (after the long one).
+        assert engine.stats() == {"waiting": 0, "running": 1}
+        replacement = asyncio.create_task(collect(engine, SamplingParams(max_new_tokens=3, seed=0)))
+        await asyncio.sleep(0.05)
+        assert not replacement.done() and engine.stats() == {"waiting": 1, "running": 1}  # admitted, waiting
+        await long.aclose()
+        assert (await replacement)[-1].completion_tokens == 3
 
-    asyncio.run(main())
+    run_engine(lambda: Engine(slow_loaded, EngineConfig(max_concurrent=1, max_queue=1)), body)
 
 
 def test_close_says_whether_the_worker_stopped(slow_tiny_loaded):
@@ -194,30 +175,22 @@ async def run_one(engine, prompt, params, deadline=None):
 
 def alone(loaded, prompt, params, config=EngineConfig()):
     """What a request gives on an engine of its own."""
-    async def main():
-        engine = Engine(loaded, config)
-        try:
-            return await run_one(engine, prompt, params)
-        finally:
-            engine.close()
+    async def body(engine):
+        return await run_one(engine, prompt, params)
 
-    return asyncio.run(main())
+    return run_engine(lambda: Engine(loaded, config), body)
 
 
 def together(engine_factory, requests):
-    async def main():
-        engine = engine_factory()
-        try:
-            results = await asyncio.gather(*(run_one(engine, p, s) for p, s in requests))
-            for _ in range(500):
-                if engine.stats() == {"waiting": 0, "running": 0}:
-                    break
-                await asyncio.sleep(0.01)
-            return results, engine.stats(), engine.cache.blocks_in_use
-        finally:
-            engine.close()
+    async def body(engine):
+        results = await asyncio.gather(*(run_one(engine, p, s) for p, s in requests))
+        for _ in range(500):
+            if engine.stats() == {"waiting": 0, "running": 0}:
+                break
+            await asyncio.sleep(0.01)
+        return results, engine.stats(), engine.cache.blocks_in_use
 
-    return asyncio.run(main())
+    return run_engine(engine_factory, body)
 
 
 NORMAL = [(token_ids(9, 1), SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=1)),
@@ -283,12 +256,11 @@ def test_a_sequence_whose_detokenizer_raises_fails_alone(tiny_loaded, monkeypatc
     assert stats == {"waiting": 0, "running": 0} and blocks == 0
 
 
-class PoisonedModel(SlowModel):
-    """A model whose forward raises whenever its input holds ``token`` (a broken prompt); logs its calls."""
+class PoisonedModel:
+    """Wraps a model: its forward raises whenever its input holds ``token`` (a broken prompt); logs its calls."""
 
     def __init__(self, model, token):
-        super().__init__(model, 0.01)
-        self._token = token
+        self._model, self._token = model, token
         self.calls = []
 
     def __call__(self, *args, **kwargs):
@@ -296,28 +268,27 @@ class PoisonedModel(SlowModel):
             self.calls.append("raised")
             raise RuntimeError("the model cannot read this prompt")
         self.calls.append("decode" if kwargs["input_ids"].shape[1] == 1 else "prefill")
-        return super().__call__(*args, **kwargs)
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
-def test_a_failed_prefill_forward_fails_only_its_sequences(tiny_loaded):
+def test_a_failed_prefill_forward_fails_only_its_sequences(tiny_loaded, slow_tiny_loaded):
     bad_token = 4999
-    model = PoisonedModel(tiny_loaded.model, bad_token)
+    model = PoisonedModel(slow_tiny_loaded(0.01).model, bad_token)  # forwards that get through take >= 10 ms
     loaded = LoadedModel(model, tiny_loaded.tokenizer, "poisoned", None, tiny_loaded.context_length)
     prompt, params = token_ids(9, 1), SamplingParams(max_new_tokens=30, temperature=0.9, seed=1)
     expected = alone(tiny_loaded, prompt, params)[-1]
 
-    async def main():
-        engine = Engine(loaded, EngineConfig())
-        try:
-            first = asyncio.create_task(run_one(engine, prompt, params))
-            while engine.generated_tokens < 2:  # the first request is decoding
-                await asyncio.sleep(0.005)
-            broken = await run_one(engine, [5, 6, bad_token, 7], SamplingParams(max_new_tokens=4))
-            return await first, broken
-        finally:
-            engine.close()
+    async def body(engine):
+        first = asyncio.create_task(run_one(engine, prompt, params))
+        while engine.generated_tokens < 2:  # the first request is decoding
+            await asyncio.sleep(0.005)
+        broken = await run_one(engine, [5, 6, bad_token, 7], SamplingParams(max_new_tokens=4))
+        return await first, broken
 
-    first, broken = asyncio.run(main())
+    first, broken = run_engine(lambda: Engine(loaded, EngineConfig()), body)
     assert (isinstance(broken[-1], SequenceFailed) and "prefill" in str(broken[-1])
             and "cannot read this prompt" in str(broken[-1]))
     assert first[-1].token_ids == expected.token_ids and len(expected.token_ids) == 30
@@ -363,15 +334,11 @@ def test_chunked_prefill_matches_one_shot_and_hf_generate(tiny_loaded, tokenizer
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     runs = {}
     for budget in (4096, 64, 7):
-        async def main():
-            engine = Recording(tiny_loaded, EngineConfig(max_prefill_tokens=budget))
-            try:
-                results = await asyncio.gather(*(run_one(engine, p, greedy) for p in prompts))
-                return results, engine.logits, engine.prefill_forwards
-            finally:
-                engine.close()
+        async def body(engine):
+            results = await asyncio.gather(*(run_one(engine, p, greedy) for p in prompts))
+            return results, engine.logits, engine.prefill_forwards
 
-        runs[budget] = asyncio.run(main())
+        runs[budget] = run_engine(lambda: Recording(tiny_loaded, EngineConfig(max_prefill_tokens=budget)), body)
     one_shot, one_shot_logits, one_shot_forwards = runs[4096]
     assert one_shot_forwards == 1
     for budget in (64, 7):
@@ -485,18 +452,14 @@ def test_cache_memory_follows_the_running_sequences(tiny_loaded):
     requests = [(token_ids(450, 40 + i), SamplingParams(max_new_tokens=30, temperature=0.0)) for i in range(3)]
     requests += [(token_ids(10, 50 + i), SamplingParams(max_new_tokens=4, temperature=0.0)) for i in range(3)]
 
-    async def main():
-        engine = Watching(tiny_loaded, EngineConfig(max_prefill_tokens=128))
+    async def body(engine):
         initial = engine.cache.nbytes
-        try:
-            results = await asyncio.gather(*(run_one(engine, p, s) for p, s in requests))
-            while engine.stats()["running"]:
-                await asyncio.sleep(0.001)
-            return initial, results, engine.cache
-        finally:
-            engine.close()
+        results = await asyncio.gather(*(run_one(engine, p, s) for p, s in requests))
+        while engine.stats()["running"]:
+            await asyncio.sleep(0.001)
+        return initial, results, engine.cache
 
-    initial, results, cache = asyncio.run(main())
+    initial, results, cache = run_engine(lambda: Watching(tiny_loaded, EngineConfig(max_prefill_tokens=128)), body)
     assert [r[-1].completion_tokens for r in results] == [s.max_new_tokens for _, s in requests]
     peak = max(nbytes for nbytes, _, _ in seen)
     assert peak > initial  # three 450-token prompts do not fit the initial pool

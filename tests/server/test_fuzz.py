@@ -347,15 +347,7 @@ def make_case(index: int, rng: random.Random) -> Case:
 
 # -- the test -------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -53,13 +53,6 @@ def _get(server, path, headers=None):
         return e.code, json.loads(e.read())
 
 
-def _wait_for(condition, timeout=20.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def http_server(start_tiny_server):
     return start_tiny_server(_config())
@@ -369,7 +362,7 @@ def _engine_idle(server):
     return server.running.engine.stats() == {"waiting": 0, "running": 0}
 
 
-def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server):
+def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server, wait_until):
     long = dict(model="tiny", messages=HI, max_tokens=400, extra_body={"weights": {"helpfulness": 1}})
     with _client(full_server) as c:
         stream = c.chat.completions.create(**long, stream=True)
@@ -384,7 +377,7 @@ def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server):
             assert "max_queue=0" in error["message"] and error["type"] == "rate_limit_error"
         started = time.monotonic()
         stream.close()  # the client leaves mid-stream
-        _wait_for(lambda: _engine_idle(full_server))
+        wait_until(lambda: _engine_idle(full_server))
         assert time.monotonic() - started < 6  # 400 tokens at >= 30 ms each would take 12 s
     # A plain (non-streamed) call whose client gives up frees its slot too.
     body = json.dumps({"model": "tiny", "messages": HI, "max_tokens": 400, "weights": {"helpfulness": 1}}).encode()
@@ -393,7 +386,7 @@ def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server):
     started = time.monotonic()
     with pytest.raises(OSError):  # a socket timeout, however urllib wraps it
         urllib.request.urlopen(req, timeout=1.0)
-    _wait_for(lambda: _engine_idle(full_server))
+    wait_until(lambda: _engine_idle(full_server))
     assert time.monotonic() - started < 7
     with _client(full_server) as c:
         reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
@@ -401,7 +394,7 @@ def test_overload_is_429_and_a_client_that_leaves_frees_its_slot(full_server):
         assert reply.usage.completion_tokens == 2
 
 
-def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_tiny_loaded):
+def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_tiny_loaded, wait_until):
     from steer.server.engine import EngineConfig
 
     server = start_tiny_server(_config(engine=EngineConfig(max_new_tokens=400)), loaded=slow_tiny_loaded(0.02))
@@ -411,7 +404,7 @@ def test_drain_then_streams_end_with_their_final_chunk(start_tiny_server, slow_t
         first = next(stream)
         assert first.choices[0].delta.role == "assistant"
         stopping = asyncio.run_coroutine_threadsafe(server.running.stop(grace=1.5, drain=2.0), server.loop)
-        _wait_for(lambda: _get(server, "/health")[0] == 503, timeout=5)
+        wait_until(lambda: _get(server, "/health")[0] == 503, timeout=5)
         assert _get(server, "/health") == (503, {"status": "draining"})
         # Draining: health says 503 while calls are still answered.
         reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
@@ -435,57 +428,39 @@ def test_http_port_is_validated():
         ServerConfig(http_port=70000)
 
 
-def test_serve_cli_serves_http_and_sigterm_drains_both_transports(tiny_model_dir):
+def test_serve_cli_serves_http_and_sigterm_drains_both_transports(tiny_model_dir, serve_process):
     """``python -m steer.serve --http-port``: one process, both transports, one shutdown on SIGTERM
     (uvicorn runs inside the gRPC server's loop and must not take the signal for itself)."""
-    import os
-    import re
     import signal
-    import subprocess
-    import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "steer.serve", "--model", str(tiny_model_dir), "--adapter", "none", "--scorer", "none",
+    proc, match, output = serve_process(
+        ["-m", "steer.serve", "--model", str(tiny_model_dir), "--adapter", "none", "--scorer", "none",
          "--port", "0", "--http-port", "0", "--drain", "1.5", "--grace", "0.5", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        output = []
-        for line in proc.stdout:
-            output.append(line)
-            match = re.search(r"on 127\.0\.0\.1:(\d+), OpenAI-compatible HTTP at http://127\.0\.0\.1:(\d+)/v1", line)
-            if match:
-                break
-        assert match, "".join(output)
-        base = f"http://127.0.0.1:{match.group(2)}"
-        with urllib.request.urlopen(f"{base}/health", timeout=10) as reply:
-            assert reply.status == 200
-        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-            reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=3,
-                                              extra_body={"weights": {"creativity": 1}})
-            assert reply.usage.completion_tokens == 3
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
-            assert (steer_pb2_grpc.SteerStub(channel).Describe(pb.DescribeRequest(), timeout=10).model_id
-                    == str(tiny_model_dir))
-        proc.send_signal(signal.SIGTERM)
-        statuses = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and 503 not in statuses:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as reply:
-                    statuses.append(reply.status)
-            except urllib.error.HTTPError as e:
-                statuses.append(e.code)
-            time.sleep(0.05)
-        assert 503 in statuses, statuses  # draining, not gone: the signal reached the shutdown sequence
-        rc = proc.wait(timeout=30)
-        rest = proc.stdout.read()
-        assert rc == 0, "".join(output) + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        r"on 127\.0\.0\.1:(\d+), OpenAI-compatible HTTP at http://127\.0\.0\.1:(\d+)/v1")
+    base = f"http://127.0.0.1:{match.group(2)}"
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as reply:
+        assert reply.status == 200
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        reply = c.chat.completions.create(model="tiny", messages=HI, max_tokens=3,
+                                          extra_body={"weights": {"creativity": 1}})
+        assert reply.usage.completion_tokens == 3
+    with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        assert (steer_pb2_grpc.SteerStub(channel).Describe(pb.DescribeRequest(), timeout=10).model_id
+                == str(tiny_model_dir))
+    proc.send_signal(signal.SIGTERM)
+    statuses = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and 503 not in statuses:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as reply:
+                statuses.append(reply.status)
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+        time.sleep(0.05)
+    assert 503 in statuses, statuses  # draining, not gone: the signal reached the shutdown sequence
+    rc = proc.wait(timeout=30)
+    rest = proc.stdout.read()
+    assert rc == 0, "".join(output) + rest
 
 
 def test_a_taken_http_port_fails_start_naming_the_flag(start_tiny_server):

@@ -3,7 +3,6 @@
 
 import math
 import threading
-import time
 
 import grpc
 import pytest
@@ -15,18 +14,7 @@ from steer.v1 import steer_pb2 as pb
 from steer.v1 import steer_pb2_grpc
 
 OBJECTIVES = ["helpfulness", "creativity", "conciseness"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are too small to gain from intra-op threads; on a busy machine the thread
-    pool's synchronisation costs several times the work (14 s vs 89 s measured for one run)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -276,56 +264,50 @@ def score_request(n):
     return pb.ScoreRequest(prompt="hi", responses=[f"answer {i}" for i in range(n)])
 
 
-def wait_until(condition, seconds=30):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+@pytest.fixture()
+def gated_stub(gated_server):
+    """A stub to the gated server, with its scorer's gate closed and its counters zeroed."""
+    scorer = gated_server.scorer
+    scorer.gate.clear()
+    scorer.entered.clear()
+    scorer.calls = 0
+    with grpc.insecure_channel(gated_server.target) as channel:
+        yield steer_pb2_grpc.SteerStub(channel)
 
 
-def test_score_admission_and_cancellation(gated_server):
+def test_score_admission_and_cancellation(gated_server, gated_stub, wait_until):
     """A Score beyond max_pending_responses is refused at once; cancelling a running Score stops its
     scoring after the chunk in progress and frees its admission."""
-    scorer, scoring = gated_server.scorer, gated_server.running.scoring
-    scorer.gate.clear()
-    scorer.entered.clear()
-    scorer.calls = 0
-    with grpc.insecure_channel(gated_server.target) as channel:
-        stub = steer_pb2_grpc.SteerStub(channel)
-        abandoned = stub.Score.future(score_request(64), timeout=60)
-        assert scorer.entered.wait(30)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Score(score_request(7), timeout=10)  # 64 + 7 > 70
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_pending_responses=70" in e.value.details()
-        abandoned.cancel()
-        wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
-            "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "CANCELLED"}) == 1)
-        scorer.gate.set()
-        wait_until(lambda: scoring.pending_responses == 0)
-        assert scorer.calls == 1  # 1 of 16 chunks: the one running when the client left
-        reply = stub.Score(score_request(6), timeout=30)
-        assert [s.raw_rewards["helpfulness"] for s in reply.scores] == [len(f"answer {i}") for i in range(6)]
+    scorer, scoring, stub = gated_server.scorer, gated_server.running.scoring, gated_stub
+    abandoned = stub.Score.future(score_request(64), timeout=60)
+    assert scorer.entered.wait(30)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(score_request(7), timeout=10)  # 64 + 7 > 70
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_pending_responses=70" in e.value.details()
+    abandoned.cancel()
+    wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
+        "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "CANCELLED"}) == 1, timeout=30)
+    scorer.gate.set()
+    wait_until(lambda: scoring.pending_responses == 0, timeout=30)
+    assert scorer.calls == 1  # 1 of 16 chunks: the one running when the client left
+    reply = stub.Score(score_request(6), timeout=30)
+    assert [s.raw_rewards["helpfulness"] for s in reply.scores] == [len(f"answer {i}") for i in range(6)]
 
 
-def test_score_past_its_deadline_stops_scoring(gated_server):
-    scorer, scoring = gated_server.scorer, gated_server.running.scoring
-    scorer.gate.clear()
-    scorer.entered.clear()
-    scorer.calls = 0
-    with grpc.insecure_channel(gated_server.target) as channel:
-        stub = steer_pb2_grpc.SteerStub(channel)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Score(score_request(40), timeout=1.0)
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The server's deadline comes from the grpc-timeout header, counted from when it received the
-        # call: a little after the client's. Open the gate only once the server has ended the call
-        # too, or the remaining (instant) chunks could all run inside that gap.
-        wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
-            "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "DEADLINE_EXCEEDED"}) == 1)
-        scorer.gate.set()
-        wait_until(lambda: scoring.pending_responses == 0)
-        assert scorer.calls == 1
+def test_score_past_its_deadline_stops_scoring(gated_server, gated_stub, wait_until):
+    scorer, scoring, stub = gated_server.scorer, gated_server.running.scoring, gated_stub
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(score_request(40), timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server's deadline comes from the grpc-timeout header, counted from when it received the
+    # call: a little after the client's. Open the gate only once the server has ended the call
+    # too, or the remaining (instant) chunks could all run inside that gap.
+    wait_until(lambda: gated_server.running.metrics.registry.get_sample_value(
+        "steer_requests_total", {"method": "/steer.v1.Steer/Score", "code": "DEADLINE_EXCEEDED"}) == 1, timeout=30)
+    scorer.gate.set()
+    wait_until(lambda: scoring.pending_responses == 0, timeout=30)
+    assert scorer.calls == 1
 
 
 def test_score_text_limits(gated_server, tokenizer):

@@ -3,11 +3,7 @@ final chunk, and a clean exit of ``python -m steer.serve`` on SIGTERM even when 
 outlasts the grace period."""
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,48 +77,34 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_drains_and_exits_0_while_a_model_step_hangs(tiny_model_dir):
+def test_sigterm_drains_and_exits_0_while_a_model_step_hangs(tiny_model_dir, serve_process):
     from steer.server.app import ENGINE_STOP_SECONDS
 
     drain, grace = 1.5, 1.0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, "--model", str(tiny_model_dir), "--adapter", "none", "--scorer", "none",
+    proc, match, output = serve_process(
+        ["-c", SERVE_SCRIPT, "--model", str(tiny_model_dir), "--adapter", "none", "--scorer", "none",
          "--port", "0", "--drain", str(drain), "--grace", str(grace), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        output = []
-        for line in proc.stdout:
-            output.append(line)
-            match = re.search(r"steer: serving .* on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                break
-        assert match, "".join(output)
-        target = f"127.0.0.1:{match.group(1)}"
-        with grpc.insecure_channel(target) as channel:
-            stub = steer_pb2_grpc.SteerStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
-            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-            stuck = stub.GenerateStream(pb.GenerateRequest(prompt="a zebra", weights={"helpfulness": 1}), timeout=60)
-            time.sleep(0.5)  # the prefill forward is under way (it hangs for a minute)
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            watch.cancel()
-            assert stub.Describe(pb.DescribeRequest(), timeout=5).model_id  # still answering while draining
-            with pytest.raises(grpc.RpcError) as e:
-                list(stuck)
-            assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-        rc = proc.wait(timeout=drain + grace + ENGINE_STOP_SECONDS + 15)
-        elapsed = time.monotonic() - sent
-        rest = proc.stdout.read()
-        assert rc == 0, "".join(output) + rest  # not -6 (SIGABRT)
-        # Bounded by drain + grace + the engine's stop time (plus slack for a busy machine), not by the hung step.
-        assert elapsed < drain + grace + ENGINE_STOP_SECONDS + 10, elapsed
-        assert "still inside a model step" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        r"steer: serving .* on 127\.0\.0\.1:(\d+)")
+    target = f"127.0.0.1:{match.group(1)}"
+    with grpc.insecure_channel(target) as channel:
+        stub = steer_pb2_grpc.SteerStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stuck = stub.GenerateStream(pb.GenerateRequest(prompt="a zebra", weights={"helpfulness": 1}), timeout=60)
+        time.sleep(0.5)  # the prefill forward is under way (it hangs for a minute)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+        assert stub.Describe(pb.DescribeRequest(), timeout=5).model_id  # still answering while draining
+        with pytest.raises(grpc.RpcError) as e:
+            list(stuck)
+        assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    rc = proc.wait(timeout=drain + grace + ENGINE_STOP_SECONDS + 15)
+    elapsed = time.monotonic() - sent
+    rest = proc.stdout.read()
+    assert rc == 0, "".join(output) + rest  # not -6 (SIGABRT)
+    # Bounded by drain + grace + the engine's stop time (plus slack for a busy machine), not by the hung step.
+    assert elapsed < drain + grace + ENGINE_STOP_SECONDS + 10, elapsed
+    assert "still inside a model step" in rest

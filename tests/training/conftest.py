@@ -3,19 +3,16 @@
 import os
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread(one_thread):
     """One intra-op thread, as torchrun gives each rank (OMP_NUM_THREADS=1): on a shared 2-core box
     OpenMP's thread hand-offs cost ~20 ms per small matmul when other processes hold the cores, which
     made the tiny-model steps 20x slower."""
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
+    env = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # what the commands' --threads 0 then chooses (steer.threads)
     yield
-    torch.set_num_threads(before)
     if env is None:
         os.environ.pop("OMP_NUM_THREADS", None)
     else:

@@ -247,15 +247,14 @@ def test_principle_pool_and_pair_choice(tmp_path, prompts_file, tiny_model_dir, 
         assert got.stats["skipped/margin"] >= 1
 
 
-def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
-    """Pairing by hand: a cut answer loses to an ended one unless its v . r leads by more than the
-    penalty; the pools rebuilt from samples.jsonl pair exactly like the originals (--resume)."""
-    from steer.training.dpa import pair_pool, pool_from_samples
-    from steer.training.settings import DPAConfig
+HAND_OBJECTIVES = ("helpfulness", "conciseness")
 
-    objectives = ("helpfulness", "conciseness")
+
+def hand_pool():
+    """Two prompts and the merged pool of two slots of three candidates, scored by hand:
+    slot 0 asks v = (1, 0), slot 1 v = (0.25, 0.75)."""
     prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
-    merged = [  # slot 0: v = (1, 0); slot 1: v = (0.25, 0.75)
+    merged = [
         {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
          "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."),
                    ("bad", True, 5, "contrast", "Be vague.")],
@@ -265,11 +264,27 @@ def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
                    ("c", True, 30, "contrast", "Long.")],
          "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
     ]
+    return prompts, merged
+
+
+def hand_config(tmp_path, **overrides):
+    """The DPAConfig that pairs ``hand_pool()``: one candidate of each kind, min_margin 0.1."""
+    from steer.training.settings import DPAConfig
+
+    return DPAConfig(output=str(tmp_path), objectives=HAND_OBJECTIVES, prompts_per_iteration=2, samples=1,
+                     guided_samples=1, contrast_samples=1, min_margin=0.1, progress=False, **overrides)
+
+
+def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
+    """Pairing by hand: a cut answer loses to an ended one unless its v . r leads by more than the
+    penalty; the pools rebuilt from samples.jsonl pair exactly like the originals (--resume)."""
+    from steer.training.dpa import pair_pool, pool_from_samples
+
+    objectives = HAND_OBJECTIVES
+    prompts, merged = hand_pool()
+
     def run(penalty):
-        config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
-                           guided_samples=1, contrast_samples=1, min_margin=0.1, missing_eos_penalty=penalty,
-                           progress=False)
-        return pair_pool(config, 0, prompts, merged, {})
+        return pair_pool(hand_config(tmp_path, missing_eos_penalty=penalty), 0, prompts, merged, {})
 
     # v . r: slot 0 = (0.9, 0.5, -1.0); slot 1 = (0, 2.0, -0.8).
     # Penalty 1 on the cut ones: (-0.1, 0.5, -1.0), (0, 1.0, -0.8).
@@ -284,31 +299,16 @@ def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
     assert (got.pairs[0]["prompt"][-1]["content"] == "q1"
             and parse_direction(got.pairs[1]["prompt"][0]["content"], objectives).weights == (0.25, 0.75))
 
-    again = pair_pool(DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
-                                guided_samples=1, contrast_samples=1, min_margin=0.1, progress=False),
-                      0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
+    again = pair_pool(hand_config(tmp_path), 0, prompts, pool_from_samples(run(1.0).samples, objectives), {})
     assert again.pairs == run(1.0).pairs and again.samples == run(1.0).samples
 
 
 def test_corner_pairs_relabel_each_pool_for_every_other_corner(tmp_path):
     from steer.training.dpa import pair_pool
-    from steer.training.settings import DPAConfig
 
-    objectives = ("helpfulness", "conciseness")
-    prompts = [({"role": "user", "content": "q0"},), ({"role": "user", "content": "q1"},)]
-    merged = [
-        {"slot": 0, "prompt_index": 1, "weights": [1.0, 0.0],
-         "cands": [("long cut", False, 64, "policy", None), ("ended", True, 20, "guided", "Be helpful."),
-                   ("bad", True, 5, "contrast", "Be vague.")],
-         "scaled": [[0.9, -2.0], [0.5, -1.0], [-1.0, 0.5]], "raw": [[0.0, 0.0]] * 3},
-        {"slot": 1, "prompt_index": 0, "weights": [0.25, 0.75],
-         "cands": [("a", True, 9, "policy", None), ("b", False, 64, "guided", "Short."),
-                   ("c", True, 30, "contrast", "Long.")],
-         "scaled": [[0.0, 0.0], [2.0, 2.0], [0.4, -1.2]], "raw": [[0.0, 0.0]] * 3},
-    ]
-    config = DPAConfig(output=str(tmp_path), objectives=objectives, prompts_per_iteration=2, samples=1,
-                       guided_samples=1, contrast_samples=1, min_margin=0.1, corner_pairs=True, progress=False)
-    got = pair_pool(config, 0, prompts, merged, {})
+    objectives = HAND_OBJECTIVES
+    prompts, merged = hand_pool()
+    got = pair_pool(hand_config(tmp_path, corner_pairs=True), 0, prompts, merged, {})
     # By hand, penalty 1 on the cut answers. Slot 0 as conciseness=1: (-3.0, -1.0, 0.5) -> bad over long cut.
     # Slot 1 as helpfulness=1: (0, 1.0, 0.4) -> b over a; as conciseness=1: (0, 1.0, -1.2) -> b over c.
     got_pairs = [(p["slot"], p["direction"], p["chosen"], p["rejected"], p["relabeled"]) for p in got.pairs]

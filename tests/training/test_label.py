@@ -30,20 +30,7 @@ KIND = JudgedPrinciple("kind", "Select the kinder response.", ("Thank you, that 
 
 # -- the judge on the tiny model, against a direct computation ---------------------------------
 
-def direct_loglik(model, tokenizer, conversation, response, followup) -> float:
-    """Mean log p of the follow-up's tokens: the whole rendered dialogue in one forward, full logits, log_softmax."""
-    messages = list(conversation) + [{"role": "assistant", "content": response}, {"role": "user", "content": followup}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    start = len(tokenizer(text[: text.rfind(followup)], add_special_tokens=False)["input_ids"])
-    target = tokenizer(followup, add_special_tokens=False)["input_ids"]
-    assert ids[start: start + len(target)] == target
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)  # (T, V)
-    return float(torch.stack([logp[t - 1, ids[t]] for t in range(start, start + len(target))]).mean())
-
-
-def test_principle_judge_equals_direct_flr_computation(tiny_loaded):
+def test_principle_judge_equals_direct_flr_computation(tiny_loaded, followup_loglik):
     conv = [{"role": "user", "content": "What is the capital of France?"}]
     responses = ["Paris.", "Paris, which has been the capital for centuries and is home to the Louvre."]
     judge = PrincipleJudge(tiny_loaded.model, tiny_loaded.tokenizer, [SHORT, KIND], batch_size=3, prefix_batch=1)
@@ -55,8 +42,8 @@ def test_principle_judge_equals_direct_flr_computation(tiny_loaded):
     assert SHORT.negative == ("That was long-winded and wordy.", "Hmm, your answer was long-winded and wordy.")
     for i, response in enumerate(responses):
         for k, p in enumerate((SHORT, KIND)):
-            pos = [direct_loglik(tiny_loaded.model, tiny_loaded.tokenizer, conv, response, f) for f in p.positive]
-            neg = [direct_loglik(tiny_loaded.model, tiny_loaded.tokenizer, conv, response, f) for f in p.negative]
+            pos = [followup_loglik(tiny_loaded.model, tiny_loaded.tokenizer, conv, response, f) for f in p.positive]
+            neg = [followup_loglik(tiny_loaded.model, tiny_loaded.tokenizer, conv, response, f) for f in p.negative]
             assert got[i, k].item() == pytest.approx(np.mean(pos) - np.mean(neg), abs=2e-4)
     assert got[0].ne(got[1]).all()
 

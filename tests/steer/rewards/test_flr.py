@@ -32,32 +32,16 @@ def scorer(loaded, **overrides) -> FLRScorer:
     return FLRScorer(loaded.model, loaded.tokenizer, config)
 
 
-def hand_loglik(model, tokenizer, conversation, response, followup) -> float:
-    """Mean log p of the follow-up's tokens, from the whole rendered conversation in one forward."""
-    messages = conversation + [{"role": "assistant", "content": response}, {"role": "user", "content": followup}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    start = len(tokenizer(text[: text.rfind(followup)], add_special_tokens=False)["input_ids"])
-    target = tokenizer(followup, add_special_tokens=False)["input_ids"]
-    # The whole-text tokenisation splits exactly at the follow-up: the definition FLR relies on.
-    assert ids[start: start + len(target)] == target
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()  # (T, V), the model's own LM head
-    logp = torch.log_softmax(logits, dim=-1)
-    values = [logp[t - 1, ids[t]] for t in range(start, start + len(target))]
-    return float(torch.stack(values).mean())
-
-
 @pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-cache", "padded"])
-def test_flr_equals_hand_computed_loglik_difference(tiny_loaded, prefix_cache):
+def test_flr_equals_hand_computed_loglik_difference(tiny_loaded, prefix_cache, followup_loglik):
     s = scorer(tiny_loaded, prefix_cache=prefix_cache)
     got = s.rewards([CONVERSATION] * 2, RESPONSES[:2])
     for i, response in enumerate(RESPONSES[:2]):
         for o, name in enumerate(("helpfulness", "creativity")):
             sets = SMALL[name]
-            pos = [hand_loglik(tiny_loaded.model, tiny_loaded.tokenizer, CONVERSATION, response, f)
+            pos = [followup_loglik(tiny_loaded.model, tiny_loaded.tokenizer, CONVERSATION, response, f)
                    for f in sets.positive]
-            neg = [hand_loglik(tiny_loaded.model, tiny_loaded.tokenizer, CONVERSATION, response, f)
+            neg = [followup_loglik(tiny_loaded.model, tiny_loaded.tokenizer, CONVERSATION, response, f)
                    for f in sets.negative]
             expected = sum(pos) / len(pos) - sum(neg) / len(neg)
             assert got.raw[i, o].item() == pytest.approx(expected, abs=2e-4)
