@@ -67,7 +67,7 @@ from steer.server.llama_forward import LlamaForward
 from steer.server.llama_forward import supports as supports_lean
 
 from steer.heap import glibc
-from steer.models import LoadedModel
+from steer.models import LoadedModel, pad_token_id
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Engine(EngineForwards):
         self.loaded = loaded
         self.config = config
         model = loaded.model
-        self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        self._pad_id = pad_token_id(loaded.tokenizer, getattr(model, "config", None))
         self._eos = loaded.eos_token_ids
         first = next(model.parameters())
         dtype = first.dtype

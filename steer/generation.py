@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from steer.conditioning import render_prompt
+from steer.models import pad_token_id
 from steer.objectives import Direction
 from steer.sampling import SamplingParams
 
@@ -55,7 +56,7 @@ def generate_batch(
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     results: list[list[Generation | None]] = [[None] * num_samples for _ in prompts]
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)
     batches = range(0, len(jobs), batch_size)
     if progress:
         from tqdm.auto import tqdm

@@ -197,6 +197,20 @@ def resolve_model_dir(spec: str, field: str = "model") -> Path:
     return out
 
 
+def pad_token_id(tokenizer=None, config=None) -> int:
+    """The id that fills padded positions, for every part of steer: the tokenizer's pad token, else
+    its end-of-sequence token, else the model config's pad or (first) end-of-sequence id. Padded
+    positions are masked out, so any valid id would do; one rule keeps batches identical everywhere."""
+    for source, attrs in ((tokenizer, ("pad_token_id", "eos_token_id")), (config, ("pad_token_id", "eos_token_id"))):
+        for attr in attrs:
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    raise ValueError("no pad id: the tokenizer and the model config have neither pad_token_id nor eos_token_id")
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers PreTrainedModel (or a PeftModel around one), in eval mode

@@ -23,6 +23,7 @@ import torch
 from steer.kernels import preference_loss
 
 from steer.errors import InvalidInput
+from steer.models import pad_token_id
 
 from .checkpoint import Checkpoint, CheckpointManager, set_rng_state
 from .distributed import DistContext, all_gather_object, all_reduce_mean, all_reduce_sum_, rank_micro_batches, wrap_ddp
@@ -121,15 +122,8 @@ def reference_logps(model_or_policy, data: list[EncodedExample], ctx: DistContex
 
 
 def _pad_id(model_or_policy) -> int:
-    tok = getattr(model_or_policy, "tokenizer", None)
-    if tok is not None and tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    config = getattr(model_or_policy, "config", None)
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
+    """:func:`steer.models.pad_token_id` of a Policy (its tokenizer) or a bare model (its config)."""
+    return pad_token_id(getattr(model_or_policy, "tokenizer", None), getattr(model_or_policy, "config", None))
 
 
 @dataclass

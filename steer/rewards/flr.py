@@ -47,7 +47,7 @@ import torch
 
 from steer.chat_tokens import ChatTokenizer
 from steer.errors import InvalidInput
-from steer.models import decoder_and_head
+from steer.models import decoder_and_head, pad_token_id
 from steer.objectives import validate_objectives
 from steer.rewards.calibration import (
     Calibration,
@@ -128,8 +128,7 @@ class FLRScorer(Scorer):
         self.decoder, self.lm_head = decoder_and_head(model)
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.device = self.lm_head.weight.device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad)  # padded positions are masked out and never scored: any valid id works
+        self.pad_id = pad_token_id(tokenizer)  # padded positions are masked out and never scored
         self.chat = ChatTokenizer(tokenizer)
         # The follow-up list every pair is scored against, deduplicated, and each objective's columns in it.
         self.followups: list[str] = []

@@ -154,7 +154,9 @@ class RewardModel(nn.Module):
 
 
 def pad_id_of(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    from steer.models import pad_token_id
+
+    return pad_token_id(tokenizer)
 
 
 # -- saving and loading --------------------------------------------------------------------------

@@ -239,3 +239,17 @@ def test_default_models_hub_id_means_the_default_model(tokenizer):
     # What a trained adapter names as its base: the id for the default model and for a Hub id.
     assert base_model_name(DEFAULT_MODEL_NAME, resolve_model_dir("default")) == DEFAULT_MODEL_NAME
     assert base_model_name("acme/tiny-llama", tokenizer.name_or_path) == "acme/tiny-llama"
+
+
+def test_pad_token_id_is_one_rule_pad_then_eos_then_config():
+    from types import SimpleNamespace as NS
+
+    from steer.models import pad_token_id
+
+    assert pad_token_id(NS(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(NS(pad_token_id=None, eos_token_id=2)) == 2
+    # a bare model: its config; HF configs may hold a list of end-of-sequence ids
+    assert pad_token_id(None, NS(pad_token_id=None, eos_token_id=[7, 8])) == 7
+    assert pad_token_id(NS(pad_token_id=None, eos_token_id=None), NS(pad_token_id=3, eos_token_id=1)) == 3
+    with pytest.raises(ValueError, match="neither pad_token_id nor eos_token_id"):
+        pad_token_id(NS(pad_token_id=None, eos_token_id=None), NS(pad_token_id=None, eos_token_id=[]))
