@@ -402,32 +402,6 @@ def _attach_adapter(model, path: Path, merge: bool):
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, context_length: int = 512,
-                     seed: int = 0):
-    """A small random Llama sharing ``tokenizer``'s vocabulary: the fast stand-in used by tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context_length,
-        tie_word_embeddings=True,
-        # HF's default init (0.02) makes a random model repeat one token whatever the prompt, which
-        # would make tests about prompts, seeds and stop strings vacuous; 0.3 gives varied text.
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 def decoder_and_head(model):
     """``(decoder, lm_head)`` of a transformers causal LM, or of a PEFT model around one.
 

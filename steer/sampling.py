@@ -79,32 +79,6 @@ class SamplingParams:
         return g
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf.
-
-    The plain full-sort reference; :func:`sample_tokens` computes the same kept set faster.
-    ``temperature`` must be > 0 (greedy is an argmax, not a distribution). The row is shifted so
-    its maximum is 0 before dividing: the result is <= 0 everywhere and cannot overflow for any
-    positive temperature (softmax and the kept set do not change under a shift).
-    """
-    if not temperature > 0:
-        raise ValueError(f"filter_logits needs temperature > 0, got {temperature!r} (greedy decoding is an argmax)")
-    logits = logits.float()
-    logits = (logits - logits.max()) / min(temperature, _FLOAT32_MAX)
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass *before* it already reaches top_p: the most likely token stays.
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 # Candidates examined per row before falling back to a full sort: the nucleus of a chat model's
 # next-token distribution is almost always far smaller, and topk(256) is much cheaper than sort(V).
 _CANDIDATES = 256
@@ -182,11 +156,6 @@ def _nucleus_probs(vals: torch.Tensor, lse_full: torch.Tensor, top_k: torch.Tens
     lse = torch.where((top_k < vocab)[:, None], lse_k, lse_full)  # top_k == vocab means "no top-k"
     probs = torch.exp(vals - lse)  # (m, k)
     return probs, probs.cumsum(dim=-1)
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token id from one row of logits ``(V,)`` (see :func:`sample_tokens`)."""
-    return sample_tokens(logits[None, :], [params], [generator])[0]
 
 
 class StopStringDetokenizer:

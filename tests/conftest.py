@@ -19,6 +19,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_CONTEXT = 512
 
 
+def _build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, context_length: int = 512,
+                     seed: int = 0):
+    """A small random Llama sharing ``tokenizer``'s vocabulary: the fast stand-in for the default model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_length,
+        tie_word_embeddings=True,
+        # HF's default init (0.02) makes a random model repeat one token whatever the prompt, which
+        # would make tests about prompts, seeds and stop strings vacuous; 0.3 gives varied text.
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def build_tiny_model():
+    """``build_tiny_model(tokenizer, *, hidden_size=64, num_layers=2, context_length=512, seed=0)``."""
+    return _build_tiny_model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: tiny-model ops are too small to gain from intra-op threads, and on a
@@ -43,10 +75,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny random Llama (hidden 64, 2 layers, context 512) with the default tokenizer."""
-    from steer.models import build_tiny_model
-
     path = tmp_path_factory.mktemp("tiny-llama")
-    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, context_length=TINY_CONTEXT, seed=0)
+    model = _build_tiny_model(tokenizer, hidden_size=64, num_layers=2, context_length=TINY_CONTEXT, seed=0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

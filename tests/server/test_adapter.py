@@ -15,11 +15,11 @@ RESPONSES = ["Paris is the capital of France.", "I like trains and the colour bl
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tokenizer):
+def adapter_dir(tmp_path_factory, tokenizer, build_tiny_model):
     """A LoRA on the tiny model with non-zero B (it changes the output), naming its base by hub id."""
     from peft import LoraConfig, get_peft_model
 
-    from steer.models import DEFAULT_MODEL_NAME, build_tiny_model
+    from steer.models import DEFAULT_MODEL_NAME
 
     path = tmp_path_factory.mktemp("adapters") / "default"
     get_peft_model(build_tiny_model(tokenizer, seed=0),

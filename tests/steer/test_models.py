@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steer.errors import InvalidInput
-from steer.models import build_tiny_model, cache_root, load_model, resolve_model_dir
+from steer.models import cache_root, load_model, resolve_model_dir
 
 
 def test_default_model_is_converted_into_a_standard_directory(tokenizer):
@@ -40,7 +40,7 @@ def test_tiny_model_loads_from_directory(tiny_loaded, tokenizer):
     assert tiny_loaded.eos_token_ids == {tokenizer.eos_token_id}
 
 
-def test_adapter_is_loaded_and_merged(tiny_model_dir, tokenizer, tmp_path):
+def test_adapter_is_loaded_and_merged(tiny_model_dir, tokenizer, tmp_path, build_tiny_model):
     from peft import LoraConfig, get_peft_model
 
     base = build_tiny_model(tokenizer, seed=0)
@@ -65,7 +65,7 @@ def test_bad_adapter_path(tiny_model_dir, tmp_path):
 
 # -- adapters: 'none', 'default' (shipped as package data), a directory -------------------------
 
-def save_tiny_adapter(tokenizer, path, base_model_name_or_path=None):
+def save_tiny_adapter(build_tiny_model, tokenizer, path, base_model_name_or_path=None):
     """A LoRA adapter (non-zero B, so it changes the output) on the tiny model, saved in bf16 like
     the shipped one; returns the PEFT model (fp32) that produced it."""
     from peft import LoraConfig, get_peft_model
@@ -86,14 +86,14 @@ def save_tiny_adapter(tokenizer, path, base_model_name_or_path=None):
 
 
 @pytest.fixture()
-def shipped(monkeypatch, tmp_path, tokenizer, tiny_model_dir):
+def shipped(monkeypatch, tmp_path, tokenizer, tiny_model_dir, build_tiny_model):
     """A fixture adapter in place of the package's ``steer/adapters/default``, and the tiny model
     in place of the default model (the shipped adapter only fits the default model)."""
     import steer.adapters
     import steer.models
     from steer.models import DEFAULT_MODEL_NAME
 
-    peft_model = save_tiny_adapter(tokenizer, tmp_path / "adapters" / "default",
+    peft_model = save_tiny_adapter(build_tiny_model, tokenizer, tmp_path / "adapters" / "default",
                                    base_model_name_or_path=DEFAULT_MODEL_NAME)
     monkeypatch.setattr(steer.adapters, "SHIPPED_ROOT", tmp_path / "adapters")
     real = steer.models.resolve_model_dir
@@ -172,7 +172,7 @@ def test_shipped_adapter_must_name_its_base_by_id(shipped, tmp_path):
         load_model("default", adapter="default")
 
 
-def test_adapter_that_does_not_fit_the_model_is_refused(tiny_model_dir, tokenizer, tmp_path):
+def test_adapter_that_does_not_fit_the_model_is_refused(tiny_model_dir, tokenizer, tmp_path, build_tiny_model):
     from peft import LoraConfig, get_peft_model
 
     wider = get_peft_model(build_tiny_model(tokenizer, hidden_size=32, seed=0),

@@ -4,7 +4,40 @@ import pytest
 import torch
 
 from steer.errors import InvalidInput
-from steer.sampling import SamplingParams, StopStringDetokenizer, filter_logits, sample_token
+from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
+
+# -- references: one row at a time, the plain way ------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k, then top-p on one row of logits ``(V,)``; removed entries become -inf.
+
+    The plain full-sort reference that :func:`steer.sampling.sample_tokens` must agree with.
+    ``temperature`` must be > 0 (greedy is an argmax, not a distribution). The row is shifted so
+    its maximum is 0 before dividing: the result is <= 0 everywhere and cannot overflow for any
+    positive temperature (softmax and the kept set do not change under a shift).
+    """
+    if not temperature > 0:
+        raise ValueError(f"filter_logits needs temperature > 0, got {temperature!r} (greedy decoding is an argmax)")
+    logits = logits.float()
+    logits = (logits - logits.max()) / min(temperature, torch.finfo(torch.float32).max)
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass *before* it already reaches top_p: the most likely token stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Pick the next token id from one row of logits ``(V,)``: :func:`steer.sampling.sample_tokens`
+    on a batch of one."""
+    return sample_tokens(logits[None, :], [params], [generator])[0]
 
 
 @pytest.mark.parametrize(
@@ -21,6 +54,7 @@ from steer.sampling import SamplingParams, StopStringDetokenizer, filter_logits,
         ({"stop": tuple("abcdefghi")}, "sampling.stop"),
     ],
 )
+
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidInput) as e:
         SamplingParams(**kwargs)
@@ -82,7 +116,6 @@ def test_detokenizer_releases_false_alarm_and_flushes():
     assert feed(plain, "hi") == ["h", "i"]
 
 
-from steer.sampling import sample_tokens  # noqa: E402
 
 
 @pytest.mark.parametrize(

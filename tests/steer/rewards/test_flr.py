@@ -182,9 +182,7 @@ def test_auto_calibration_is_computed_once_and_reused(tiny_loaded, tmp_path, mon
         scorer(tiny_loaded, objectives=("helpfulness",), followups=other, calibration=str(files[0]))
 
 
-def test_calibration_keys_depend_on_followups_and_model(tiny_loaded, tokenizer):
-    from steer.models import build_tiny_model
-
+def test_calibration_keys_depend_on_followups_and_model(tiny_loaded, tokenizer, build_tiny_model):
     a = scorer(tiny_loaded).calibration_keys()
     changed = dict(SMALL, creativity=FollowUps(positive=("Fresh!",), negative=("Stale.",)))
     b = scorer(tiny_loaded, followups=changed).calibration_keys()
