@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
+from steer.server.engine import Engine, FinishReason, Overloaded, TextDelta
 from steer.server.http_request import IGNORED_FIELDS as IGNORED_FIELDS
 from steer.server.http_request import STANDARD_FIELDS as STANDARD_FIELDS
 from steer.server.http_request import STEERING_FIELDS as STEERING_FIELDS
@@ -62,7 +62,16 @@ from steer.server.http_request import UNSUPPORTED_FIELDS as UNSUPPORTED_FIELDS
 from steer.server.http_request import HttpError, _ChatRequest, _json_body
 from steer.server.observability import Metrics, access_log, request_id
 from steer.server.security import bearer_denial
-from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
+from steer.server.strategies import (
+    CONDITIONED,
+    MIXTURE,
+    RERANK,
+    SteerRequest,
+    SteerResult,
+    Strategy,
+    StrategyUnavailable,
+    Usage,
+)
 from steer.server.validation import ScorerUnavailable, ServiceInfo, build_steer_request, offered_strategy
 
 from steer.errors import InvalidInput
@@ -89,7 +98,7 @@ class _ClientGone(Exception):
 class OpenAIApi:
     """The Starlette application: OpenAI JSON in, domain calls, OpenAI JSON out."""
 
-    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo,
+    def __init__(self, engine: Engine, strategies: dict[str, Strategy], info: ServiceInfo,
                  scoring: ScoringService | None = None, auth_token: str | None = None, metrics: Metrics | None = None):
         self.engine = engine
         self.strategies = strategies
@@ -157,7 +166,7 @@ class OpenAIApi:
             )
             strategy = offered_strategy(self.strategies, steer_request.strategy, spell=str)
             if chat.stream:
-                if not hasattr(strategy, "stream"):
+                if not strategy.streams:
                     raise HttpError(400, f"stream: strategy {steer_request.strategy} does not stream; "
                                     "send stream: false", "stream")
                 return await self._stream(request, rid, chat, steer_request, strategy)
@@ -211,18 +220,16 @@ class OpenAIApi:
             "max_model_len": self.engine.context_length,
         }
 
-    def _steer(self, request: SteerRequest, finished: Finished, rewards: dict[str, float] | None) -> dict:
+    def _steer(self, request: SteerRequest, result: SteerResult) -> dict:
         return {
             "direction": request.direction.as_dict(),
             "strategy": request.strategy,
-            "rewards": rewards,
-            "finish_reason": finished.finish_reason.value,
+            "rewards": result.rewards,
+            "finish_reason": result.finished.finish_reason.value,
         }
 
     def _completion(self, rid: str, request: SteerRequest, result: SteerResult) -> dict:
-        fin = result.finished
-        completion_tokens = result.completion_tokens if result.completion_tokens is not None else fin.completion_tokens
-        steer = self._steer(request, fin, result.rewards)
+        steer = self._steer(request, result)
         if request.return_candidates:
             steer["candidates"] = [
                 {"text": c.text, "rewards": c.rewards, "weighted_reward": c.weighted_reward,
@@ -237,15 +244,15 @@ class OpenAIApi:
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
-                "finish_reason": FINISH_REASONS[fin.finish_reason],
+                "finish_reason": FINISH_REASONS[result.finished.finish_reason],
                 "logprobs": None,
             }],
-            "usage": _usage(fin.prompt_tokens, completion_tokens),
+            "usage": _usage(result.usage),
             "steer": steer,
         }
 
     async def _stream(self, request: Request, rid: str, chat: _ChatRequest, steer_request: SteerRequest,
-                      strategy) -> Response:
+                      strategy: Strategy) -> Response:
         events = strategy.stream(steer_request)
         try:
             # Admission (429) and the prompt's token count (400) are settled before any header is sent.
@@ -254,10 +261,10 @@ class OpenAIApi:
             await events.aclose()
             raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        body = self._sse(rid, chat, steer_request, strategy, events, first)
+        body = self._sse(rid, chat, steer_request, events, first)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
-    async def _sse(self, rid: str, chat: _ChatRequest, steer_request: SteerRequest, strategy, events: AsyncIterator,
+    async def _sse(self, rid: str, chat: _ChatRequest, steer_request: SteerRequest, events: AsyncIterator,
                    first) -> AsyncIterator[str]:
         created = int(time.time())
         extra = {"usage": None} if chat.include_usage else {}
@@ -277,16 +284,13 @@ class OpenAIApi:
             while True:
                 if isinstance(event, TextDelta) and event.text:
                     yield chunk({"content": event.text})
-                elif isinstance(event, Finished):
-                    wanted = steer_request.return_rewards and event.finish_reason is not FinishReason.CANCELLED
-                    rewards = await strategy.rewards(steer_request, event.text) if wanted else None
-                    steer = self._steer(steer_request, event, rewards)
-                    yield chunk({}, FINISH_REASONS[event.finish_reason], steer=steer)
+                elif isinstance(event, SteerResult):  # the last event: the strategy measured its rewards
+                    steer = self._steer(steer_request, event)
+                    yield chunk({}, FINISH_REASONS[event.finished.finish_reason], steer=steer)
                     if chat.include_usage:
-                        usage = _usage(event.prompt_tokens, event.completion_tokens)
                         yield _event({
                             "id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
-                            "model": self.info.model_id, "choices": [], "usage": usage, "steer": steer,
+                            "model": self.info.model_id, "choices": [], "usage": _usage(event.usage), "steer": steer,
                         })
                     break
                 event = await events.__anext__()
@@ -303,9 +307,9 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
 def _shutting_down() -> HttpError:

@@ -34,8 +34,18 @@ import logging
 import time
 
 import grpc
-from steer.server.engine import Engine, Finished, FinishReason, Overloaded, TextDelta
-from steer.server.strategies import CONDITIONED, MIXTURE, RERANK, SteerRequest, SteerResult, StrategyUnavailable
+from steer.server.engine import Engine, FinishReason, Overloaded, TextDelta
+from steer.server.strategies import (
+    CONDITIONED,
+    MIXTURE,
+    RERANK,
+    SteerRequest,
+    SteerResult,
+    Strategy,
+    StrategyUnavailable,
+    Timing,
+    Usage,
+)
 from steer.server.validation import (
     SAMPLING_FIELDS,
     ScorerUnavailable,
@@ -105,7 +115,7 @@ def _refuse(context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
 
 
 class SteerServicer(steer_pb2_grpc.SteerServicer):
-    def __init__(self, engine: Engine, strategies: dict[str, object], info: ServiceInfo,
+    def __init__(self, engine: Engine, strategies: dict[str, Strategy], info: ServiceInfo,
                  scoring: ScoringService | None = None):
         self.engine = engine
         self.strategies = strategies
@@ -123,27 +133,20 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         except _Refusal as e:
             _refuse(context, e)
             return steer_pb2.GenerateResponse()  # not sent: the status is not OK
-        fin = result.finished
-        response = steer_pb2.GenerateResponse(
+        return steer_pb2.GenerateResponse(
             text=result.text,
-            finish_reason=_FINISH[fin.finish_reason],
-            usage=_usage(fin),
-            timing=_timing(fin),
+            rewards=result.rewards or {},
+            direction=result.direction.as_dict(),
+            finish_reason=_FINISH[result.finished.finish_reason],
+            usage=_usage(result.usage),
+            timing=_timing(result.timing),
             strategy=_STRATEGY_ENUMS[steer_request.strategy],
+            candidates=[
+                steer_pb2.Candidate(text=c.text, rewards=c.rewards, weighted_reward=c.weighted_reward,
+                                    finish_reason=_FINISH[c.finished.finish_reason])
+                for c in result.candidates
+            ],
         )
-        response.direction.update(result.direction.as_dict())
-        if result.rewards:
-            response.rewards.update(result.rewards)
-        if result.completion_tokens is not None:
-            response.usage.completion_tokens = result.completion_tokens
-        if result.total_seconds is not None:
-            response.timing.total_seconds = result.total_seconds
-        for c in result.candidates:
-            response.candidates.add(
-                text=c.text, rewards=c.rewards, weighted_reward=c.weighted_reward,
-                finish_reason=_FINISH[c.finished.finish_reason],
-            )
-        return response
 
     async def GenerateStream(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         first = True
@@ -151,19 +154,17 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
             with _domain_errors():
                 steer_request = self._steer_request(request, context)
                 strategy = self._strategy(steer_request.strategy)
-                if not hasattr(strategy, "stream"):
+                if not strategy.streams:
                     raise StrategyUnavailable(
                         f"strategy {steer_request.strategy.upper()} does not stream; use Generate")
                 async for event in strategy.stream(steer_request):
                     if isinstance(event, TextDelta):
                         chunk = steer_pb2.GenerateChunk(delta=event.text)
-                    elif isinstance(event, Finished):
+                    elif isinstance(event, SteerResult):  # the last event: the strategy measured its rewards
                         chunk = steer_pb2.GenerateChunk(
-                            finish_reason=_FINISH[event.finish_reason], usage=_usage(event), timing=_timing(event)
+                            finish_reason=_FINISH[event.finished.finish_reason], usage=_usage(event.usage),
+                            timing=_timing(event.timing), rewards=event.rewards or {},
                         )
-                        if steer_request.return_rewards and event.finish_reason is not FinishReason.CANCELLED:
-                            chunk.rewards.update(
-                                (await self.scoring.rewards_for(steer_request.conversation, [event.text])).row(0))
                     else:
                         continue
                     if first:
@@ -244,7 +245,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
 
     # -- translation ------------------------------------------------------------------------
 
-    def _strategy(self, name: str):
+    def _strategy(self, name: str) -> Strategy:
         return offered_strategy(self.strategies, name)
 
     def _steer_request(self, request: steer_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> SteerRequest:
@@ -282,13 +283,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _usage(fin: Finished) -> steer_pb2.Usage:
-    return steer_pb2.Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens)
+def _usage(usage: Usage) -> steer_pb2.Usage:
+    return steer_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
 
 
-def _timing(fin: Finished) -> steer_pb2.Timing:
+def _timing(timing: Timing) -> steer_pb2.Timing:
     return steer_pb2.Timing(
-        queue_seconds=fin.queue_seconds,
-        time_to_first_token_seconds=fin.time_to_first_token_seconds,
-        total_seconds=fin.total_seconds,
+        queue_seconds=timing.queue_seconds,
+        time_to_first_token_seconds=timing.time_to_first_token_seconds,
+        total_seconds=timing.total_seconds,
     )

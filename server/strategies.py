@@ -1,23 +1,29 @@
 """Steering strategies: what work a request asks of the engine.
 
-A strategy turns a validated :class:`SteerRequest` into engine calls and a :class:`SteerResult`.
+A strategy (the :class:`Strategy` protocol) turns a validated :class:`SteerRequest` into engine
+calls and a :class:`SteerResult`: ``run`` returns it, and ``stream`` (where ``streams`` is true)
+yields the text as :class:`TextDelta` events and then the same :class:`SteerResult` as its last
+event. A result carries everything a transport answers with (text, finish, usage, timing, rewards,
+candidates), so the transports translate it once and compute nothing themselves.
+
 ``CONDITIONED`` writes the direction into the system prompt (the DPA format of
 :mod:`steer.conditioning`) and samples once. ``RERANK`` (offered when the server runs a reward
 scorer) samples ``candidates`` times from the same conditioned prompt, as concurrent engine calls
 so that a batching engine runs them in one batch, scores every candidate's reward vector and
 returns the one with the highest ``v . r`` (scaled rewards, ties to the lower candidate index).
 With a seed, candidate ``i`` samples with ``seed + i``, so candidate 0 is exactly the CONDITIONED
-output for that seed and the whole result is reproducible. RERANK does not stream: its answer
-exists only once every candidate is finished and scored, so streaming it would only add a
-delay before one chunk; GenerateStream answers UNIMPLEMENTED ("use Generate"). ``MIXTURE``
+output for that seed and the whole result is reproducible. RERANK does not stream
+(``streams = False``): its answer exists only once every candidate is finished and scored, so
+streaming it would only add a delay before one chunk; each transport refuses a streamed RERANK
+request in its own words (GenerateStream: UNIMPLEMENTED, "use Generate"). ``MIXTURE``
 (offered when the model carries mixture adapters, :mod:`steer.mixture`) sends the plain
 conversation (no direction line) and has the engine mix the per-objective adapters by the
 request's own weights, row by row inside the shared batch.
 
 A request with ``return_rewards`` gets the reward vector of the text it returns (one scorer pass
-after generation); without it CONDITIONED pays nothing for scoring. RERANK scores its candidates
-anyway and always returns the winner's vector. A generation the server cut short (``CANCELLED``:
-shutting down) is returned at once, unscored.
+after generation, streamed or not); without it CONDITIONED pays nothing for scoring. RERANK scores
+its candidates anyway and always returns the winner's vector. A generation the server cut short
+(``CANCELLED``: shutting down) is returned at once, unscored.
 
 Prompts are rendered and tokenised in a worker thread (a prompt can be hundreds of kilobytes;
 the event loop keeps answering other calls meanwhile), through :class:`steer.chat_tokens.ChatTokenizer`:
@@ -30,6 +36,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from steer.server.engine import Engine, Finished, FinishReason, TextDelta
 
@@ -73,20 +80,81 @@ class ScoredCandidate:
 
 
 @dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def of(cls, finished: Finished) -> Usage:
+        return cls(finished.prompt_tokens, finished.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+    @classmethod
+    def of(cls, finished: Finished) -> Timing:
+        return cls(finished.queue_seconds, finished.time_to_first_token_seconds, finished.total_seconds)
+
+
+@dataclass(frozen=True)
 class SteerResult:
     text: str
     direction: Direction
     finished: Finished  # the returned text's own generation
-    rewards: dict[str, float] | None = None  # common scale; None when the server runs no scorer
+    usage: Usage  # RERANK: completion tokens over all candidates (else finished's)
+    timing: Timing  # RERANK: total_seconds from arrival to result, scoring included (else finished's)
+    rewards: dict[str, float] | None = None  # common scale; None when not measured
     candidates: tuple[ScoredCandidate, ...] = ()  # RERANK with return_candidates: all, best first
-    completion_tokens: int | None = None  # RERANK: tokens generated over all candidates (else finished's)
-    total_seconds: float | None = None  # RERANK: arrival to result, scoring included (else finished's)
+
+    @classmethod
+    def of(cls, request: SteerRequest, finished: Finished, rewards: dict[str, float] | None = None) -> SteerResult:
+        """The result of one sample: its generation's own usage and timing."""
+        return cls(text=finished.text, direction=request.direction, finished=finished, usage=Usage.of(finished),
+                   timing=Timing.of(finished), rewards=rewards)
+
+
+class Strategy(Protocol):
+    """What the transports call. ``stream`` yields TextDelta events, then the SteerResult ``run`` would
+    return; a strategy with ``streams = False`` raises StrategyUnavailable from ``stream`` (the transports
+    check ``streams`` first, to refuse in their own words)."""
+
+    name: str
+    streams: bool
+
+    async def run(self, request: SteerRequest) -> SteerResult: ...
+
+    def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | SteerResult]: ...
+
+
+def prompt_ids(chat: ChatTokenizer, context_length: int, request: SteerRequest, messages: list[dict[str, str]],
+               direction_line: bool) -> list[int]:
+    """The prompt ids of ``messages`` (what the model answers for ``request``), refused with InvalidInput when
+    they leave no room to generate (CPU work: call it off the event loop)."""
+    ids = chat(messages, fields=_message_fields(request, len(messages)))
+    if len(ids) >= context_length:
+        raise InvalidInput(
+            request.input_field,
+            f"is {len(ids)} tokens with the chat template"
+            f"{' and direction line' if direction_line else ''}; "
+            f"this model's context is {context_length} tokens and at least one must be left to generate",
+        )
+    return ids
+
+
+def conditioned_messages(request: SteerRequest) -> list[dict[str, str]]:
+    """The request's conversation with the direction line in the system prompt (CONDITIONED and RERANK)."""
+    return condition_messages(request.conversation, request.direction)
 
 
 class ConditionedStrategy:
     """One sample from the direction-conditioned policy."""
 
     name = CONDITIONED
+    streams = True
 
     def __init__(self, engine: Engine, scoring: ScoringService | None = None, chat: ChatTokenizer | None = None):
         self.engine = engine
@@ -95,7 +163,7 @@ class ConditionedStrategy:
 
     def messages(self, request: SteerRequest) -> list[dict[str, str]]:
         """The conversation the model answers: the request's, with the direction line in the system prompt."""
-        return condition_messages(request.conversation, request.direction)
+        return conditioned_messages(request)
 
     def mix(self, request: SteerRequest) -> list[float] | None:
         """The engine's adapter row for this request (None: the model's default)."""
@@ -103,29 +171,26 @@ class ConditionedStrategy:
 
     def prompt_ids(self, request: SteerRequest) -> list[int]:
         """The prompt ids of :meth:`messages` (CPU work: call it off the event loop)."""
-        messages = self.messages(request)
-        ids = self.chat(messages, fields=_message_fields(request, len(messages)))
-        context = self.engine.context_length
-        if len(ids) >= context:
-            raise InvalidInput(
-                request.input_field,
-                f"is {len(ids)} tokens with the chat template"
-                f"{' and direction line' if self.name == CONDITIONED else ''}; "
-                f"this model's context is {context} tokens and at least one must be left to generate",
-            )
-        return ids
+        return prompt_ids(self.chat, self.engine.context_length, request, self.messages(request),
+                          direction_line=self.name == CONDITIONED)
 
-    async def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | Finished]:
+    async def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | SteerResult]:
         ids = await asyncio.to_thread(self.prompt_ids, request)  # validates before admission
+        finished = None
         async for event in self.engine.generate(ids, request.params, request.deadline, mix=self.mix(request)):
-            yield event
+            if isinstance(event, Finished):
+                finished = event
+            else:
+                yield event
+        if finished is not None:
+            wanted = request.return_rewards and finished.finish_reason is not FinishReason.CANCELLED
+            rewards = await self.rewards(request, finished.text) if wanted else None
+            yield SteerResult.of(request, finished, rewards)
 
     async def run(self, request: SteerRequest) -> SteerResult:
         async for event in self.stream(request):
-            if isinstance(event, Finished):
-                wanted = request.return_rewards and event.finish_reason is not FinishReason.CANCELLED
-                rewards = await self.rewards(request, event.text) if wanted else None
-                return SteerResult(text=event.text, direction=request.direction, finished=event, rewards=rewards)
+            if isinstance(event, SteerResult):
+                return event
         raise RuntimeError("engine stream ended without a Finished event")
 
     async def rewards(self, request: SteerRequest, text: str) -> dict[str, float] | None:
@@ -158,18 +223,27 @@ class RerankStrategy:
     """Best of ``candidates`` conditioned samples by ``v . r`` (see the module docstring)."""
 
     name = RERANK
+    streams = False
 
     def __init__(self, engine: Engine, scoring: ScoringService, default_candidates: int = DEFAULT_CANDIDATES,
                  chat: ChatTokenizer | None = None):
         self.engine = engine
         self.scoring = scoring
         self.default_candidates = default_candidates
-        self._conditioned = ConditionedStrategy(engine, chat=chat)  # same prompt as CONDITIONED
+        self.chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
+
+    def prompt_ids(self, request: SteerRequest) -> list[int]:
+        """The CONDITIONED prompt's ids (CPU work: call it off the event loop)."""
+        return prompt_ids(self.chat, self.engine.context_length, request, conditioned_messages(request),
+                          direction_line=True)
+
+    def stream(self, request: SteerRequest) -> AsyncIterator[TextDelta | SteerResult]:
+        raise StrategyUnavailable(f"strategy {self.name.upper()} does not stream; use Generate")
 
     async def run(self, request: SteerRequest) -> SteerResult:
         started = time.monotonic()
         n = request.candidates or self.default_candidates
-        ids = await asyncio.to_thread(self._conditioned.prompt_ids, request)
+        ids = await asyncio.to_thread(self.prompt_ids, request)
         params = request.params
         per_candidate = [params if params.seed is None else params.with_overrides(seed=(params.seed + i) % 2**64)
                          for i in range(n)]
@@ -183,14 +257,15 @@ class RerankStrategy:
         if request.return_candidates:
             candidates = tuple(ScoredCandidate(finished[i].text, rewards.row(i), weighted[i], finished[i])
                                for i in order)
+        winner = finished[best]
         return SteerResult(
-            text=finished[best].text,
+            text=winner.text,
             direction=request.direction,
-            finished=finished[best],
+            finished=winner,
+            usage=Usage(winner.prompt_tokens, sum(f.completion_tokens for f in finished)),
+            timing=Timing(winner.queue_seconds, winner.time_to_first_token_seconds, time.monotonic() - started),
             rewards=rewards.row(best),
             candidates=candidates,
-            completion_tokens=sum(f.completion_tokens for f in finished),
-            total_seconds=time.monotonic() - started,
         )
 
     async def _sample(self, ids: list[int], params: SamplingParams, deadline: float | None) -> Finished:
@@ -222,11 +297,11 @@ def _message_fields(request: SteerRequest, n: int) -> list[str]:
 
 
 def build_strategies(engine: Engine, scoring: ScoringService | None = None,
-                     chat: ChatTokenizer | None = None) -> dict[str, object]:
+                     chat: ChatTokenizer | None = None) -> dict[str, Strategy]:
     """The strategies this server offers, by name (RERANK only with a scorer, MIXTURE only with mixture
     adapters); they share one ChatTokenizer."""
     chat = chat if chat is not None else ChatTokenizer(engine.tokenizer)
-    strategies: dict[str, object] = {CONDITIONED: ConditionedStrategy(engine, scoring, chat)}
+    strategies: dict[str, Strategy] = {CONDITIONED: ConditionedStrategy(engine, scoring, chat)}
     if scoring is not None:
         strategies[RERANK] = RerankStrategy(engine, scoring, chat=chat)
     if getattr(engine.loaded, "mixture", None) is not None:

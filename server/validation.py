@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from steer.server.strategies import SteerRequest, StrategyUnavailable
+from steer.server.strategies import SteerRequest, Strategy, StrategyUnavailable
 
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
@@ -72,7 +72,7 @@ def sampling_params(overrides: Mapping[str, object], defaults: SamplingParams,
     return params
 
 
-def offered_strategy(strategies: Mapping[str, object], name: str, spell=str.upper):
+def offered_strategy(strategies: Mapping[str, Strategy], name: str, spell=str.upper) -> Strategy:
     """The strategy object this server offers under ``name``; ``spell`` writes names as the transport does."""
     strategy = strategies.get(name)
     if strategy is None:
