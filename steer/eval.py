@@ -27,25 +27,28 @@ Examples:
   python -m steer.eval --grid simplex:4 --seeds 3                        # every point of the simplex at step 1/4
   python -m steer.eval --grid "helpfulness=0.8,creativity=0.2;conciseness=1"
   python -m steer.eval --scorer runs/rm --prompts my_prompts.jsonl       # another training judge and prompt set
+  python -m steer.eval --config eval.yaml --seeds 1                      # options from YAML; flags override it
 
 Prompts are JSONL rows {"prompt": "...", "category": "..."}; the default is the held-out split
-shipped in steer.training (training/data/prompts_heldout.jsonl).
+shipped in steer.training (training/data/prompts_heldout.jsonl). A --config YAML file holds the
+same keys as the flags, with underscores (max_new_tokens: 64); the "config" of a steerability.json,
+written out as YAML, reruns that evaluation.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from steer import eval_stats as st
+from steer.config import config_to_dict, merge_config, option, require_choice, split_doc
 from steer.errors import InvalidInput
 from steer.eval_grid import DEFAULT_GRID, default_prompts_path, direction_grid, direction_label, load_prompts
 from steer.eval_judges import HeldoutJudge, ScorerJudge, build_heldout_judge
@@ -60,7 +63,8 @@ from steer.eval_report import (
     write_report,
 )
 from steer.eval_stats import PLAIN
-from steer.logs import add_log_level_flag, configure_logging
+from steer.logs import LEVELS, configure_logging
+from steer.models import DEVICES
 from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
 __all__ = [  # the names other modules and the tests import from here; the rest is in eval_grid/eval_report
@@ -69,6 +73,7 @@ __all__ = [  # the names other modules and the tests import from here; the rest 
     "load_policy_and_judge", "load_prompts", "main", "run_eval",
 ]
 
+PROG = "python -m steer.eval"
 STRATEGIES = ("conditioned", "rerank", "mixture")
 
 
@@ -217,39 +222,57 @@ def evaluate(
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Every field is also a ``python -m steer.eval`` flag (``--field-name``)."""
+    """Every field is also a ``python -m steer.eval`` flag (``--field-name``, :mod:`steer.config`)."""
 
-    model: str = "default"  # policy: 'default', a model directory or a .gguf file
-    adapter: str | None = None  # PEFT adapter on the policy; the base system and the judges use the model without it
-    mixture: str | None = None  # --strategy mixture: a mixture directory (steer.train mixture) on the policy
-    device: str = "auto"  # auto (CUDA when present), cpu or cuda: every model of the run
-    # training judge (and rerank's ranker): steer.rewards.build_scorer spec; 'none': no training judge
-    scorer: str = "default"
-    scorer_model: str | None = None  # run both FLR judges on this model instead of the base model
-    prompts: str | None = None  # JSONL prompt set; None: the shipped held-out split
-    limit: int | None = None  # first N prompts only
-    grid: str = DEFAULT_GRID  # 'default', 'corners', 'simplex:N' or explicit 'name=w,...;...'
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    strategy: str = "conditioned"  # 'conditioned' (one sample) or 'rerank' (best of --candidates by v . r)
-    candidates: int = 4  # rerank: samples per (prompt, direction, seed)
-    seeds: int = 2  # sampling seeds --seed, --seed + 1, ...: one response per (prompt, direction, seed)
-    seed: int = 0  # the first seed
-    plain: bool = True  # also the base model's plain answers (no direction line) per prompt and seed
-    max_new_tokens: int = 128
-    temperature: float = 0.7  # 0 = greedy (then only one seed makes sense)
-    top_p: float = 0.9
-    batch_size: int = 16  # generation rows per forward
-    score_batch_size: int = 32  # (conversation, response) pairs per judge call
-    bootstrap: int = 1000  # bootstrap resamples of the prompts
-    bootstrap_seed: int = 0
-    output: str = "runs/eval"
+    model: str = field(default="default", metadata=option(
+        "policy: 'default' (embedded SmolLM2-135M-Instruct), a model directory or a .gguf file"))
+    adapter: str | None = field(default=None, metadata=option(
+        "policy adapter: a PEFT directory, 'default' (the one shipped for the default model) or 'none'; the base "
+        "system and the judges never carry it", unset="the bare model; policy and base are then one system"))
+    mixture: str | None = field(default=None, metadata=option(
+        "--strategy mixture: a mixture directory (python -m steer.train mixture writes one) or 'default' (the one "
+        "shipped for the default model)"))
+    device: str = field(default="auto", metadata=option(
+        "where every model runs: auto (CUDA when present), cpu or cuda", choices=DEVICES))
+    scorer: str = field(default="default", metadata=option(
+        "training judge (and rerank's ranker): 'default' (FLR + length), 'flr', a reward model directory, parts "
+        "joined by '+', or 'none'"))
+    scorer_model: str | None = field(default=None, metadata=option(
+        "run both FLR judges on this model instead of the base model", unset="the base model"))
+    prompts: str | None = field(default=None, metadata=option(
+        "JSONL prompt set", unset="the shipped held-out split, 52 prompts"))
+    limit: int | None = field(default=None, metadata=option("evaluate the first N prompts only", metavar="N",
+                                                            unset="every prompt"))
+    grid: str = field(default=DEFAULT_GRID, metadata=option(
+        "directions: 'default' (3 corners, uniform, 3 pairwise 50/50), 'corners', 'simplex:N', or explicit "
+        "'helpfulness=1,creativity=1;conciseness=1'"))
+    objectives: tuple[str, ...] = field(default=DEFAULT_OBJECTIVES, metadata=option(
+        "the objectives directions weigh and judges score, in order", metavar="OBJECTIVE"))
+    strategy: str = field(default="conditioned", metadata=option(
+        "conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r under --scorer; "
+        "mixture: the plain prompt through --mixture's adapters mixed by the direction", choices=STRATEGIES))
+    candidates: int = field(default=4, metadata=option("rerank: samples per (prompt, direction, seed)"))
+    seeds: int = field(default=2, metadata=option(
+        "number of sampling seeds (--seed, --seed + 1, ...); one response per prompt, direction and seed"))
+    seed: int = field(default=0, metadata=option("the first sampling seed"))
+    plain: bool = field(default=True, metadata=option(
+        "also the base model's plain answers (no direction line) per prompt and seed"))
+    max_new_tokens: int = field(default=128, metadata=option("tokens generated per response at most"))
+    temperature: float = field(default=0.7, metadata=option("0 = greedy (needs --seeds 1)"))
+    top_p: float = field(default=0.9, metadata=option("nucleus sampling mass"))
+    batch_size: int = field(default=16, metadata=option("generation rows per forward"))
+    score_batch_size: int = field(default=32, metadata=option("(conversation, response) pairs per judge call"))
+    bootstrap: int = field(default=1000, metadata=option("bootstrap resamples of the prompts"))
+    bootstrap_seed: int = field(default=0, metadata=option("seed of the bootstrap resamples"))
+    output: str = field(default="runs/eval", metadata=option(
+        "directory for steerability.json/.png and generations.jsonl"))
+    progress: bool = field(default=True, metadata=option("tqdm progress bars"))
+    log_level: str = field(default="WARNING", metadata=option("what the command logs to stderr", choices=LEVELS))
 
     def __post_init__(self):
         for name in ("model", "scorer", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise InvalidInput(name, "must be a non-empty string")
-        from steer.models import DEVICES
-
         if self.device not in DEVICES:
             raise InvalidInput("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for name in ("adapter", "mixture", "scorer_model", "prompts"):
@@ -286,6 +309,11 @@ class EvalConfig:
                                "use --seeds 1 or a temperature > 0")
         object.__setattr__(self, "objectives", validate_objectives(self.objectives))
         direction_grid(self.grid, self.objectives)  # raises InvalidInput("grid", ...) on a bad spec
+        if not isinstance(self.progress, bool):
+            raise InvalidInput("progress", f"must be true or false, got {self.progress!r}")
+        if isinstance(self.log_level, str) and self.log_level.upper() in LEVELS:
+            object.__setattr__(self, "log_level", self.log_level.upper())
+        require_choice("log_level", self.log_level, LEVELS)
 
     @property
     def seed_list(self) -> tuple[int, ...]:
@@ -324,11 +352,13 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
     return policy, base
 
 
-def run_eval(config: EvalConfig, progress: bool = True,
+def run_eval(config: EvalConfig, progress: bool | None = None,
              command: str | None = None) -> tuple[EvalResult, dict[str, Path]]:
-    """Load, generate, judge, write the report; returns the result and the written paths."""
+    """Load, generate, judge, write the report; returns the result and the written paths.
+    ``progress``: tqdm bars (None: ``config.progress``)."""
     from steer.rewards.build import build_scorer
 
+    progress = config.progress if progress is None else progress
     total_start = time.monotonic()
     prompts_path = Path(config.prompts) if config.prompts else default_prompts_path("heldout")
     prompts = load_prompts(prompts_path)[: config.limit]
@@ -356,71 +386,20 @@ def run_eval(config: EvalConfig, progress: bool = True,
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(
         result, config.output, prompts,
-        command=command, config={**asdict(config), "objectives": list(config.objectives)},
+        command=command, config=config_to_dict(config),
         prompts_file=str(prompts_path), model_id=policy.model_id, adapter=policy.adapter, title=title,
     )
     return result, paths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m steer.eval", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    d = EvalConfig()
-    p.add_argument("--model", default=d.model,
-                   help="policy: 'default' (embedded SmolLM2-135M-Instruct), a model directory or a .gguf file")
-    p.add_argument("--adapter", default=None, help="policy adapter: a PEFT directory, 'default' (the one shipped for "
-                   "the default model) or 'none' (unset: the bare model, then policy and base are one system); the "
-                   "base system and the judges never carry it")
-    p.add_argument("--scorer", default=d.scorer, help="training judge (and rerank's ranker): 'default' (FLR + length), "
-                   "'flr', a reward model directory, parts joined by '+', or 'none'")
-    p.add_argument("--scorer-model", default=None, help="run both FLR judges on this model instead of the base model")
-    p.add_argument("--prompts", default=None, help="JSONL prompt set (default: the shipped held-out split, 52 prompts)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
-    p.add_argument("--grid", default=d.grid, help="directions: 'default' (3 corners, uniform, 3 pairwise 50/50), "
-                   "'corners', 'simplex:N', or explicit 'helpfulness=1,creativity=1;conciseness=1'")
-    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
-                   help="conditioned: one sample of the conditioned prompt; rerank: best of --candidates by v . r "
-                        "under --scorer; mixture: the plain prompt through --mixture's adapters mixed by the direction")
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
-                   help="where every model runs: auto (CUDA when present), cpu or cuda")
-    p.add_argument("--mixture", default=None, help="--strategy mixture: a mixture directory (python -m steer.train "
-                   "mixture writes one) or 'default' (the one shipped for the default model)")
-    p.add_argument("--candidates", type=int, default=d.candidates, help="rerank: samples per (prompt, direction, seed)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="number of sampling seeds (--seed, --seed + 1, ...); "
-                   "one response per prompt, direction and seed")
-    p.add_argument("--seed", type=int, default=d.seed, help="the first sampling seed")
-    p.add_argument("--no-plain", action="store_true", help="skip the base model's plain answers (no direction line)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (needs --seeds 1)")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="generation rows per forward")
-    p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="pairs per judge call")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the prompts")
-    p.add_argument("--bootstrap-seed", type=int, default=d.bootstrap_seed)
-    p.add_argument("--output", default=d.output, help="directory for steerability.json/.png and generations.jsonl")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    add_log_level_flag(p, default="WARNING")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python -m steer.eval``: EvalConfig from its defaults < ``--config`` YAML < flags, then :func:`run_eval`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    description, epilog = split_doc(__doc__)
     try:
-        config = EvalConfig(
-            model=args.model, adapter=args.adapter, mixture=args.mixture, device=args.device, scorer=args.scorer,
-            scorer_model=args.scorer_model,
-            prompts=args.prompts, limit=args.limit, grid=args.grid, strategy=args.strategy, candidates=args.candidates,
-            seeds=args.seeds, seed=args.seed, plain=not args.no_plain, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-            score_batch_size=args.score_batch_size, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
-            output=args.output,
-        )
-        result, paths = run_eval(config, progress=not args.no_progress,
-                                 command=shlex.join(["python", "-m", "steer.eval", *argv]))
+        config = merge_config(EvalConfig, argv, prog=PROG, description=description, epilog=epilog)
+        configure_logging(config.log_level)
+        result, paths = run_eval(config, command=shlex.join([*PROG.split(), *argv]))
     except (InvalidInput, FileNotFoundError) as e:
         print(f"steer.eval: error: {e}", file=sys.stderr)
         return 2

@@ -14,101 +14,114 @@ Examples:
   python -m steer.serve --metrics-port 9100               # Prometheus metrics at :9100/metrics
   python -m steer.serve --http-port 8000                  # also OpenAI-compatible HTTP at :8000/v1 (chat completions,
                                                           # models)
+  python -m steer.serve --config serve.yaml --port 6000   # options from a YAML file (keys: the flags with
+                                                          # underscores); flags override it
 
 Then: python -m steer.client "Tell me about owls" --weights helpfulness=0.7,creativity=0.3
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
+
+from steer.config import option
+
+PROG = "python -m steer.serve"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m steer.serve", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), a model directory, or a .gguf file")
-    p.add_argument(
-        "--adapter", default=None,
-        help="'default' (the steering adapter shipped in steer/adapters/default; fits only the default model), 'none' "
-        "(the bare model), or a PEFT adapter directory; merged into the weights at load. Unset: 'default' with the "
-        "default model, 'none' with any other --model. With an adapter, the FLR scorer judges with the base weights, "
-        "so a second copy of the base model is loaded for it (float32: ~540 MB for the default 135M model; not with "
-        "--scorer none, a reward model or --scorer-model)",
-    )
-    p.add_argument(
-        "--mixture", default=None,
-        help="per-objective adapters for STRATEGY_MIXTURE: a directory written by python -m steer.train mixture, "
-        "'default' (the one shipped for the default model, when the package has one) or 'none'. Unset: 'default' with "
-        "the default model. The --adapter stays merged into the weights and joins the mixture's stack once more, "
-        "weighed -1 by MIXTURE rows, so CONDITIONED and MIXTURE requests share every batch",
-    )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; "
-                        "sampling stays on the CPU")
-    p.add_argument("--linears", default="auto", choices=["auto", "torch", "prepacked", "int8"],
-                   help="how linear layers compute: prepacked (oneDNN-reordered fp32 weights, same math, faster; "
-                        "+540 MB for the default model), int8 (weight-only int8: faster for few streams, slower for "
-                        "many, changes the numbers), torch; auto: prepacked on the CPU in float32, else torch")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--max-new-tokens-limit", type=int, default=1024,
-                   help="largest sampling.max_new_tokens a request may ask for")
-    p.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves it unset")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-concurrent", type=int, default=32, help="sequences in the running batch")
-    p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="padded prompt tokens prefilled per engine step; longer prompts are chunked "
-                        "(default: 256 on CPU, 2048 on GPU)")
-    p.add_argument("--forward", default="steer", choices=["steer", "transformers"],
-                   help="the engine's model call: steer (its own Llama forward where it covers the model, else "
-                        "transformers') or transformers (always transformers' forward, the reference)")
-    p.add_argument("--drain", type=float, default=2.0,
-                   help="on SIGTERM/SIGINT, seconds health says NOT_SERVING while calls are still served "
-                        "(load balancers move away)")
-    p.add_argument("--grace", type=float, default=5.0,
-                   help="then, seconds in-flight calls get to finish; open streams end with a final chunk")
-    p.add_argument(
-        "--scorer", default="default",
-        help="reward scorer for Score, RERANK and return_rewards: 'default' (FLR on the scorer model for helpfulness "
+@dataclass(frozen=True)
+class ServeConfig:
+    """Every field is a ``python -m steer.serve`` flag (``--field-name``, :mod:`steer.config`); the server
+    checks the values (``steer.server.app.ServerConfig``, ``EngineConfig``, ``steer.models.load_model``)."""
+
+    model: str = field(default="default", metadata=option(
+        "'default' (embedded SmolLM2-135M-Instruct), a model directory, or a .gguf file"))
+    adapter: str | None = field(default=None, metadata=option(
+        "'default' (the steering adapter shipped in steer/adapters/default; fits only the default model), 'none' "
+        "(the bare model), or a PEFT adapter directory; merged into the weights at load. With an adapter, the FLR "
+        "scorer judges with the base weights, so a second copy of the base model is loaded for it (float32: ~540 MB "
+        "for the default 135M model; not with --scorer none, a reward model or --scorer-model)",
+        unset="'default' with the default model, 'none' with any other --model"))
+    mixture: str | None = field(default=None, metadata=option(
+        "per-objective adapters for STRATEGY_MIXTURE: a directory written by python -m steer.train mixture, "
+        "'default' (the one shipped for the default model, when the package has one) or 'none'. The --adapter stays "
+        "merged into the weights and joins the mixture's stack once more, weighed -1 by MIXTURE rows, so CONDITIONED "
+        "and MIXTURE requests share every batch", unset="'default' with the default model"))
+    dtype: str = field(default="float32", metadata=option("storage dtype of the model's weights",
+                                                          choices=("float32", "bfloat16", "float16")))
+    device: str = field(default="auto", metadata=option(
+        "where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; sampling stays on the CPU",
+        choices=("auto", "cpu", "cuda")))
+    linears: str = field(default="auto", metadata=option(
+        "how linear layers compute: prepacked (oneDNN-reordered fp32 weights, same math, faster; +540 MB for the "
+        "default model), int8 (weight-only int8: faster for few streams, slower for many, changes the numbers), "
+        "torch; auto: prepacked on the CPU in float32, else torch", choices=("auto", "torch", "prepacked", "int8")))
+    host: str = field(default="127.0.0.1", metadata=option("bind address (loopback by default)"))
+    port: int = field(default=50051, metadata=option("gRPC port (0: any free port)"))
+    max_new_tokens_limit: int = field(default=1024, metadata=option(
+        "largest sampling.max_new_tokens a request may ask for", metavar="N"))
+    default_max_new_tokens: int = field(default=256, metadata=option(
+        "used when a request leaves it unset", metavar="N"))
+    max_queue: int = field(default=64, metadata=option(
+        "requests waiting for a slot before RESOURCE_EXHAUSTED", metavar="N"))
+    max_concurrent: int = field(default=32, metadata=option("sequences in the running batch", metavar="N"))
+    max_prefill_tokens: int | None = field(default=None, metadata=option(
+        "padded prompt tokens prefilled per engine step; longer prompts are chunked", metavar="N",
+        unset="256 on CPU, 2048 on GPU"))
+    forward: str = field(default="steer", metadata=option(
+        "the engine's model call: steer (its own Llama forward where it covers the model, else transformers') or "
+        "transformers (always transformers' forward, the reference)", choices=("steer", "transformers")))
+    drain: float = field(default=2.0, metadata=option(
+        "on SIGTERM/SIGINT, seconds health says NOT_SERVING while calls are still served (load balancers move "
+        "away)", metavar="SECONDS"))
+    grace: float = field(default=5.0, metadata=option(
+        "then, seconds in-flight calls get to finish; open streams end with a final chunk", metavar="SECONDS"))
+    scorer: str = field(default="default", metadata=option(
+        "reward scorer for Score, RERANK and return_rewards: 'default' (FLR on the scorer model for helpfulness "
         "and creativity + the length signal -ln(1+tokens) for conciseness, all standardised on the built-in "
         "calibration set), 'flr' (FLR for every objective), 'none', a reward model directory, or parts joined by '+' "
-        "(flr:helpfulness+length:conciseness+rm:DIR)",
-    )
-    p.add_argument("--scorer-model", default=None,
-                   help="run FLR on this model ('default', a directory or .gguf) instead of the served one "
-                        "(with an adapter: instead of the served base)")
-    p.add_argument("--auth-token-file", default=None,
-                   help="require 'authorization: Bearer <token>' (token read from this file)")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
-    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request/response message")
-    p.add_argument("--max-input-bytes", type=int, default=None,
-                   help="UTF-8 bytes of text a conversation (or a Score response) may hold, checked before tokenising "
-                        "(default: the context x the longest token's bytes, 663,552 for the default model)")
-    p.add_argument("--max-score-pending", type=int, default=128,
-                   help="responses waiting or being scored before Score answers RESOURCE_EXHAUSTED")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port")
-    p.add_argument(
-        "--http-port", type=int, default=None,
-        help="also serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on this port of the "
-        "same host, with the same engine, limits, token and TLS (default: off)",
-    )
-    p.add_argument("--log-level", default="INFO")
-    return p
+        "(flr:helpfulness+length:conciseness+rm:DIR)"))
+    scorer_model: str | None = field(default=None, metadata=option(
+        "run FLR on this model ('default', a directory or .gguf) instead of the served one (with an adapter: "
+        "instead of the served base)", unset="the served model"))
+    auth_token_file: str | None = field(default=None, metadata=option(
+        "require 'authorization: Bearer <token>' (token read from this file)", metavar="FILE",
+        unset="no authentication"))
+    tls_cert: str | None = field(default=None, metadata=option(
+        "PEM certificate chain: serve TLS (with --tls-key)", metavar="FILE", unset="plaintext"))
+    tls_key: str | None = field(default=None, metadata=option("PEM private key for --tls-cert", metavar="FILE"))
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=option(
+        "largest request/response message", metavar="N"))
+    max_input_bytes: int | None = field(default=None, metadata=option(
+        "UTF-8 bytes of text a conversation (or a Score response) may hold, checked before tokenising", metavar="N",
+        unset="the context x the longest token's bytes, 663,552 for the default model"))
+    max_score_pending: int = field(default=128, metadata=option(
+        "responses waiting or being scored before Score answers RESOURCE_EXHAUSTED", metavar="N"))
+    metrics_port: int | None = field(default=None, metadata=option(
+        "serve Prometheus metrics over HTTP on this port", metavar="PORT", unset="off"))
+    http_port: int | None = field(default=None, metadata=option(
+        "also serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on this port of the "
+        "same host, with the same engine, limits, token and TLS", metavar="PORT", unset="off"))
+    log_level: str = field(default="INFO", metadata=option(
+        "what the server logs to stderr: a logging level name, any case"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from steer.config import merge_config, split_doc
+    from steer.errors import InvalidInput
+
+    description, epilog = split_doc(__doc__)
+    try:  # defaults < --config YAML < flags; a bad YAML file or value is named like the errors below
+        args = merge_config(ServeConfig, sys.argv[1:] if argv is None else list(argv), prog=PROG,
+                            description=description, epilog=epilog)
+    except InvalidInput as e:
+        print(f"steer.serve: error: {e}", file=sys.stderr)
+        return 2
     import asyncio
     import logging
     import os
 
-    from steer.errors import InvalidInput
     from steer.models import default_adapter_for, default_mixture_for, load_model
     from steer.rewards.service import ScoringConfig
     from steer.sampling import SamplingParams

@@ -1,33 +1,36 @@
-"""Command configs: one frozen dataclass per command makes its flags, reads its YAML, validates itself.
+"""Training command configs: :mod:`steer.config` with TRL's names for the same options.
 
-Each field carries its documentation as ``metadata={"help": ...}``; :func:`build_parser` turns
-the fields into ``--field-name`` flags (``bool`` -> ``--x/--no-x``, ``tuple[str, ...]`` -> one or
-more values, ``X | None`` -> ``X``; ``choices`` metadata becomes argparse choices). Values are
-merged as *dataclass defaults < ``--config file.yaml`` < flags given on the command line*, then
-``__post_init__`` validates the result and raises :class:`steer.errors.InvalidInput` naming the
-field. A YAML file uses the field names (``lora_r: 16``; ``lora-r`` is accepted too); an unknown
-key is an error that names the key and the file, so a typo never silently falls back to a default.
-TRL's names for the same options (:data:`TRL_NAMES`: ``learning_rate``, ``per_device_train_batch_size``,
-``output_dir``, ...) are accepted in YAML and as flags, so a TRL ``DPOConfig`` YAML file runs as it is.
-
-Used by ``dpo_cli`` and ``dpa_cli``; any command with a dataclass config can call
-:func:`parse_config`.
+The mechanism (dataclass fields -> flags, ``--config`` YAML, validation helpers, :func:`write_config`)
+lives in :mod:`steer.config` and is re-exported here. What is the training commands' own:
+TRL's names for their options (:data:`TRL_NAMES`: ``learning_rate``, ``per_device_train_batch_size``,
+``output_dir``, ...) are accepted in YAML and as flags, so a TRL ``DPOConfig`` YAML file runs as it is;
+:func:`build_parser`, :func:`read_config_file`, :func:`merge_config`, :func:`parse_config` and
+:func:`run_command` here pass them (:data:`TRL`) to :mod:`steer.config`'s. And :func:`report_saved`,
+the last line of a training command.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import importlib
-import math
-import sys
-import types
-import typing
 from pathlib import Path
 
-from steer.errors import InvalidInput
+from steer import config as _config
+from steer.config import (
+    CONFIG_FLAG,
+    Aliases,
+    config_to_dict,
+    option,
+    require_choice,
+    require_float,
+    require_int,
+    split_doc,
+    write_config,
+)
 
-CONFIG_FLAG = "--config"
+__all__ = [  # steer.config's mechanism, re-exported (the training commands import it from here), + TRL's names
+    "CONFIG_FLAG", "TRL", "TRL_NAMES", "Aliases", "build_parser", "config_to_dict", "merge_config", "option",
+    "parse_config", "read_config_file", "report_saved", "require_choice", "require_float", "require_int",
+    "run_command", "split_doc", "trl_names", "write_config",
+]
 
 # TRL's names (DPOConfig / transformers.TrainingArguments) for options these commands call otherwise.
 # TRL names that are already ours (beta, max_length, max_prompt_length, max_steps, warmup_steps,
@@ -46,14 +49,6 @@ TRL_NAMES = {
 }
 # TRL values that mean one of ours: our 'constant' schedule already warms up for warmup_steps.
 _TRL_VALUES = {("lr_schedule", "constant_with_warmup"): "constant"}
-# Flag values spelt another way that mean one of the choices (TRL's schedule name; log levels in any case).
-_FLAG_SPELLINGS = {"lr_schedule": lambda v: _TRL_VALUES.get(("lr_schedule", v), v), "log_level": str.upper}
-
-
-def trl_names(cls) -> dict[str, str]:
-    """The TRL names that ``cls`` accepts: ``{trl_name: field}`` for the fields it has."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {trl: ours for trl, ours in TRL_NAMES.items() if ours in names}
 
 
 def _from_trl(name: str, value):
@@ -69,257 +64,41 @@ def _from_trl(name: str, value):
     return value
 
 
-# -- validation helpers for __post_init__ ----------------------------------------------------
-
-def require_int(name: str, value, minimum: int | None = None) -> None:
-    """``value`` is an int (not a bool) and >= ``minimum``; else InvalidInput naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(name, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise InvalidInput(name, f"must be >= {minimum}, got {value}")
+# TRL's schedule name as a flag value (--lr-schedule constant_with_warmup) means ours.
+TRL = Aliases("TRL", TRL_NAMES, _from_trl,
+              {"lr_schedule": lambda v: _TRL_VALUES.get(("lr_schedule", v), v)})
 
 
-def require_float(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
-                  exclusive_min: bool = False, exclusive_max: bool = False) -> None:
-    """``value`` is a finite number within the bounds; else InvalidInput naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput(name, f"must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
-        raise InvalidInput(name, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value}")
-    if maximum is not None and (value >= maximum if exclusive_max else value > maximum):
-        raise InvalidInput(name, f"must be {'<' if exclusive_max else '<='} {maximum}, got {value}")
+def trl_names(cls) -> dict[str, str]:
+    """The TRL names that ``cls`` accepts: ``{trl_name: field}`` for the fields it has."""
+    return TRL.for_class(cls)
 
 
-def require_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise InvalidInput(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-# -- field types ------------------------------------------------------------------------------
-
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(tp) -> tuple[object, bool]:
-    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _is_tuple(tp) -> bool:
-    return typing.get_origin(tp) is tuple
-
-
-def _tuple_item(tp):
-    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-    return args[0] if args else str
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        return "required"
-    if isinstance(value, tuple):
-        return " ".join(map(str, value)) if value else "none"
-    if value is None or value == "":
-        return f.metadata.get("unset", "unset")
-    return str(value)
-
-
-# -- parser -----------------------------------------------------------------------------------
-
-def _help_order(cls) -> list[dataclasses.Field]:
-    """The command's own fields first (``--data``, ``--prompts``), then those it shares with others."""
-    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
-    fields = dataclasses.fields(cls)
-    return [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
-
-
-def build_parser(cls, *, prog: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    """argparse flags for every field of ``cls``; every default is SUPPRESS so only given flags show up."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument(CONFIG_FLAG, metavar="FILE.yaml", help="read options from a YAML file (keys are the option "
-                        "names with underscores); flags given on the command line override it")
-    hints = _field_types(cls)
-    aliases: dict[str, list[str]] = {}
-    for trl, ours in trl_names(cls).items():
-        aliases.setdefault(ours, []).append(trl)
-    for f in _help_order(cls):
-        tp, optional = _unwrap_optional(hints[f.name])
-        # argparse formats help
-        help_text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")
-        flags = [_flag(f.name)] + [form for trl in aliases.get(f.name, ()) for form in (_flag(trl), "--" + trl)]
-        if aliases.get(f.name):
-            help_text += f" [TRL: {', '.join(aliases[f.name])}]"
-        kwargs: dict = {"dest": f.name, "help": help_text}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        elif _is_tuple(tp):
-            parser.add_argument(*flags, nargs="+", type=_tuple_item(tp), metavar=f.metadata.get("metavar", "X"),
-                                **kwargs)
-        else:
-            if "choices" not in kwargs:  # with choices, argparse shows them instead of a metavar
-                kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
-            elif f.name in _FLAG_SPELLINGS:
-                kwargs["type"] = _FLAG_SPELLINGS[f.name]
-            parser.add_argument(*flags, type=kwargs.pop("type", tp if tp in (int, float, str) else str), **kwargs)
-    return parser
-
-
-def _coerce(cls, name: str, value, where: str):
-    """A YAML value converted to field ``name``'s type; errors name ``where`` (file: key)."""
-    tp, optional = _unwrap_optional(_field_types(cls)[name])
-    if value is None:
-        if optional:
-            return None
-        raise InvalidInput(where, "must not be empty (null)")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise InvalidInput(where, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidInput(where, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInput(where, f"must be a number, got {value!r}")
-        return float(value)
-    if _is_tuple(tp):
-        items = [value] if isinstance(value, (str, int, float)) else value
-        if not isinstance(items, list):
-            raise InvalidInput(where, f"must be a list, got {value!r}")
-        item = _tuple_item(tp)
-        out = []
-        for i, v in enumerate(items):
-            if isinstance(v, (dict, list, bool)) or v is None:
-                raise InvalidInput(f"{where}[{i}]", f"must be a plain {item.__name__}, got {v!r}")
-            try:
-                out.append(item(v))
-            except ValueError:
-                raise InvalidInput(f"{where}[{i}]", f"must be a {item.__name__}, got {v!r}") from None
-        return tuple(out)
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise InvalidInput(where, f"must be a string, got {value!r}")
-    return str(value)
+def build_parser(cls, *, prog: str, description: str = "", epilog: str = ""):
+    """:func:`steer.config.build_parser` with TRL's names as flags too."""
+    return _config.build_parser(cls, prog=prog, description=description, epilog=epilog, aliases=TRL)
 
 
 def read_config_file(cls, path: str | Path) -> dict:
-    """The field values in a YAML file, type-checked; unknown keys name the key and the file."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InvalidInput("config", f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise InvalidInput("config", f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InvalidInput("config", f"{path}: must be a mapping of option: value, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    trl = trl_names(cls)
-    out, given_as = {}, {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name in trl:
-            value = _from_trl(trl[name], value)
-            name = trl[name]
-        if name not in names:
-            close = [n for n in sorted(names | set(trl)) if n.startswith(name[:3])]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise InvalidInput(f"{path}: {key}", f"unknown key (options are the command's flags with underscores, "
-                               f"or TRL's names for them){hint}")
-        if name in given_as:
-            raise InvalidInput(f"{path}: {key}",
-                               f"sets {name} again (already set by {given_as[name]!r}); keep one of them")
-        given_as[name] = str(key)
-        out[name] = _coerce(cls, name, value, f"{path}: {key}")
-    return out
+    """:func:`steer.config.read_config_file` with TRL's names as keys too."""
+    return _config.read_config_file(cls, path, aliases=TRL)
 
 
 def merge_config(cls, argv: list[str], *, prog: str, description: str = "", epilog: str = ""):
-    """``cls`` built from defaults < ``--config`` YAML < flags. Raises InvalidInput; argparse exits on bad flags."""
-    parser = build_parser(cls, prog=prog, description=description, epilog=epilog)
-    args = vars(parser.parse_args(argv))
-    values = {}
-    config_path = args.pop("config", None)
-    if config_path is not None:
-        values.update(read_config_file(cls, config_path))
-    values.update(args)
-    return cls(**values)
+    """:func:`steer.config.merge_config` with TRL's names too."""
+    return _config.merge_config(cls, argv, prog=prog, description=description, epilog=epilog, aliases=TRL)
 
 
 def parse_config(cls, argv: list[str], *, prog: str, description: str = "", epilog: str = ""):
-    """Like :func:`merge_config`, but a bad value exits with status 2 and ``prog: error: <field>: <reason>``."""
-    try:
-        return merge_config(cls, argv, prog=prog, description=description, epilog=epilog)
-    except InvalidInput as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def config_to_dict(config) -> dict:
-    """Plain YAML/JSON-ready values (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-def write_config(config, path: str | Path) -> None:
-    """The resolved config as YAML: ``--config`` on it reproduces the run."""
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """:func:`steer.config.parse_config` with TRL's names too."""
+    return _config.parse_config(cls, argv, prog=prog, description=description, epilog=epilog, aliases=TRL)
 
 
 def run_command(cls, argv: list[str] | None, *, prog: str, doc: str, run, report=None,
                 description_paragraphs: int = 2) -> int:
-    """What every dataclass-config command's ``main`` does: ``cls`` from defaults < ``--config`` <
-    flags (a bad value exits 2 naming the field), ``--log-level``, ``run(config)`` (``run`` is a
-    function or ``"module:function"``), an
-    :class:`InvalidInput` from the run as ``prog: error: field: reason`` and status 2, and
-    ``report(config, result)`` (prints the outcome) on success. ``doc``'s first
-    ``description_paragraphs`` paragraphs describe the command in ``--help``, the rest is its epilog."""
-    from steer.logs import configure_logging
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parts = doc.split("\n\n")
-    config = parse_config(cls, argv, prog=prog, description="\n\n".join(parts[:description_paragraphs]),
-                          epilog="\n\n".join(parts[description_paragraphs:]))
-    configure_logging(config.log_level)
-    if isinstance(run, str):  # "module:function", imported once the flags parsed: --help stays quick
-        module, _, name = run.partition(":")
-        run = getattr(importlib.import_module(module), name)
-    try:
-        result = run(config)
-    except InvalidInput as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    if report is not None:
-        report(config, result)
-    return 0
+    """:func:`steer.config.run_command` with TRL's names too."""
+    return _config.run_command(cls, argv, prog=prog, doc=doc, run=run, report=report,
+                               description_paragraphs=description_paragraphs, aliases=TRL)
 
 
 def report_saved(config, summary: dict) -> None:
