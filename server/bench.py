@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer.files import atomic_write_text
+
 PROMPTS = [
     "Write a short story about a robot learning to paint.",
     "Explain how photosynthesis works.",
@@ -63,7 +65,7 @@ def write_results(path: str | Path, results: dict) -> None:
     """Write ``results`` as indented JSON to ``path`` (creating its folder) and say where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    atomic_write_text(path, json.dumps(results, indent=2))
     print(f"wrote {path}")
 
 

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from steer.files import atomic_write_text
+
 PROMPTS = [
     "Explain how photosynthesis works.",
     "Give me three ideas for a rainy weekend.",
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"RERANK best-of-{args.candidates}: median {rr_med:.2f}s vs CONDITIONED {cond_med:.2f}s "
           f"-> {rr_med / cond_med:.2f}x "
           f"(target <= 1.6x); vs CONDITIONED generation alone {gen_med:.2f}s -> {rr_med / gen_med:.2f}x; "

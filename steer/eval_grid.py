@@ -9,6 +9,7 @@ from itertools import combinations
 from pathlib import Path
 
 from steer.errors import InvalidInput
+from steer.files import LineError, json_lines
 from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
 DEFAULT_GRID = "default"
@@ -120,27 +121,23 @@ def default_prompts_path(split: str = "heldout") -> Path:
 def load_prompts(path: str | Path, field: str = "prompts") -> list[PromptRecord]:
     """Read a JSONL prompt set; errors name ``file:line``. Blank lines are skipped."""
     path = Path(path)
+    out = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        for lineno, row in json_lines(path):
+            where = f"{path}:{lineno}"
+            if not isinstance(row, dict):
+                raise InvalidInput(field, f"{where}: expected an object {{\"prompt\": ..., \"category\": ...}}")
+            prompt, category = row.get("prompt"), row.get("category", "")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InvalidInput(field, f"{where}: 'prompt' must be a non-empty string")
+            if not isinstance(category, str):
+                raise InvalidInput(field, f"{where}: 'category' must be a string")
+            out.append(PromptRecord(prompt, category))
+    except LineError as e:  # keeps this command's wording: "<field>: <file>:<line>: not valid JSON (<why>)"
+        reason = f"not valid JSON ({e.cause.msg})" if isinstance(e.cause, json.JSONDecodeError) else e.reason
+        raise InvalidInput(field, f"{e.field}: {reason}") from None
     except OSError as e:
         raise InvalidInput(field, f"cannot read {path}: {e.strerror or e}") from None
-    out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(field, f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InvalidInput(field, f"{where}: expected an object {{\"prompt\": ..., \"category\": ...}}")
-        prompt, category = row.get("prompt"), row.get("category", "")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput(field, f"{where}: 'prompt' must be a non-empty string")
-        if not isinstance(category, str):
-            raise InvalidInput(field, f"{where}: 'category' must be a string")
-        out.append(PromptRecord(prompt, category))
     if not out:
         raise InvalidInput(field, f"{path} holds no prompts")
     return out

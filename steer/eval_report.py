@@ -15,6 +15,7 @@ import numpy as np
 
 from steer.eval_grid import PromptRecord, direction_label
 from steer.eval_stats import PLAIN
+from steer.files import atomic_file, atomic_write_text
 from steer.objectives import Direction
 
 JSON_NAME, PLOT_NAME, GENERATIONS_NAME = "steerability.json", "steerability.png", "generations.jsonl"
@@ -242,7 +243,8 @@ def plot_steerability(result: EvalResult, path: str | Path, title: str = "") -> 
     fig.suptitle(f"{title}\n" * bool(title) + "● policy   □ base   ★ base model's plain answers   (mean ± se over "
                  "prompts x seeds; colour: share of the pair's weight on the x objective)", fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path
 
 
@@ -253,8 +255,8 @@ def write_report(result: EvalResult, out_dir: str | Path, prompts: Sequence[Prom
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_NAME, "plot": out / PLOT_NAME, "generations": out / GENERATIONS_NAME}
     doc = result_to_json(result, **extra, files={k: p.name for k, p in paths.items()})
-    paths["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    with paths["generations"].open("w") as f:
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    with atomic_file(paths["generations"]) as tmp, tmp.open("w", encoding="utf-8") as f:
         for name in result.distinct_systems():
             scores = result.systems[name].scores
             for i, s in enumerate(result.samples[name]):

@@ -25,12 +25,11 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from steer.errors import InvalidInput
+from steer.files import atomic_directory_write
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +139,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                  dtype=torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model dir
-    try:
+
+    def write(tmp: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
@@ -155,13 +152,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf.resolve()), "key": _source_key(gguf)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_directory_write(out_dir, write)  # the cache is shared like any model dir: mode 0755
 
 
 def resolve_model_dir(spec: str, field: str = "model") -> Path:

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from steer.files import atomic_write_text
+
 IMPLS = ("steer", "steer-no-trim", "steer-fp32", "naive", "trl", "trl-fp32")
 DEFAULT_IMPLS = ("steer", "steer-no-trim", "steer-fp32", "trl", "trl-fp32")
 TRL_IMPLS = ("trl", "trl-fp32")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    atomic_write_text(out, json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     for impl, r in results.items():
         print(f"{impl:10s} {r['tokens_per_second']:8.1f} tokens/s  {r['mean_seconds_per_step']:6.2f} s/step  "

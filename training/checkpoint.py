@@ -140,15 +140,3 @@ class CheckpointManager:
         barrier(self.ctx)
         return final
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file via a temporary sibling and ``os.replace``: readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

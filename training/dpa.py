@@ -42,8 +42,9 @@ import logging
 import sys
 
 from steer.errors import InvalidInput
+from steer.files import atomic_write_text, json_lines
 
-from .checkpoint import CheckpointManager, atomic_write_text
+from .checkpoint import CheckpointManager
 from .config import config_to_dict, write_config
 from .distributed import DistContext, barrier, run_in_process_group
 from .dpa_data import (  # noqa: F401  (the data steps; re-exported for callers of this module)
@@ -179,7 +180,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         if given is not None:
             rows = given
         elif cursor != (0, 0) and pairs_file.is_file():  # resuming inside iteration k: train on the same pairs
-            rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+            rows = [row for _, row in json_lines(pairs_file)]
         else:
             cursor = (0, 0)
             saved = _saved_pool(config, samples_file) if config.resume else None
@@ -250,6 +251,6 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         logger.log(summary)
         plot_curves(output, title=f"steer {'dpa' if config.prompt_carries_direction else 'mixture'} ({config.loss}, "
                                   f"{scorer.describe() if scorer is not None else 'given pairs'})")
-        (output / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(output / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
     return summary

@@ -18,6 +18,7 @@ import torch
 
 from steer.conditioning import condition_messages
 from steer.errors import InvalidInput
+from steer.files import json_lines
 from steer.objectives import Direction
 
 from .distributed import DistContext, all_gather_object
@@ -257,7 +258,7 @@ def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
     """The scored pools in ``samples_file`` when they fit this config (same slots and pool size), else None."""
     if not samples_file.is_file():
         return None
-    rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in json_lines(samples_file)]
     try:
         pools = pool_from_samples(rows, config.objectives, scored=config.loss != "distill")
     except (KeyError, TypeError, ValueError) as e:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from steer.errors import InvalidInput
+from steer.files import atomic_file, atomic_write_text
 
 from .checkpoint import CheckpointManager
 from .config import config_to_dict, write_config
@@ -77,7 +78,8 @@ def cached_reference(config: TrainerConfig, policy: Policy, data, ctx: DistConte
     finally:
         policy.model.train(was_training)
     if ctx.is_main:
-        torch.save({"key": key, "impl": config.logprob_impl, "precision": precision, "logps": ref}, path)
+        with atomic_file(path) as tmp:  # a torn cache file would break the next resume's load
+            torch.save({"key": key, "impl": config.logprob_impl, "precision": precision, "logps": ref}, tmp)
     barrier(ctx)
     return ref
 
@@ -151,6 +153,6 @@ def _train(config: DPOConfig, ctx: DistContext) -> dict:
         summary["saved"] = str(policy.save(output))
         logger.log(summary)
         plot_curves(output, title=f"steer dpo ({config.loss})")
-        (output / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(output / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
     return summary

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from steer.errors import InvalidInput
+from steer.files import atomic_file, atomic_write_text
 from steer.rewards.principle_judge import JudgedPrinciple
 
 from .pairs import PairExample, parse_row, read_rows
@@ -219,14 +220,13 @@ def run_icai(config, make_judge=None) -> dict:
     write_principles_file(output / "principles.json", entries, description=(
         f"Principles found by python -m steer.train icai on {', '.join(config.data)}: "
         f"best first by {config.rank_by} agreement; agreement and coverage are on the held-out split."))
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(output / "report.json", json.dumps(report, indent=2) + "\n")
     for name, idx in (("train", train_idx), ("heldout", held_idx)):
-        with (output / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            for i in idx:
-                f.write(json.dumps(rows[i][1], ensure_ascii=False) + "\n")
+        atomic_write_text(output / f"{name}.jsonl", "".join(json.dumps(rows[i][1], ensure_ascii=False) + "\n"
+                                                             for i in idx))
     split_of = np.empty(len(pairs), dtype=object)
     split_of[train_idx], split_of[held_idx] = "train", "heldout"
-    with (output / "scores.jsonl").open("w", encoding="utf-8") as f:
+    with atomic_file(output / "scores.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
         for i, p in enumerate(pairs):
             f.write(json.dumps({"where": p.where, "split": split_of[i],
                                 "chosen": {c.id: round(float(chosen[i, k]), 6) for k, c in enumerate(candidates)},
@@ -258,5 +258,6 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax.set_xlabel(f"share of pairs ({report['heldout_pairs']} held out, {report['train_pairs']} train)")
     ax.set_title(f"ICAI: candidate principles ranked by {report['rank_by']} agreement", fontsize=10)
     fig.legend(fontsize=7, loc="outside lower center", ncols=3)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return Path(path)

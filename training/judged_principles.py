@@ -46,6 +46,7 @@ from json.scanner import py_make_scanner
 from pathlib import Path
 
 from steer.errors import InvalidInput
+from steer.files import atomic_write_text
 from steer.principles import FORMAT as OBJECTIVES_FORMAT
 from steer.principles import PACKAGED_PRINCIPLES, parse_principles
 from steer.rewards.principle_judge import DEFAULT_TEMPLATES, JudgedPrinciple, check_templates
@@ -310,5 +311,4 @@ def write_principles_file(path: str | Path, entries: Sequence[Mapping], descript
     if description:
         doc["description"] = description
     doc["principles"] = [dict(e) for e in entries]
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from steer.errors import InvalidInput
+from steer.files import atomic_write_text
 
 from .pairs import PairExample, _completion, _present, parse_prompt, parse_row, read_rows
 
@@ -191,10 +192,8 @@ def run_label(config, make_judge=None) -> dict:
         "seconds": round(time.monotonic() - started, 1),
     }
     output.mkdir(parents=True, exist_ok=True)
-    with (output / "pairs.jsonl").open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_config(config, output / "config.yaml")
     if not rows:
         log.warning("every pair was skipped (margins below --min-margin %.3g or equal texts): pairs.jsonl is empty",

@@ -14,6 +14,8 @@ import math
 import time
 from pathlib import Path
 
+from steer.files import atomic_file, atomic_write_text, json_lines
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "training_curve.png"
 
@@ -34,7 +36,7 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             kept = self.path.read_text().splitlines(keepends=True)[:resume_lines] if self.path.exists() else []
-            self.path.write_text("".join(kept))
+            atomic_write_text(self.path, "".join(kept))  # a kill now must not lose the kept records
             self.lines = len(kept)
 
     @property
@@ -56,7 +58,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in json_lines(path)]
 
 
 def _finite(values):
@@ -117,6 +119,7 @@ def plot_curves(output: str | Path, title: str = "") -> Path | None:
         fig.suptitle(title)
     fig.tight_layout()
     out = output / CURVE_FILE
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out

@@ -20,9 +20,10 @@ from torch import nn
 
 from steer.conditioning import strip_direction_line
 from steer.errors import InvalidInput
+from steer.files import json_lines
 from steer.mixture import MixtureLinear, MixtureSpec, attach_mixture, init_adapters, mixing, save_mixture
 
-from .pairs import json_lines, parse_prompt
+from .pairs import parse_prompt
 from .policy import Policy, PolicySpec, base_model_name, load_base, lora_targets
 
 MIXTURE_DIR = "mixture"

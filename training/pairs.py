@@ -25,7 +25,6 @@ Labels are the input ids with every prompt and padding position set to ``IGNORE_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from steer.conditioning import render_prompt
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
+from steer.files import json_lines, utf8_lines
 
 IGNORE_INDEX = -100
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -156,36 +156,7 @@ def parse_row(row: Mapping, where: str) -> Example:
         raise InvalidInput(where, str(e)) from None
 
 
-# -- files ------------------------------------------------------------------------------------
-
-def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of each line; bytes that are not UTF-8 stop with ``InvalidInput("<file>:<line>", ...)``.
-
-    Lines are split on bytes (``\\n`` never occurs inside a multi-byte UTF-8 character), so a bad byte
-    is reported on its own line rather than as a decoder traceback for the whole file."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                column = len(raw[: e.start].decode("utf-8", "replace")) + 1
-                raise InvalidInput(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                                       f"{column}); save the file as UTF-8") from None
-            yield lineno, text
-
-
-def json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed object)`` for each non-blank line of a JSONL file; encoding and syntax errors
-    name file:line."""
-    for lineno, line in _utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"{path}:{lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
-        yield lineno, obj
-
+# -- files (JSONL lines: steer.files.json_lines, errors naming file:line) --------------------------
 
 def _json_object_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """:func:`json_lines`, each line also checked to be a JSON object (errors: file:line)."""
@@ -219,7 +190,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     path, builder = data_file(path)
     parsed = list(_json_object_lines(path)) if path.suffix.lower() == ".jsonl" else None
     if builder == "json" and parsed is None:  # a .json file (one array): datasets would only say it could not decode
-        for _ in _utf8_lines(path):
+        for _ in utf8_lines(path):
             pass
     if parsed == []:
         raise InvalidInput(str(path), "has no rows")

@@ -29,10 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer.training.pairs import data_file, json_lines  # one JSONL reader and file-type table for all training data
+from steer.training.pairs import data_file  # one file-type table for all training data
 
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
+from steer.files import json_lines  # one JSONL reader for all data files: errors name file:line
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from steer.training.reward_cli import RewardTrainConfig
 from steer.training.reward_data import Example, PreferenceExample, RatingExample, read_reward_files
 
 from steer.errors import InvalidInput
+from steer.files import atomic_file
 from steer.rewards.calibration import Calibration
 from steer.rewards.reward_model import (
     ADAPTER_DIR,
@@ -245,15 +244,8 @@ def save_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, step: 
         "label_std": list(label_std),
         "rng": torch.get_rng_state(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: Path, config: RewardTrainConfig) -> dict:

@@ -25,12 +25,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from steer.files import atomic_write_text
 
 FORMAT = "steer-reward-calibration"
 VERSION = 1
@@ -90,17 +91,7 @@ class Calibration:
         """Write atomically (temp file + rename): a reader never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(keys, **meta), f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; shipped and cached stats are shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_json(keys, **meta), indent=2, sort_keys=True) + "\n")
 
 
 def read_calibration_file(path: str | os.PathLike) -> tuple[Calibration, dict[str, str]]:

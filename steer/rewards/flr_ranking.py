@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from steer.files import atomic_write_text
+
 # (question, correct on-topic answer, off-topic answer)
 CASES: tuple[tuple[str, str, str], ...] = (
     ("What is the boiling point of water at sea level?",
@@ -84,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     correct = sum(r["correct"] for r in results)
     print(f"{correct}/{len(results)} ranked correctly ({seconds:.0f}s, model {loaded.model_id})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": loaded.model_id, "correct": correct, "total": len(results), "seconds": seconds,
-                       "cases": results}, f, indent=2)
+        atomic_write_text(args.json, json.dumps({"model": loaded.model_id, "correct": correct, "total": len(results),
+                                                 "seconds": seconds, "cases": results}, indent=2))
     return 0
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from steer.chat_tokens import ChatTokenizer
+from steer.files import atomic_directory_write, atomic_file, atomic_write_text
 from steer.objectives import validate_objectives
 from steer.rewards.calibration import Calibration
 from steer.rewards.scorer import Conversation, Scorer
@@ -162,37 +161,6 @@ def pad_id_of(tokenizer) -> int:
 # -- saving and loading --------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model directory is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(target: Path, write_into) -> None:
-    """Write a directory beside ``target`` and swap it in (the old one is removed afterwards)."""
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write_into(tmp)
-        os.chmod(tmp, 0o755)
-        old = None
-        if target.exists():
-            old = target.with_name(target.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_reward_model(path: str | os.PathLike, model: RewardModel, spec: RewardModelSpec) -> Path:
     """Write the directory format: adapter, head, then ``reward_model.json`` last."""
     from safetensors.torch import save_file
@@ -202,12 +170,12 @@ def save_reward_model(path: str | os.PathLike, model: RewardModel, spec: RewardM
     if spec.adapter is not None:
         if not hasattr(model.backbone, "save_pretrained") or not hasattr(model.backbone, "peft_config"):
             raise ValueError("spec names an adapter but the backbone is not a PEFT model")
-        _replace_dir(path / spec.adapter, lambda d: model.backbone.save_pretrained(str(d)))
+        atomic_directory_write(path / spec.adapter, lambda d: model.backbone.save_pretrained(str(d)))
     head = {"weight": model.head.weight.detach().float().contiguous(),
             "bias": model.head.bias.detach().float().contiguous()}
-    _atomic_write(path / HEAD_FILE, lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
-    text = json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    with atomic_file(path / HEAD_FILE) as tmp:
+        save_file(head, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(path / CONFIG_FILE, json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n")
     return path
 
 
