@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from steer.config import option
 from steer.errors import InvalidInput
 
 from .config import require_choice, require_float, require_int
@@ -20,8 +21,7 @@ from .settings import DEVICES, LOG_LEVELS
 RANK_SPLITS = ("train", "heldout")
 
 
-def _f(help_text: str, **extra):
-    return {"help": help_text, **extra}
+_f = option  # a field's flag help and options
 
 
 @dataclass(frozen=True)

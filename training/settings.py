@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steer.config import option
 from steer.errors import InvalidInput
 from steer.objectives import DEFAULT_OBJECTIVES, validate_objectives
 
@@ -43,8 +44,7 @@ def _require_paths(name: str, paths) -> None:
             raise InvalidInput(f"{name}[{i}]", f"must be a file path, got {path!r}")
 
 
-def _f(help_text: str, **extra):
-    return {"help": help_text, **extra}
+_f = option  # a field's flag help and options
 
 
 @dataclass(frozen=True)
