@@ -85,6 +85,32 @@ class Checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)  # python's RNG state is a tuple
 
 
+def _complete(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint under ``root``, oldest first."""
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _NAME.match(p.name)
+            if m and (p / "state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _newest(root: Path) -> Checkpoint | None:
+    found = _complete(root)
+    if not found:
+        return None
+    step, path = found[-1]
+    return Checkpoint(path, step, json.loads((path / "state.json").read_text()))
+
+
+def latest_checkpoint(output: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint of the run in ``output`` (None: none), read without creating
+    anything: a command checks what it would resume before loading its inputs, and a run refused
+    then leaves no directory behind. :meth:`CheckpointManager.latest` once the run has started."""
+    return _newest(Path(output) / CHECKPOINTS)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``<output>/checkpoints``; rank 0 owns the directory."""
 
@@ -99,20 +125,10 @@ class CheckpointManager:
         barrier(ctx)
 
     def all(self) -> list[tuple[int, Path]]:
-        found = []
-        if self.root.is_dir():
-            for p in self.root.iterdir():
-                m = _NAME.match(p.name)
-                if m and (p / "state.json").is_file():
-                    found.append((int(m.group(1)), p))
-        return sorted(found)
+        return _complete(self.root)
 
     def latest(self) -> Checkpoint | None:
-        found = self.all()
-        if not found:
-            return None
-        step, path = found[-1]
-        return Checkpoint(path, step, json.loads((path / "state.json").read_text()))
+        return _newest(self.root)
 
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict, state: dict) -> Path:
         """Write checkpoint ``step`` atomically. Every rank calls this (each saves its RNG state)."""

@@ -5,13 +5,14 @@ Examples:
   python -m steer.train reward --data ratings.jsonl prefs.jsonl --eval-data heldout.jsonl --output runs/rm
   python -m steer.train reward --config rm.yaml --steps 500          # flags override the YAML
   python -m steer.train reward --data ratings.parquet --lora-r 0 --output runs/rm-head-only
-  python -m steer.train reward --data ratings.jsonl --output runs/rm --resume   # continue from checkpoint.pt
+  python -m steer.train reward --data ratings.jsonl --output runs/rm --resume   # continue from checkpoints/
 
 Data rows (JSONL or Parquet; see steer.training.reward_data):
   {"prompt": "...", "response": "...", "helpfulness": 3, "conciseness": 1}       ratings (missing = masked)
   {"prompt": "...", "chosen": "...", "rejected": "...", "objective": "creativity"} preference pair
 
 The output directory serves as a scorer: python -m steer.serve --scorer runs/rm
+It also holds config.yaml, metrics.jsonl, training_curve.png and checkpoints/ (step-* directories).
 A YAML config holds the same keys as the flags, with underscores (lora_r: 16).
 """
 
@@ -33,7 +34,7 @@ class RewardTrainConfig:
 
     data: tuple[str, ...] = field(default=(), metadata={"help": "training files (JSONL or Parquet); "
                                                                 "ratings and/or preference rows"})
-    output: str = field(default="", metadata={"help": "directory to write the reward model (and checkpoint.pt) into"})
+    output: str = field(default="", metadata={"help": "directory to write the reward model (and checkpoints/) into"})
     eval_data: tuple[str, ...] = field(default=(), metadata={"help": "held-out files; without them "
                                                                      "eval_fraction of data is held out"})
     eval_fraction: float = field(default=0.1,
@@ -57,8 +58,8 @@ class RewardTrainConfig:
     bt_weight: float = field(default=1.0, metadata={"help": "weight of the Bradley-Terry term against the MSE term"})
     eval_every: int = field(default=100, metadata={"help": "steps between evals (0: only at the end)"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: none)"})
-    resume: bool = field(default=False, metadata={"help": "continue from <output>/checkpoint.pt"})
-    seed: int = field(default=0, metadata={"help": "data order, eval split and head initialisation"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest <output>/checkpoints/step-*"})
+    seed: int = field(default=0, metadata={"help": "data order, eval split, initialisation and dropout"})
     dtype: str = field(default="float32", metadata={"help": "backbone dtype", "choices": ("float32", "bfloat16")})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
     log_level: str = field(default="INFO", metadata={"help": "what the command logs to stderr",

@@ -14,8 +14,18 @@ Losses, per batch (each term averaged over its own entries, the terms summed)::
 Eval (held-out split): per objective MSE on the label scale, Pearson correlation, and pairwise
 accuracy on preference rows. The output directory is the format of
 :mod:`steer.rewards.reward_model`, calibrated on the eval responses so the scorer reports rewards
-on the common scale. ``checkpoint.pt`` in the output directory is written atomically every
-``checkpoint_every`` steps; ``resume=True`` continues from it.
+on the common scale.
+
+The run scaffold is the preference trainers' (``dpo``, ``dpa``, ``mixture``): the output directory
+is checked before any work (:func:`~steer.training.output_dir.check_output_dir`) and created once
+the inputs pass; ``config.yaml`` is the resolved config; ``metrics.jsonl`` (one record per step and
+eval, :class:`~steer.training.metrics.MetricsLogger`) and ``training_curve.png``; the LR schedule is
+:func:`~steer.training.trainer.build_scheduler` (``constant`` after linear warmup). Checkpoints
+(:class:`~steer.training.checkpoint.CheckpointManager`: atomic ``checkpoints/step-*`` directories
+with the trainable tensors, optimiser, schedule and every RNG) are written every
+``checkpoint_every`` steps and after the last one; ``resume=True`` continues from the newest, and
+a resumed run ends with the weights of an uninterrupted one. A run without ``resume`` into a
+directory that holds checkpoints is refused (:func:`~steer.training.dpo.check_output`).
 """
 
 from __future__ import annotations
@@ -23,18 +33,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from steer.training.checkpoint import CHECKPOINTS, Checkpoint, CheckpointManager, latest_checkpoint, set_rng_state
+from steer.training.config import config_to_dict, write_config
+from steer.training.distributed import DistContext
+from steer.training.dpo import check_output, seed_everything
+from steer.training.metrics import MetricsLogger, plot_curves
 from steer.training.output_dir import check_output_dir
 from steer.training.reward_cli import RewardTrainConfig
 from steer.training.reward_data import Example, PreferenceExample, RatingExample, read_reward_files
+from steer.training.trainer import build_scheduler, epoch_order
 
 from steer.errors import InvalidInput
-from steer.files import atomic_file
 from steer.rewards.calibration import Calibration
 from steer.rewards.reward_model import (
     ADAPTER_DIR,
@@ -48,7 +62,8 @@ from steer.rewards.reward_model import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+KEEP_CHECKPOINTS = 2  # newest checkpoints kept: the preference trainers' default (--keep-checkpoints)
+CONFIG_DUMP = "config.yaml"  # the resolved config: --config on it reproduces the run
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -231,64 +246,65 @@ def evaluate(model: RewardModel, tokenizer, examples: list[Example], config: Rew
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, model: RewardModel, optimizer, scheduler, step: int,
-                    config: RewardTrainConfig, label_mean, label_std) -> None:
-    """One file, written to a temp name and renamed: a crash never leaves a torn checkpoint."""
+def check_resume(ckpt: Checkpoint, config: RewardTrainConfig) -> None:
+    """Refuse to resume ``ckpt`` with other architecture settings than it was trained with."""
+    trained = ckpt.state.get("config", {})
+    for key in RewardTrainConfig.RESUME_KEYS:
+        saved, now = trained.get(key), getattr(config, key)
+        if (tuple(saved) if isinstance(saved, list) else saved) != now:
+            raise InvalidInput(key, f"is {now!r} but {ckpt.path} was trained with {saved!r}; "
+                                    "use the same value to resume")
+
+
+def save_checkpoint(manager: CheckpointManager, model: RewardModel, optimizer, scheduler, step: int,
+                    config: RewardTrainConfig, label_mean, label_std, logger: MetricsLogger) -> Path:
+    """Checkpoint ``step`` with the shared :class:`CheckpointManager`: an atomic ``step-*`` directory of
+    the trainable tensors, optimiser and schedule, every RNG, the label statistics and the metrics cursor."""
     state = {
-        "step": step,
-        "trainable": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "config": {k: getattr(config, k) for k in RewardTrainConfig.RESUME_KEYS},
         "label_mean": list(label_mean),
         "label_std": list(label_std),
-        "rng": torch.get_rng_state(),
+        "metrics_lines": logger.lines,
+        "elapsed": logger.elapsed,
     }
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    return manager.save(step, trainable_state(model), optimizer_state, state)
 
 
-def read_checkpoint(path: Path, config: RewardTrainConfig) -> dict:
-    """The checkpoint's state, after checking it was trained with the same architecture settings."""
-    if not path.is_file():
-        raise InvalidInput("resume", f"no checkpoint at {path}; run without --resume to start fresh")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in RewardTrainConfig.RESUME_KEYS:
-        saved, now = state["config"].get(key), getattr(config, key)
-        if (tuple(saved) if isinstance(saved, list) else saved) != now:
-            raise InvalidInput(key, f"is {now!r} but {path} was trained with {saved!r}; use the same value to resume")
-    return state
-
-
-def restore_checkpoint(state: dict, model: RewardModel, optimizer, scheduler) -> dict:
+def restore_checkpoint(ckpt: Checkpoint, model: RewardModel, optimizer, scheduler) -> None:
+    """Load weights, optimiser, schedule and RNG from ``ckpt`` (its step and label statistics are in ``ckpt.state``)."""
     params = dict(model.named_parameters())
-    for name, value in state["trainable"].items():
+    for name, value in ckpt.trainable().items():
         params[name].data.copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return state
+    opt = ckpt.optimizer()
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    set_rng_state(ckpt.rng(0))
 
 
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def _batches(n: int, batch_size: int, seed: int, step: int):
-    """The index batch for ``step``: epochs of seeded permutations, so a resumed run sees the same order."""
+def _batches(n: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
+    """``(epoch, indices)`` of the batch of ``step``: epochs of seeded permutations (the preference trainer's
+    :func:`epoch_order`), so a resumed run sees the same order. An epoch's last batch may be short."""
     per_epoch = max(1, math.ceil(n / batch_size))
     epoch, within = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return order[within * batch_size: (within + 1) * batch_size]
+    return epoch, epoch_order(n, seed, epoch)[within * batch_size: (within + 1) * batch_size]
 
 
 def train_reward_model(config: RewardTrainConfig) -> dict:
     """Train, evaluate, save; returns the final eval metrics (also stored in reward_model.json)."""
     from tqdm.auto import tqdm
 
+    seed_everything(config.seed)  # LoRA initialisation and dropout draw from the global RNGs
     output = check_output_dir(config.output)  # before the data and the model: creates nothing
-    checkpoint = output / CHECKPOINT_FILE
-    resumed = read_checkpoint(checkpoint, config) if config.resume else None  # a mismatch fails before any loading
+    if config.resume:  # a missing checkpoint or a mismatch fails before any loading
+        found = latest_checkpoint(output)
+        if found is None:
+            raise InvalidInput("resume", f"no checkpoint in {output / CHECKPOINTS}; run without --resume to start "
+                                         "fresh")
+        check_resume(found, config)
     examples = read_reward_files(config.data, config.objectives)
     if config.eval_data:
         train, held = examples, read_reward_files(config.eval_data, config.objectives)
@@ -301,39 +317,53 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
 
     model, tokenizer, hidden = build_model(config)
     output.mkdir(parents=True, exist_ok=True)  # every input passed: a refused run leaves no empty directory
+    manager = CheckpointManager(output, DistContext(), KEEP_CHECKPOINTS)
+    ckpt = check_output(config, manager)  # a fresh run never mixes into an old run's checkpoints
     label_mean, label_std = label_statistics(train, len(config.objectives))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    scheduler = build_scheduler(optimizer, "constant", config.warmup_steps, config.steps)
+    logger = MetricsLogger(output, resume_lines=ckpt.state["metrics_lines"] if ckpt else None,
+                           elapsed=ckpt.state.get("elapsed", 0.0) if ckpt else 0.0)
     step = 0
-    if resumed is not None:
-        state = restore_checkpoint(resumed, model, optimizer, scheduler)
-        step = int(state["step"])
-        label_mean, label_std = state["label_mean"], state["label_std"]
-        log.info("resumed from %s at step %d", checkpoint, step)
+    if ckpt is not None:
+        restore_checkpoint(ckpt, model, optimizer, scheduler)
+        step = ckpt.step
+        label_mean, label_std = ckpt.state["label_mean"], ckpt.state["label_std"]
+        log.info("resumed from %s at step %d", ckpt.path, step)
+    else:
+        write_config(config, output / CONFIG_DUMP)
+        logger.log({"type": "start", "step": 0, "train_rows": len(train), "eval_rows": len(held),
+                    "steps": config.steps, "trainable_parameters": sum(p.numel() for p in params)})
 
     model.train()
-    metrics: dict = {}
-    started = time.monotonic()
+    saved = step if ckpt is not None else -1
     bar = tqdm(total=config.steps, initial=step, desc="reward model", disable=not config.progress, dynamic_ncols=True)
     while step < config.steps:
-        batch = collate([train[i] for i in _batches(len(train), config.batch_size, config.seed, step)],
-                        tokenizer, config.max_length, label_mean, label_std)
+        epoch, idx = _batches(len(train), config.batch_size, config.seed, step)
+        batch = collate([train[i] for i in idx], tokenizer, config.max_length, label_mean, label_std)
         loss, parts = batch_loss(model, batch, config.bt_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         step += 1
+        logger.log({"type": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()), **parts,
+                    "grad_norm": float(grad_norm), "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
         if held and config.eval_every and step % config.eval_every == 0 and step < config.steps:
             metrics, _ = evaluate(model, tokenizer, held, config, label_mean, label_std)
+            logger.log({"type": "eval", "step": step, **_flat_metrics(metrics)})
             bar.write(f"step {step}: {_format_metrics(metrics)}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step, config, label_mean, label_std)
+            saved = step
+            save_checkpoint(manager, model, optimizer, scheduler, step, config, label_mean, label_std, logger)
     bar.close()
+    if saved != step:  # the last step is always a checkpoint: --resume with more --steps continues the run
+        save_checkpoint(manager, model, optimizer, scheduler, step, config, label_mean, label_std, logger)
 
     calibration_set = held or train[:512]
     metrics, raw = evaluate(model, tokenizer, calibration_set, config, label_mean, label_std)
@@ -350,13 +380,20 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         calibration=dict(calibration.stats) if calibration else None,
         metrics=metrics if held else {},
         training={**{k: v for k, v in asdict(config).items() if k not in ("progress", "resume")},
-                  "train_rows": len(train), "eval_rows": len(held), "seconds": round(time.monotonic() - started, 1)},
+                  "train_rows": len(train), "eval_rows": len(held), "seconds": round(logger.elapsed, 1)},
     )
     save_reward_model(output, model, spec)
-    save_checkpoint(checkpoint, model, optimizer, scheduler, step, config, label_mean, label_std)
     if held:
+        logger.log({"type": "eval", "step": step, **_flat_metrics(metrics)})
         log.info("eval: %s", _format_metrics(metrics))
+    logger.log({"type": "summary", "step": step, "saved": str(output), "config": config_to_dict(config)})
+    plot_curves(output, title="steer reward model")
     return metrics
+
+
+def _flat_metrics(metrics: dict) -> dict:
+    """``{objective: {name: value}}`` as metrics.jsonl fields ``eval/<objective>/<name>``."""
+    return {f"eval/{objective}/{name}": value for objective, m in metrics.items() for name, value in m.items()}
 
 
 def _format_metrics(metrics: dict) -> str:

@@ -47,6 +47,13 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int,
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of every training loop (preference trainer, reward model): :func:`lr_lambda`
+    times ``optimizer``'s peak LR, stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup, total))
+
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -146,8 +153,7 @@ class PreferenceTrainer:
         self.params = [p for _, p in policy.named_trainable()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                            eps=config.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
+        self.scheduler = build_scheduler(self.optimizer, config.lr_schedule, config.warmup_steps, total_steps)
         self.total_steps = total_steps
         self.manager = manager
         self.logger = logger

@@ -5,8 +5,10 @@ import random
 
 import pytest
 import torch
+from steer.training.checkpoint import latest_checkpoint
+from steer.training.metrics import read_metrics
 from steer.training.reward_cli import RewardTrainConfig, config_from_args, main
-from steer.training.reward_model import CHECKPOINT_FILE, train_reward_model
+from steer.training.reward_model import train_reward_model
 
 from steer.errors import InvalidInput
 from steer.rewards.reward_model import RewardModelScorer, read_reward_model_spec
@@ -146,17 +148,27 @@ def test_a_bad_row_stops_with_file_and_line(tmp_path, tiny_model_dir, capsys, li
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir):
+    """Interrupted at step 4 and resumed to 8 = 8 steps straight: same weights (LoRA dropout on, so the
+    restored RNG matters), same per-step losses in metrics.jsonl, each step recorded once."""
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_rows(64, seed=4))
-    straight = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "a"), steps=8,
-                      eval_fraction=0.0, batch_size=8)
-    train_reward_model(straight)
-    first = config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=4,
-                   eval_fraction=0.0, batch_size=8, checkpoint_every=2)
-    train_reward_model(first)
-    state = torch.load(tmp_path / "b" / CHECKPOINT_FILE, weights_only=False)
-    assert state["step"] == 4
-    train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=8,
-                              eval_fraction=0.0, batch_size=8, resume=True))
+
+    def run(output, **overrides):
+        return train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / output),
+                                         eval_fraction=0.0, batch_size=8, lora_dropout=0.1, **overrides))
+
+    run("a", steps=8)
+    run("b", steps=4, checkpoint_every=2)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.step == 4 and ckpt.path.name == "step-00000004" and (ckpt.path / "rng-rank0.pt").is_file()
+    assert sorted(p.name for p in ckpt.path.parent.iterdir()) == ["step-00000002", "step-00000004"]
+    assert (tmp_path / "b" / "config.yaml").is_file()
+    # A fresh run into it is refused (it would mix two runs' checkpoints); --resume into nothing too.
+    with pytest.raises(InvalidInput, match="already holds checkpoints .*pass --resume"):
+        run("b", steps=8)
+    with pytest.raises(InvalidInput, match="resume: no checkpoint in"):
+        run("empty", steps=8, resume=True)
+    assert not (tmp_path / "empty").exists()
+    run("b", steps=8, resume=True)
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "a" / "head.safetensors")), load_file(str(tmp_path / "b" / "head.safetensors"))
@@ -165,10 +177,12 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model_dir):
     b_lora = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     for name in a_lora:
         torch.testing.assert_close(a_lora[name], b_lora[name], atol=1e-5, rtol=1e-4)
+    steps = {out: [r for r in read_metrics(tmp_path / out) if r["type"] == "step"] for out in ("a", "b")}
+    assert [r["step"] for r in steps["b"]] == list(range(1, 9))
+    assert [r["loss"] for r in steps["b"]] == pytest.approx([r["loss"] for r in steps["a"]], rel=1e-4)
     # A resume with a different architecture setting is refused, naming it.
     with pytest.raises(InvalidInput, match="lora_r: is 4 but .* was trained with 8"):
-        train_reward_model(config(tmp_path, tiny_model_dir, data=(str(data),), output=str(tmp_path / "b"), steps=10,
-                                  lora_r=4, resume=True))
+        run("b", steps=10, lora_r=4, resume=True)
 
 
 def test_cli_yaml_config_with_flag_overrides(tmp_path):
