@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import steer  # noqa: F401  first, before anything imports transformers: see steer/__init__.py
+
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
