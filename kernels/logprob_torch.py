@@ -12,7 +12,8 @@ signature as the Triton path (`logprob_triton.py`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -235,25 +236,32 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+class LogprobOptions(NamedTuple):
+    """The keyword options of the fused paths (`torch_linear_logprob`, `logprob_triton.triton_linear_logprob`)."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    return_lse: bool = False
+    return_entropy: bool = False
+
+
 def fused_linear_logprob(
     function: type[torch.autograd.Function],
     config: object,
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    bias: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_lse: bool = False,
-    return_entropy: bool = False,
+    bias: Tensor | None,
+    options: Mapping[str, Any],
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Runs a fused path's autograd Function; returns (logp, lse, entropy) with None for what was not asked for.
 
     `function` is `ChunkedLinearLogprob` or `logprob_triton.TritonLinearLogprob`, both applied as
     (hidden, weight, bias, targets, temperature, ignore_index, return_entropy, config), `config`
-    being the chunk rows or the tile sizes.
+    being the chunk rows or the tile sizes. `options` are the caller's keyword options, named and
+    defaulted as in `LogprobOptions` (another name raises TypeError).
     """
+    temperature, ignore_index, return_lse, return_entropy = LogprobOptions(**options)
     logp, lse, entropy = function.apply(
         hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(return_entropy), config
     )
@@ -273,8 +281,8 @@ def torch_linear_logprob(
 
     hidden (N, H) and targets (N,) are already flattened and validated by the dispatcher
     (`logprob.linear_logprob`). `options` are temperature, ignore_index, return_lse and
-    return_entropy, as in `fused_linear_logprob`. `chunk_rows` overrides the workspace-derived
+    return_entropy (`LogprobOptions`). `chunk_rows` overrides the workspace-derived
     chunk (tests use it to cross chunk boundaries on small shapes).
     """
     rows = chunk_rows if chunk_rows is not None else chunk_rows_for(weight.shape[0], hidden.dtype)
-    return fused_linear_logprob(ChunkedLinearLogprob, int(rows), hidden, weight, targets, bias, **options)
+    return fused_linear_logprob(ChunkedLinearLogprob, int(rows), hidden, weight, targets, bias, options)

@@ -301,9 +301,9 @@ def triton_linear_logprob(
     """Triton path; returns (logp, lse, entropy) with None for what was not asked for.
 
     hidden (N, H), targets (N,) flattened by the dispatcher. `options` are temperature, ignore_index,
-    return_lse and return_entropy, as in `logprob_torch.fused_linear_logprob`. block_* override the
+    return_lse and return_entropy (`logprob_torch.LogprobOptions`). block_* override the
     tile sizes (tests use small ones to cross tile boundaries; each must be a power of two >= 16).
     """
     blocks = _block_sizes(hidden, block_n, block_v, block_h)
     check_block_sizes(("block_n", "block_v", "block_h"), blocks)
-    return fused_linear_logprob(TritonLinearLogprob, blocks, hidden, weight, targets.contiguous(), bias, **options)
+    return fused_linear_logprob(TritonLinearLogprob, blocks, hidden, weight, targets.contiguous(), bias, options)

@@ -63,16 +63,14 @@ from steer.server.http_request import HttpError, _ChatRequest, _json_body
 from steer.server.observability import Metrics, access_log, request_id
 from steer.server.security import bearer_denial
 from steer.server.strategies import (
-    CONDITIONED,
-    MIXTURE,
-    RERANK,
+    STRATEGIES,
     SteerRequest,
     SteerResult,
     Strategy,
     StrategyUnavailable,
     Usage,
 )
-from steer.server.validation import ScorerUnavailable, ServiceInfo, build_steer_request, offered_strategy
+from steer.server.validation import ScorerUnavailable, ServiceInfo, Transport, offered_strategy
 
 from steer.errors import InvalidInput
 from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
@@ -80,7 +78,7 @@ from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStop
 log = logging.getLogger(__name__)
 
 SERVING, DRAINING, STOPPING = "serving", "draining", "stopping"
-STRATEGY_NAMES = {CONDITIONED: CONDITIONED, RERANK: RERANK, MIXTURE: MIXTURE}  # the JSON spelling is the domain name
+STRATEGY_NAMES = {name: name for name in STRATEGIES}  # the JSON spelling is the domain name
 # OpenAI knows "stop" and "length"; what the engine says exactly goes into steer.finish_reason.
 FINISH_REASONS = {
     FinishReason.STOP: "stop",
@@ -95,15 +93,12 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-class OpenAIApi:
+class OpenAIApi(Transport):
     """The Starlette application: OpenAI JSON in, domain calls, OpenAI JSON out."""
 
     def __init__(self, engine: Engine, strategies: dict[str, Strategy], info: ServiceInfo,
                  scoring: ScoringService | None = None, auth_token: str | None = None, metrics: Metrics | None = None):
-        self.engine = engine
-        self.strategies = strategies
-        self.info = info
-        self.scoring = scoring
+        super().__init__(engine, strategies, info, scoring)
         self.metrics = metrics
         self.phase = SERVING
         self.created = int(time.time())
@@ -150,10 +145,7 @@ class OpenAIApi:
             if self.phase == STOPPING:
                 raise _shutting_down()
             chat = _ChatRequest(await _json_body(request, self.info.max_message_bytes))
-            steer_request = build_steer_request(
-                self.info,
-                max_new_tokens_limit=self.engine.config.max_new_tokens,
-                has_scorer=self.scoring is not None,
+            steer_request = self.steer_request(
                 prompt=None,
                 messages=chat.messages,
                 weights=chat.weights if chat.weights is not None else dict.fromkeys(self.info.objectives, 1.0),

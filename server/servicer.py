@@ -34,7 +34,7 @@ import logging
 import time
 
 import grpc
-from steer.server.engine import Engine, FinishReason, Overloaded, TextDelta
+from steer.server.engine import FinishReason, Overloaded, TextDelta
 from steer.server.strategies import (
     CONDITIONED,
     MIXTURE,
@@ -49,8 +49,7 @@ from steer.server.strategies import (
 from steer.server.validation import (
     SAMPLING_FIELDS,
     ScorerUnavailable,
-    ServiceInfo,
-    build_steer_request,
+    Transport,
     check_text_bytes,
     offered_strategy,
 )
@@ -59,7 +58,7 @@ from steer.conditioning import FORMAT as CONDITIONING_FORMAT
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
-from steer.rewards.service import ScoringOverloaded, ScoringService, ScoringStopped
+from steer.rewards.service import ScoringOverloaded, ScoringStopped
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -114,13 +113,8 @@ def _refuse(context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
     context.set_details(str(refusal))
 
 
-class SteerServicer(steer_pb2_grpc.SteerServicer):
-    def __init__(self, engine: Engine, strategies: dict[str, Strategy], info: ServiceInfo,
-                 scoring: ScoringService | None = None):
-        self.engine = engine
-        self.strategies = strategies
-        self.info = info
-        self.scoring = scoring
+class SteerServicer(Transport, steer_pb2_grpc.SteerServicer):
+    """Constructed as ``SteerServicer(engine, strategies, info, scoring=None)`` (:class:`Transport`)."""
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -258,10 +252,7 @@ class SteerServicer(steer_pb2_grpc.SteerServicer):
         sampling = {name: getattr(s, name) if s.HasField(name) else None for name in SAMPLING_FIELDS if name != "stop"}
         if s.stop:
             sampling["stop"] = tuple(s.stop)
-        return build_steer_request(
-            self.info,
-            max_new_tokens_limit=self.engine.config.max_new_tokens,
-            has_scorer=self.scoring is not None,
+        return self.steer_request(
             prompt=request.prompt,
             messages=[{"role": m.role, "content": m.content} for m in request.messages],
             weights=dict(request.weights),

@@ -50,6 +50,7 @@ from steer.sampling import SamplingParams
 CONDITIONED = "conditioned"
 RERANK = "rerank"
 MIXTURE = "mixture"
+STRATEGIES = (CONDITIONED, RERANK, MIXTURE)  # every strategy name, in the order errors list them
 
 DEFAULT_CANDIDATES = 4  # RERANK samples when a request leaves `candidates` at 0
 

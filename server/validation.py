@@ -1,9 +1,10 @@
 """One validation for every transport: the fields of a generate request become a :class:`SteerRequest`.
 
-The gRPC servicer and the HTTP API decode their wire formats into plain Python values and call
-:func:`build_steer_request`. The rules live here and in the domain types it calls
-(:func:`~steer.conversation.build_conversation`, :meth:`Direction.from_weights
-<steer.objectives.Direction.from_weights>`, :class:`~steer.sampling.SamplingParams`); they raise
+The gRPC servicer and the HTTP API (both a :class:`Transport`) decode their wire formats into plain
+Python values and call :func:`build_steer_request` through :meth:`Transport.steer_request`. The
+rules live here and in the domain types it calls (:func:`~steer.conversation.build_conversation`,
+:meth:`Direction.from_weights <steer.objectives.Direction.from_weights>`,
+:class:`~steer.sampling.SamplingParams`); they raise
 :class:`~steer.errors.InvalidInput` naming the field as the gRPC contract spells it
 (``weights[creativity]``, ``sampling.max_new_tokens``, ``messages[1].role``). A transport whose
 requests spell a field differently renames ``InvalidInput.field`` for its users and nothing more.
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from steer.server.engine import Engine
 from steer.server.strategies import SteerRequest, Strategy, StrategyUnavailable
 
 from steer.conversation import build_conversation
 from steer.errors import InvalidInput
 from steer.objectives import Direction
+from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 
 # Overrides a request may give for SamplingParams (None: the server's default).
@@ -143,3 +147,20 @@ def build_steer_request(
         deadline=deadline,
         input_field=input_field,
     )
+
+
+class Transport:
+    """What the gRPC servicer and the HTTP API both serve from: the engine, the strategies this
+    server offers (by name), its description, and its reward scorer (None: it runs none)."""
+
+    def __init__(self, engine: Engine, strategies: dict[str, Strategy], info: ServiceInfo,
+                 scoring: ScoringService | None = None):
+        self.engine = engine
+        self.strategies = strategies
+        self.info = info
+        self.scoring = scoring
+
+    def steer_request(self, **fields: Any) -> SteerRequest:
+        """:func:`build_steer_request` under this server's limits: the engine's max_new_tokens, whether it scores."""
+        return build_steer_request(self.info, max_new_tokens_limit=self.engine.config.max_new_tokens,
+                                   has_scorer=self.scoring is not None, **fields)
