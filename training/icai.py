@@ -6,9 +6,11 @@ that an AI judge, following them, would reproduce the data with. The paper propo
 with an LLM from the training pairs, deduplicates them, tests each one by how often the judge
 following it agrees with the human label, filters, and reports agreement on held-out pairs.
 Here the candidates come from a library (``steer/data/icai_candidates.json`` plus
-``--candidates`` files), and the judge is the model itself through FLR
-(:mod:`steer.rewards.principle_judge`): a principle's score of a response is the log-likelihood of
-a follow-up saying the principle was met minus one saying it was not.
+``--candidates`` files), and the judge is the model itself (:mod:`steer.rewards.principle_judge`,
+``--judge``): a principle's score of a response is, by default, how much more likely the model
+makes the response (end of turn included) under the principle as an instruction than under its
+opposite; with ``--judge followup``, the log-likelihood of a follow-up saying the principle was
+met minus one saying it was not (FLR).
 
 **Judgement and agreement.** For pair ``i`` (``chosen`` preferred to ``rejected``) and principle
 ``p``, ``d_ip = score_p(chosen) - score_p(rejected)``; the principle's judgement is ``+1`` when
@@ -54,7 +56,7 @@ import numpy as np
 
 from steer.errors import InvalidInput
 from steer.files import atomic_file, atomic_write_text
-from steer.rewards.principle_judge import JudgedPrinciple
+from steer.rewards.principle_judge import JudgedPrinciple, check_judgeable
 
 from .pairs import PairExample, parse_row, read_rows
 
@@ -177,6 +179,7 @@ def run_icai(config, make_judge=None) -> dict:
     train_idx, held_idx = split_pairs(len(pairs), config.heldout_fraction, config.seed)
     log.info("%d pairs (%d train, %d held out), %d candidate principles", len(pairs), len(train_idx), len(held_idx),
              len(candidates))
+    check_judgeable(candidates, config.judge)
     if make_judge is None:
         from .judging import load_judge as make_judge
     judge, model_id = make_judge(config, candidates)
@@ -204,7 +207,8 @@ def run_icai(config, make_judge=None) -> dict:
         report_rows.append(row)
     overlap = judgement_overlap(train_j if config.rank_by == "train" else held_j)
     report = {
-        "model": model_id, "data": list(config.data), "pairs": len(pairs), "train_pairs": len(train_idx),
+        "model": model_id, "judge": config.judge, "data": list(config.data), "pairs": len(pairs),
+        "train_pairs": len(train_idx),
         "heldout_pairs": len(held_idx), "seed": config.seed, "heldout_fraction": config.heldout_fraction,
         "rank_by": config.rank_by, "tie_epsilon": config.tie_epsilon, "redundancy": config.redundancy,
         "min_agreement": config.min_agreement, "kept": len(entries),

@@ -19,6 +19,7 @@ from .config import require_choice, require_float, require_int
 from .settings import DEVICES, LOG_LEVELS
 
 RANK_SPLITS = ("train", "heldout")
+JUDGE_METHODS = ("instruction", "followup")  # steer.rewards.principle_judge.JUDGE_METHODS (torch-free copy; tested)
 
 
 _f = option  # a field's flag help and options
@@ -33,7 +34,10 @@ class JudgeConfig:
                        metadata=_f("judge model: 'default' (SmolLM2-135M-Instruct), a model directory or a .gguf file"))
     dtype: str = field(default="float32", metadata=_f("judge weights dtype", choices=("float32", "bfloat16")))
     device: str = field(default="auto", metadata=_f("auto (CUDA when present), cpu or cuda", choices=DEVICES))
-    batch_size: int = field(default=32, metadata=_f("follow-up rows per forward (FLR)"))
+    judge: str = field(default="instruction", metadata=_f(
+        "instruction: log p(response | principle as instruction) - log p(response | its opposite); followup: "
+        "FLR, log p(follow-up saying it was met) - log p(one saying it was not)", choices=JUDGE_METHODS))
+    batch_size: int = field(default=32, metadata=_f("follow-up or response rows per forward"))
     prefix_batch: int = field(default=8, metadata=_f("responses whose conversation + response "
                                                      "run in one forward (FLR prefix cache)"))
     progress: bool = field(default=True, metadata=_f("tqdm progress bars"))
@@ -46,6 +50,7 @@ class JudgeConfig:
             raise InvalidInput("model", "is required: 'default', a model directory or a .gguf file")
         require_choice("dtype", self.dtype, ("float32", "bfloat16"))
         require_choice("device", self.device, DEVICES)
+        require_choice("judge", self.judge, JUDGE_METHODS)
         require_int("batch_size", self.batch_size, 1)
         require_int("prefix_batch", self.prefix_batch, 1)
         if isinstance(self.log_level, str) and self.log_level.upper() in LOG_LEVELS:

@@ -13,21 +13,25 @@
         {"id": "shorter", "text": "Select the shorter, more concise response.",
          "statement": "short and to the point", "opposite": "long-winded and wordy"},
         {"id": "polite", "text": "Select the more polite response.",
-         "positive": ["Thanks, that was kind of you."], "negative": ["That was rude."]},
+         "positive": ["Thanks, that was kind of you."], "negative": ["That was rude."],
+         "instructions": ["Be polite."], "counter_instructions": ["Be rude."]},   optional
         ...
       ]
     }
 
 An entry needs ``text`` and either ``statement`` (``opposite`` defaults to ``not <statement>``) or
 both ``positive`` and ``negative`` follow-up lists (which are used as given; a ``statement`` beside
-them is documentation). ``id`` defaults to ``p<n>`` (its position, from 1). The figures ``icai``
+them is documentation). The instruction judge's ``instructions`` / ``counter_instructions`` (lists,
+together) default to :data:`~steer.rewards.principle_judge.INSTRUCTION_TEMPLATES` filled with the
+statement; an entry with neither is judged by follow-ups only (``--judge followup``).
+``id`` defaults to ``p<n>`` (its position, from 1). The figures ``icai``
 writes (``agreement``, ``coverage``, ``train_agreement``, ``train_coverage``, ``rank``, ``source``)
 are accepted and ignored on reading. Any other key is an error naming the file and its line.
 
 **Objective principles** (``steer.principles/v1``, the DPA file of :mod:`steer.principles`): each
 objective becomes one principle, judged by FLR's own follow-ups for it
-(:data:`steer.rewards.followups.BUILTIN_FOLLOWUPS`: helpfulness, creativity, conciseness); its
-instructions are for generating and play no part in judging. An objective without built-in
+(:data:`steer.rewards.followups.BUILTIN_FOLLOWUPS`: helpfulness, creativity, conciseness) or,
+for the instruction judge, by its own positive and negative instructions. An objective without built-in
 follow-ups is an error at its line.
 
 Errors are :class:`~steer.errors.InvalidInput` with field ``<file>:<line>`` and a reason that names
@@ -38,6 +42,7 @@ starts and where its keys are), so a key is located in a file of any layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -54,7 +59,7 @@ from steer.rewards.principle_judge import DEFAULT_TEMPLATES, JudgedPrinciple, ch
 FORMAT = "steer.judged-principles/v1"
 PACKAGED_CANDIDATES = PACKAGED_PRINCIPLES.parent / "icai_candidates.json"
 TOP_KEYS = ("format", "description", "followups", "principles")
-ENTRY_KEYS = ("id", "text", "statement", "opposite", "positive", "negative")
+ENTRY_KEYS = ("id", "text", "statement", "opposite", "positive", "negative", "instructions", "counter_instructions")
 RESULT_KEYS = ("agreement", "coverage", "train_agreement", "train_coverage", "rank", "source")  # written by icai
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -238,25 +243,37 @@ def _judged_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
         if has_pos != has_neg:
             missing = "negative" if has_pos else "positive"
             raise bad(entry.line, f"{name}.{missing}", "is missing: positive and negative follow-ups come together")
+        def texts(side: str, what: str) -> tuple[str, ...]:
+            value = entry[side]
+            if not isinstance(value, list) or not value:
+                raise bad(_line(entry, side), f"{name}.{side}", f"must be a non-empty list of {what} texts")
+            for k, f in enumerate(value):
+                if not isinstance(f, str) or not f.strip() or f != f.strip():
+                    raise bad(_line(entry, side), f"{name}.{side}[{k}]",
+                              f"must be text without surrounding spaces, got {f!r}")
+            return tuple(value)
+
+        if ("instructions" in entry) != ("counter_instructions" in entry):
+            missing = "counter_instructions" if "instructions" in entry else "instructions"
+            raise bad(entry.line, f"{name}.{missing}", "is missing: instructions and counter_instructions come "
+                                                       "together")
+        given = {side: texts(side, "instruction") for side in ("instructions", "counter_instructions") if side in entry}
         if has_pos:
-            lists = {}
-            for side in ("positive", "negative"):
-                value = entry[side]
-                if not isinstance(value, list) or not value:
-                    raise bad(_line(entry, side), f"{name}.{side}", "must be a non-empty list of follow-up texts")
-                for k, f in enumerate(value):
-                    if not isinstance(f, str) or not f.strip() or f != f.strip():
-                        raise bad(_line(entry, side), f"{name}.{side}[{k}]",
-                                  f"must be text without surrounding spaces, got {f!r}")
-                lists[side] = tuple(value)
-            out.append(JudgedPrinciple(pid, text, lists["positive"], lists["negative"], text_of("statement", False),
-                                       text_of("opposite", False), source))
-            continue
-        if "statement" not in entry:
+            followups = {"positive": texts("positive", "follow-up"), "negative": texts("negative", "follow-up")}
+            statement, opposite = text_of("statement", False), text_of("opposite", False)
+            if statement is None:  # no statement to write instructions from
+                principle = JudgedPrinciple(pid, text, followups["positive"], followups["negative"], None, opposite,
+                                            source)
+            else:
+                principle = dataclasses.replace(JudgedPrinciple.from_statement(pid, text, statement, opposite,
+                                                                               templates, source), **followups)
+        elif "statement" not in entry:
             raise bad(entry.line, f"{name}.statement", "is missing: give a statement (what a user says when the "
                                                        "principle is met) or positive and negative follow-ups")
-        statement, opposite = text_of("statement", True), text_of("opposite", False)
-        out.append(JudgedPrinciple.from_statement(pid, text, statement, opposite, templates, source))
+        else:
+            principle = JudgedPrinciple.from_statement(pid, text, text_of("statement", True),
+                                                       text_of("opposite", False), templates, source)
+        out.append(dataclasses.replace(principle, **given) if given else principle)
     return out
 
 
@@ -278,8 +295,11 @@ def _objective_principles(path: Path, data: dict) -> list[JudgedPrinciple]:
                                f"(it has {', '.join(BUILTIN_FOLLOWUPS)}); "
                                f"write a {FORMAT} file with a statement for it")
         sets = BUILTIN_FOLLOWUPS[name]
-        out.append(JudgedPrinciple(name, f"Select the response with more {name} (judged by FLR's {name} follow-ups).",
-                                   sets.positive, sets.negative, source=f"{path}:{_line(objectives, name)}"))
+        out.append(JudgedPrinciple(name, f"Select the response with more {name} (judged by FLR's {name} follow-ups "
+                                         f"or by its instructions).",
+                                   sets.positive, sets.negative, source=f"{path}:{_line(objectives, name)}",
+                                   instructions=parsed.objectives[name]["positive"],
+                                   counter_instructions=parsed.objectives[name]["negative"]))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The judge behind ``label`` and ``icai``: the model loaded once, principles judged through FLR.
+"""The judge behind ``label`` and ``icai``: the model loaded once, principles judged by instructions or FLR.
 
 :func:`load_judge` loads the judge model (``--model``, on ``--device``) and wraps it in a
 :class:`~steer.rewards.principle_judge.PrincipleJudge`; :func:`score_responses` scores each distinct
@@ -43,7 +43,7 @@ def load_judge(config, principles: Sequence[JudgedPrinciple]) -> tuple[Principle
     log.info("judge model %s on %s (%.1fs)", loaded.model_id, device, time.monotonic() - started)
     judge = PrincipleJudge(loaded.model, loaded.tokenizer, principles, batch_size=config.batch_size,
                            prefix_batch=config.prefix_batch, progress=config.progress,
-                           context_length=loaded.context_length)
+                           context_length=loaded.context_length, method=config.judge)
     return judge, loaded.model_id
 
 

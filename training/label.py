@@ -2,9 +2,11 @@
 
 Reinforcement Learning from AI Feedback (Bai et al., 2022, "Constitutional AI", arXiv 2212.08073;
 Lee et al., 2023, "RLAIF", arXiv 2309.00267) replaces the human preference label with an AI
-judge's. The judge here is the model through FLR (:mod:`steer.rewards.principle_judge`): under
-principle ``p`` a response scores the log-likelihood of a follow-up saying ``p`` was met minus one
-saying it was not. For two responses ``a`` and ``b`` to the same prompt::
+judge's. The judge here is the model itself (:mod:`steer.rewards.principle_judge`, ``--judge``):
+under principle ``p`` a response scores, by default, how much more likely the model makes it under
+``p`` as an instruction than under its opposite (``instruction``), or the log-likelihood of a
+follow-up saying ``p`` was met minus one saying it was not (``followup``, FLR).
+For two responses ``a`` and ``b`` to the same prompt::
 
     d = mean_p (score_p(a) - score_p(b))      chosen = a if d > 0 else b,  margin = |d|
 
@@ -43,6 +45,7 @@ import numpy as np
 
 from steer.errors import InvalidInput
 from steer.files import atomic_write_text
+from steer.rewards.principle_judge import check_judgeable
 
 from .pairs import PairExample, _completion, _present, parse_prompt, parse_row, read_rows
 
@@ -176,6 +179,7 @@ def run_label(config, make_judge=None) -> dict:
         principles = principles[: config.top]
     log.info("%d rows, %d responses; judged by %d principle(s): %s", len(items), sum(len(i.responses) for i in items),
              len(principles), "; ".join(p.text for p in principles))
+    check_judgeable(principles, config.judge)
     if make_judge is None:
         from .judging import load_judge as make_judge
     judge, model_id = make_judge(config, principles)
@@ -186,7 +190,7 @@ def run_label(config, make_judge=None) -> dict:
                                [p.id for p in principles], config.min_margin)
     margins = np.array([r["margin"] for r in rows])
     summary = {
-        "model": model_id, "data": list(config.data), "principles_file": config.principles,
+        "model": model_id, "judge": config.judge, "data": list(config.data), "principles_file": config.principles,
         "principles": [{"id": p.id, "text": p.text} for p in principles], "min_margin": config.min_margin, **counts,
         "margin": {"mean": float(margins.mean()), "median": float(np.median(margins))} if len(rows) else None,
         "seconds": round(time.monotonic() - started, 1),

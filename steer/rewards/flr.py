@@ -223,8 +223,32 @@ class FLRScorer(Scorer):
                              "FLR cannot locate its tokens")
         return text[:at]
 
-    def _mean_logprob(self, inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Mean log p of each row's first ``lengths[b]`` targets.
+    def continuation_loglik(self, prefix_ids: Sequence[Sequence[int]],
+                            continuation_ids: Sequence[Sequence[Sequence[int]]], *,
+                            desc: str = "log-likelihood") -> list[torch.Tensor]:
+        """Per prefix ``u``, the summed log-likelihood of each of its continuations ``continuation_ids[u]``.
+
+        The same batched, prefix-cached forward as the follow-up scores (each prefix runs once, its
+        continuations attend to its cache), with sums instead of means: what
+        :mod:`steer.rewards.principle_judge`'s instruction judge compares. Prefixes longer than the
+        model's context keep their end, as follow-up prefixes do."""
+        if len(prefix_ids) != len(continuation_ids):
+            raise ValueError(f"{len(prefix_ids)} prefixes for {len(continuation_ids)} continuation lists")
+        room = self.context_length - max((len(c) for cs in continuation_ids for c in cs), default=0)
+        if room < 1:
+            raise InvalidInput("responses", f"a response does not fit the model's context of {self.context_length} "
+                                            "tokens")
+        for u, cs in enumerate(continuation_ids):
+            if any(not c for c in cs):
+                raise ValueError(f"prefix {u}: an empty continuation has no log-likelihood")
+        with torch.inference_mode():
+            return self._loglik_shared_prefixes([list(p)[-room:] for p in prefix_ids],
+                                                [[list(c) for c in cs] for cs in continuation_ids],
+                                                reduction="sum", desc=desc, unit="prompt")
+
+    def _mean_logprob(self, inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+        """Mean (``reduction="sum"``: summed) log p of each row's first ``lengths[b]`` targets.
 
         inputs ``(B, L, H)``: row t holds the hidden state that predicts target t; targets ``(B, L)``.
         Only the scored rows go through the fused op (``N = sum(lengths)`` of them, not ``B * L``):
@@ -241,11 +265,12 @@ class FLRScorer(Scorer):
         logp = linear_logprob(rows, self.lm_head.weight, targets[valid], bias=bias).float()  # (N,)
         seq = torch.arange(B, device=device)[:, None].expand(B, L)[valid]  # (N,) which sequence each row belongs to
         sums = torch.zeros(B, device=device).index_add_(0, seq, logp)  # (B,)
-        return (sums / lengths.float()).cpu()
+        return (sums if reduction == "sum" else sums / lengths.float()).cpu()
 
-    def _loglik_shared_prefixes(self, prefix_ids: list[list[int]],
-                                followup_ids: list[list[list[int]]]) -> list[torch.Tensor]:
-        """Per prefix ``u``, the ``(len(followup_ids[u]),)`` mean log-likelihoods of its follow-ups."""
+    def _loglik_shared_prefixes(self, prefix_ids: list[list[int]], followup_ids: list[list[list[int]]], *,
+                                reduction: str = "mean", desc: str = "FLR",
+                                unit: str = "response") -> list[torch.Tensor]:
+        """Per prefix ``u``, the ``(len(followup_ids[u]),)`` mean (or summed) log-likelihoods of its follow-ups."""
         from tqdm.auto import tqdm
         from transformers import DynamicCache
 
@@ -253,7 +278,7 @@ class FLRScorer(Scorer):
         order = sorted(range(len(prefix_ids)), key=lambda u: -len(prefix_ids[u]))
         batches = [order[s: s + self.config.prefix_batch] for s in range(0, len(order), self.config.prefix_batch)]
         results: list[torch.Tensor | None] = [None] * len(prefix_ids)
-        with tqdm(total=len(prefix_ids), desc="FLR", unit="response", disable=not self.config.progress,
+        with tqdm(total=len(prefix_ids), desc=desc, unit=unit, disable=not self.config.progress,
                   dynamic_ncols=True) as bar:
             for batch in batches:
                 ids, plen = _pad_right([prefix_ids[u] for u in batch], self.pad_id)  # (B, P), (B,)
@@ -295,7 +320,7 @@ class FLRScorer(Scorer):
                     ).last_hidden_state  # (r, L, H)
                     # (r, L, H): row t predicts follow-up token t
                     inputs = torch.cat([last[at][:, None], h[:, :-1]], dim=1)
-                    values.append(self._mean_logprob(inputs, fids, flen))
+                    values.append(self._mean_logprob(inputs, fids, flen, reduction))
                 values = torch.cat(values)  # (rows,) in `rows` order
                 for b, u in enumerate(batch):
                     results[u] = torch.empty(len(followup_ids[u]))

@@ -25,7 +25,8 @@ def write_jsonl(path, rows):
 SHORT = JudgedPrinciple.from_statement("shorter", "Select the shorter response.", "short and to the point",
                                        "long-winded and wordy")
 KIND = JudgedPrinciple("kind", "Select the kinder response.", ("Thank you, that was kind.",),
-                       ("That was rude.", "How unkind."))
+                       ("That was rude.", "How unkind."), instructions=("Be kind.",),
+                       counter_instructions=("Be unkind.",))
 
 
 # -- the judge on the tiny model, against a direct computation ---------------------------------
@@ -33,7 +34,8 @@ KIND = JudgedPrinciple("kind", "Select the kinder response.", ("Thank you, that 
 def test_principle_judge_equals_direct_flr_computation(tiny_loaded, followup_loglik):
     conv = [{"role": "user", "content": "What is the capital of France?"}]
     responses = ["Paris.", "Paris, which has been the capital for centuries and is home to the Louvre."]
-    judge = PrincipleJudge(tiny_loaded.model, tiny_loaded.tokenizer, [SHORT, KIND], batch_size=3, prefix_batch=1)
+    judge = PrincipleJudge(tiny_loaded.model, tiny_loaded.tokenizer, [SHORT, KIND], batch_size=3, prefix_batch=1,
+                           method="followup")
     got = judge.scores([conv, conv], responses)  # (2, 2)
     assert got.shape == (2, 2)
     # the follow-ups the templates made for SHORT
@@ -146,6 +148,25 @@ def test_ids_choose_principles_and_an_unknown_id_names_the_file(tmp_path, princi
     assert "give --top or --ids, not both" in capsys.readouterr().err
 
 
+def test_instruction_judge_needs_instructions_and_says_so_before_loading(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    path = tmp_path / "followups-only.json"
+    path.write_text(json.dumps({"principles": [SHORT.to_dict(),
+                                               {"id": "kind", "text": "K", "positive": ["P"], "negative": ["N"]}]},
+                               indent=1))
+
+    def never(config, principles):
+        raise AssertionError("the judge model must not be loaded for a config that cannot run")
+
+    with pytest.raises(InvalidInput) as e:
+        run_label(LabelConfig(output=str(tmp_path / "out"), data=(str(data),), principles=str(path)), make_judge=never)
+    assert "kind (" + str(path) + ":" in e.value.reason and "--judge followup" in e.value.reason
+    assert not (tmp_path / "out").exists()
+    summary = run_label(LabelConfig(output=str(tmp_path / "fu"), data=(str(data),), principles=str(path),
+                                    judge="followup"), make_judge=stub)
+    assert summary["judge"] == "followup"
+
+
 def test_zero_margin_is_skipped_and_input_order_is_compared():
     item = parse_label_row({"prompt": "Q", "chosen": "long answer here", "rejected": "short"}, "f.jsonl:4")
     assert item.responses == ("long answer here", "short") and item.given == (0, 1)
@@ -161,7 +182,7 @@ def test_zero_margin_is_skipped_and_input_order_is_compared():
 # -- principles files ----------------------------------------------------------------------------
 
 def test_reads_both_principles_formats(tmp_path):
-    from steer.principles import PACKAGED_PRINCIPLES
+    from steer.principles import PACKAGED_PRINCIPLES, load_principles
     from steer.rewards.followups import BUILTIN_FOLLOWUPS
 
     objective = read_principles_file(PACKAGED_PRINCIPLES)
@@ -177,6 +198,18 @@ def test_reads_both_principles_formats(tmp_path):
     got = read_principles_file(path)
     assert [(p.id, p.positive, p.negative) for p in got] == [
         ("p1", ("Yes, s1!",), ("No, not s1.",)), ("two", ("Yes, s2!",), ("No, o2.",)), ("p3", ("P",), ("N",))]
+    # the instruction judge's texts: from the statement, given whole, or none (follow-ups only)
+    assert [(p.instructions, p.counter_instructions) for p in got] == [
+        (("Make your answer s1.",), ("Make your answer not s1.",)),
+        (("Make your answer s2.",), ("Make your answer o2.",)), ((), ())]
+    path.write_text(json.dumps({"principles": [
+        {"text": "T", "statement": "s", "instructions": ["Do s.", "Really do s."], "counter_instructions": ["Not s."]},
+        {"text": "U", "positive": ["P"], "negative": ["N"], "statement": "u"}]}))
+    given, from_statement = read_principles_file(path)
+    assert (given.instructions, given.counter_instructions) == (("Do s.", "Really do s."), ("Not s.",))
+    assert from_statement.positive == ("P",) and from_statement.instructions == ("Make your answer u.",)
+    assert objective[2].instructions == load_principles().objectives["conciseness"]["positive"]
+    assert objective[2].counter_instructions == load_principles().objectives["conciseness"]["negative"]
 
 
 @pytest.mark.parametrize("text, line, message", [
@@ -194,6 +227,11 @@ def test_reads_both_principles_formats(tmp_path):
      "objectives.helpfulness.positive: has 0 instructions"),
     ('{"format": "steer.principles/v2",\n "principles": []}', 1, "format: is 'steer.principles/v2'"),
     ('', 1, "is empty"),
+    ('{\n "principles": [\n  {"text": "A", "statement": "a",\n   "instructions": ["Do a."]}\n ]\n}', 3,
+     "principles[0].counter_instructions: is missing: instructions and counter_instructions come together"),
+    ('{\n "principles": [\n  {"text": "A", "statement": "a",\n   "instructions": "Do a.",\n'
+     '   "counter_instructions": ["No."]}\n ]\n}', 4,
+     "principles[0].instructions: must be a non-empty list of instruction texts"),
 ])
 def test_bad_principles_files_name_file_and_line(tmp_path, text, line, message):
     path = tmp_path / "bad.json"
@@ -266,7 +304,8 @@ def test_help_has_examples(capsys):
     assert "--min-margin" in text and "--top" in text
 
 
-def test_label_cli_on_the_tiny_model(tmp_path, capsys, tiny_model_dir, principles_file):
+@pytest.mark.parametrize("judge", ["instruction", "followup"])
+def test_label_cli_on_the_tiny_model(tmp_path, capsys, tiny_model_dir, principles_file, judge):
     """The real judge end to end: each written margin is the mean of its principle score differences,
     chosen is the side that mean favours, and the file trains with dpo's reader."""
     data = write_jsonl(tmp_path / "rows.jsonl", [
@@ -274,7 +313,7 @@ def test_label_cli_on_the_tiny_model(tmp_path, capsys, tiny_model_dir, principle
         {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello there, how are you doing today?"}])
     out = tmp_path / "out"
     assert main(["--data", str(data), "--principles", str(principles_file), "--model", str(tiny_model_dir),
-                 "--output", str(out), "--no-progress"]) == 0
+                 "--output", str(out), "--no-progress", "--judge", judge]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -282,6 +321,7 @@ def test_label_cli_on_the_tiny_model(tmp_path, capsys, tiny_model_dir, principle
             and summary["input_pairs"] == 1)
     assert f"labelled {summary['written']} of 4 pairs" in printed
     assert len(summary["principles"]) == 3  # --top 0: every principle in the file
+    assert summary["judge"] == judge
     for r in rows:
         diffs = [s["chosen"] - s["rejected"] for s in r["principle_scores"]]
         assert r["margin"] == pytest.approx(np.mean(diffs), rel=1e-5) and r["margin"] > 0
