@@ -338,6 +338,7 @@ def worked_example(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the fixture runs icai: about 14 minutes on 2 cores
 def test_worked_example_icai_ranks_the_rule_first(worked_example):
     """Done-when of the issue: a principle stating the rule (the shorter answer wins) ranks first with
     held-out agreement >= 0.8. Measured with SmolLM2-135M and the instruction judge (the default):
@@ -349,6 +350,7 @@ def test_worked_example_icai_ranks_the_rule_first(worked_example):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the fixture runs icai: about 14 minutes on 2 cores
 def test_worked_example_label_with_the_rule_reproduces_heldout_labels(worked_example, tmp_path):
     """label judging by the rule's principle reproduces >= 80% of the held-out labels (measured with
     SmolLM2-135M and the instruction judge: 38 of 40, 0.95; the follow-up judge gave 29 of 40)."""
@@ -364,8 +366,9 @@ def test_worked_example_label_with_the_rule_reproduces_heldout_labels(worked_exa
 def test_every_shipped_candidate_carries_written_instructions():
     """The default judge reads instructions; the library writes concrete ones for every principle
     rather than relying on the statement template (README: 0.95 vs about 0.6 for 'shorter')."""
-    from steer.rewards.principle_judge import INSTRUCTION_TEMPLATES
     from steer.training.judged_principles import read_candidates
+
+    from steer.rewards.principle_judge import INSTRUCTION_TEMPLATES
 
     for p in read_candidates([]):
         templated = INSTRUCTION_TEMPLATES["positive"][0].format(statement=p.statement)
