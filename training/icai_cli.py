@@ -1,9 +1,11 @@
 """Inverse Constitutional AI: find the principles that explain a set of preference pairs.
 
 Each candidate principle (the shipped library steer/data/icai_candidates.json, plus --candidates
-files) judges every pair through the model (FLR: the log-likelihood of a follow-up saying the
-principle was met minus one saying it was not); its agreement is the share of pairs whose label it
-reproduces (a tie counts as disagreement). Ranked on the train split, reported on the held-out one;
+files) judges every pair through the model (--judge instruction, the default: how much more likely
+the model makes a response under the principle's instructions than under its counter-instructions;
+--judge followup: FLR, the log-likelihood of a follow-up saying the principle was met minus one
+saying it was not); its agreement is the share of pairs whose label it reproduces (a tie counts as
+disagreement). Ranked on the train split, reported on the held-out one;
 of two principles that judge alike on >= --redundancy of the pairs only the better is kept.
 
 Examples:
@@ -15,8 +17,10 @@ Examples:
  --output runs/icai-labels
 
 Data rows: TRL pairs {"prompt": text or messages, "chosen": ..., "rejected": ...} (JSONL or Parquet).
-Candidate files: steer.judged-principles/v1 ({"principles": [{"id", "text", "statement", "opposite"}]},
-or positive/negative follow-ups instead of a statement) or steer.principles/v1.
+Candidate files: steer.judged-principles/v1 ({"principles": [{"id", "text", "statement", "opposite",
+"instructions", "counter_instructions"}]}, or positive/negative follow-ups instead of a statement) or
+steer.principles/v1. Concrete instructions ("Answer in one short sentence.") judge far better than
+the "Make your answer {statement}." the statement alone gives.
 
 Output: <output>/principles.json (kept principles, best first, with agreement, coverage,
 train_agreement, train_coverage: what `label --principles` reads), report.json (every candidate,

@@ -1,8 +1,10 @@
 """RLAIF: label pairs of responses by how much better each satisfies a set of principles, judged by the model.
 
-The judge is FLR with principle follow-ups: a response scores the log-likelihood of a user
+The judge (--judge) is the model: by default a response scores how much more likely the model makes
+it under the principle's instructions ("Answer in one short sentence.") than under its
+counter-instructions ("Answer in detail, ..."); with --judge followup, the log-likelihood of a user
 follow-up saying the principle was met ("Thanks, that was short and to the point.") minus one
-saying it was not; a pair's margin is the mean over principles of the score difference.
+saying it was not (FLR). A pair's margin is the mean over principles of the score difference.
 
 Examples:
   python -m steer.train label --data prompts_with_responses.jsonl --principles runs/icai/principles.json\
@@ -21,8 +23,9 @@ Input rows (JSONL or Parquet; other columns are ignored):
   {"prompt": "...", "chosen": "...", "rejected": "..."}                TRL pair: its order is ignored, then compared
 
 Principles (--principles): icai's principles.json or any steer.judged-principles/v1 file (entries with
-text and a statement, or positive and negative follow-ups; see steer.training.judged_principles), or a
-steer.principles/v1 file (each objective judged by FLR's follow-ups for it). --top N keeps the first N,
+text and a statement, or positive and negative follow-ups, and optional instructions /
+counter_instructions; see steer.training.judged_principles), or a steer.principles/v1 file (each
+objective judged by its instructions, or by FLR's follow-ups for it). --top N keeps the first N,
 --ids ID... the ones named (an unknown id is an error naming the file and its ids).
 
 Output: <output>/pairs.jsonl (TRL rows with margin, per-principle scores, source row and, for input
