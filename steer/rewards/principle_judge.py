@@ -204,12 +204,16 @@ class PrincipleJudge:
         prefixes: dict[tuple[int, ...], int] = {}
         continuations: list[list[list[int]]] = []
         slots: list[dict[str, tuple[int, int]]] = []  # per response: instruction -> (prefix, continuation)
+        headers: dict[tuple, list[int]] = {}  # (conversation, instruction) -> its generation prompt's ids
         for i, (conv, response) in enumerate(zip(conversations, responses)):
             slot = {}
+            conv_key = tuple((m["role"], m["content"]) for m in conv)
             for text in texts:
                 messages = instructed_messages(conv, text) + [{"role": "assistant", "content": response}]
                 fields = _fields(conv, messages, i)
-                prefix, cont = _split_response(chat, messages, fields, eot)
+                if (conv_key, text) not in headers:
+                    headers[conv_key, text] = chat.encode(messages[:-1], fields[:-1], add_generation_prompt=True)
+                prefix, cont = _split_response(chat, messages, fields, headers[conv_key, text], eot)
                 u = prefixes.setdefault(prefix, len(prefixes))
                 if u == len(continuations):
                     continuations.append([])
@@ -235,13 +239,13 @@ def _fields(conv: Conversation, messages: Sequence[Mapping[str, str]], i: int) -
     return named + [f"responses[{i}]"]
 
 
-def _split_response(chat, messages: list[dict[str, str]], fields: Sequence[str],
+def _split_response(chat, messages: list[dict[str, str]], fields: Sequence[str], header: list[int],
                     eot: int | None) -> tuple[tuple[int, ...], list[int]]:
-    """``(prefix ids, response ids)`` of a conversation whose last message is the assistant's response:
-    the prefix ends with the assistant's turn header (where generation would start), the response
-    ids run through its end-of-turn token (added when the template does not write it)."""
+    """``(prefix ids, response ids)`` of a conversation whose last message is the assistant's response,
+    ``header`` being the ids of the rest with the generation prompt: the prefix ends with the
+    assistant's turn header (where generation would start), the response ids run through its
+    end-of-turn token (added when the template does not write it)."""
     full = chat.encode(messages, fields, add_generation_prompt=False)
-    header = chat.encode(messages[:-1], fields[:-1], add_generation_prompt=True)
     start = 0  # the response's ids begin where the generation prompt and the whole conversation part
     while start < min(len(header), len(full)) and header[start] == full[start]:
         start += 1
