@@ -36,17 +36,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def naive_linear_logprob(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_lse: bool = False,
-    return_entropy: bool = False,
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, **options: Any
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Reference: full logits, log_softmax, gather. Plain autograd; returns (logp, lse, entropy).
+
+    `options` are the fused paths' keyword options, named and defaulted as in `LogprobOptions`
+    (another name raises TypeError), so a test calls the reference and a path alike.
 
     Memory traffic (fp32, 4 bytes/element; N = 4096, V = 49152 makes one N x V tensor 805 MB):
       forward   write logits (NV), read logits + write log-probs (2NV, kept for backward)
@@ -55,6 +50,7 @@ def naive_linear_logprob(
     so about 8 NV-sized passes and three N x V tensors alive at the peak of backward (~2.4 GB),
     against the O(NH + VH) the fused path needs beyond its chunk workspace.
     """
+    temperature, ignore_index, return_lse, return_entropy = LogprobOptions(**options)
     valid = targets != ignore_index  # (N,)
     safe_targets = targets.masked_fill(~valid, 0)  # (N,) gather needs an in-range index
     logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
@@ -237,7 +233,8 @@ class ChunkedLinearLogprob(torch.autograd.Function):
 
 
 class LogprobOptions(NamedTuple):
-    """The keyword options of the fused paths (`torch_linear_logprob`, `logprob_triton.triton_linear_logprob`)."""
+    """The keyword options of `naive_linear_logprob` and the fused paths (`torch_linear_logprob`,
+    `logprob_triton.triton_linear_logprob`)."""
 
     temperature: float = 1.0
     ignore_index: int = -100
