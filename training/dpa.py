@@ -23,6 +23,9 @@ alone. Each iteration k:
    whole pool; the pair's prompt carries the direction line and no instruction; skipped
    when the margin is below ``min_margin`` (a near-tie is noise) or the two texts are equal.
    ``sft`` keeps every best response (rejection-sampling fine-tuning) and ignores the margin.
+   ``--pair-by instruction`` skips step 3 and labels by the instructions instead (RLCD's own
+   labels): each guided sample is chosen over a contrast sample of the same pool, for an
+   objective the scorer cannot tell apart.
 5. **Train** ``epochs_per_iteration`` passes of the preference loss on the direction-conditioned
    prompts, continuing the same optimiser across iterations.
 
@@ -93,6 +96,13 @@ def _given_pairs(config: DPAConfig) -> list[dict] | None:
     return read_pair_files(config.data, config.objectives)
 
 
+def _pair_source(config: DPAConfig, scorer, given) -> str:
+    """What chose the pairs, for the training curve's title."""
+    if scorer is not None:
+        return scorer.describe()
+    return "given pairs" if given is not None else ("distilled" if config.loss == "distill" else "pairs by instruction")
+
+
 def _build_scorer(config: DPAConfig, base, frozen, show_progress: bool = True):
     """The scorer, built on the *base* weights before any adapter is attached (FLR calibration is
     keyed by the weights it sees). Returns ``(scorer, shares_policy_weights)``."""
@@ -129,7 +139,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         frozen[0].eval().requires_grad_(False)
     given = _given_pairs(config)  # mixture --data: pairs to train on, no sampling
     distill = config.loss == "distill"  # context distillation: rows, not pairs, and no rewards
-    if given is not None or distill:
+    if given is not None or not config.scored:  # distill and instruction-labelled pairs score nothing
         scorer, scorer_shares_policy = None, False
     else:
         scorer, scorer_shares_policy = _build_scorer(config, base, frozen, show_progress=ctx.is_main)
@@ -148,7 +158,9 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
 
     G = config.batch_size * config.grad_accum * ctx.world_size
     slots = config.prompts_per_iteration * config.directions_per_prompt
-    per_slot = 2 if config.loss == "kto" else (config.pool_size if distill else 1)
+    per_slot = config.pool_size if distill else (config.instruction_pairs if config.pair_by == "instruction" else 1)
+    if config.loss == "kto":
+        per_slot *= 2  # a pair is two unpaired rows
     if config.corner_pairs:
         per_slot *= len(config.objectives)  # its own direction and the corners it is not
     iterations = 1 if given is not None else config.iterations
@@ -195,8 +207,8 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             elif distill:
                 got = collect_distill(config, k, prompts, policy, ctx, principles,
                                       base_model=frozen[0] if frozen is not None else None)
-            elif saved is not None:  # sampled and scored before the run stopped: pair again, sample nothing
-                log.info("iteration %d: re-pairing the %d scored samples in %s", k,
+            elif saved is not None:  # sampled (and scored) before the run stopped: pair again, sample nothing
+                log.info("iteration %d: re-pairing the %d saved samples in %s", k,
                          sum(len(i["cands"]) for i in saved), samples_file)
                 got = pair_pool(config, k, prompts, saved,
                                 {"seconds/sample": 0.0, "seconds/score": 0.0, "resampled": False})
@@ -213,6 +225,10 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             if ctx.is_main and distill:
                 print(f"dpa iteration {k}: {record['rows']} distillation rows from {record['samples']} responses "
                       f"({record['finished']:.0%} ended), sampling {record['seconds/sample']:.0f}s", file=sys.stderr)
+            elif ctx.is_main and scorer is None:
+                print(f"dpa iteration {k}: {record['pairs']} pairs labelled by instruction from {record['slots']} "
+                      f"prompts x directions ({record['finished']:.0%} of responses ended), "
+                      f"sampling {record['seconds/sample']:.0f}s", file=sys.stderr)
             elif ctx.is_main:
                 print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
@@ -250,7 +266,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
         summary["saved"] = str(policy.save(output))
         logger.log(summary)
         plot_curves(output, title=f"steer {'dpa' if config.prompt_carries_direction else 'mixture'} ({config.loss}, "
-                                  f"{scorer.describe() if scorer is not None else 'given pairs'})")
+                                  f"{_pair_source(config, scorer, given)})")
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
     return summary

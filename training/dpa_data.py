@@ -220,8 +220,13 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
 def collect(config: DPAConfig, iteration: int, prompts, policy: Policy, scorer, scorer_shares_policy: bool,
             ctx: DistContext, principles=None, base_model=None) -> IterationData:
     """Steps 1-4 of the module docstring for iteration ``iteration``; every rank gets the same result.
-    ``principles`` and ``base_model``: see :func:`sample_pools`."""
+    ``principles`` and ``base_model``: see :func:`sample_pools`. ``scorer`` is None under
+    ``pair_by="instruction"``: the pools are paired unscored."""
     got = sample_pools(config, iteration, prompts, policy, ctx, principles, base_model)
+    if scorer is None:  # --pair-by instruction: the instructions label the pairs, nothing is scored
+        merged = sorted((item for part in all_gather_object(ctx, got.items()) for item in part),
+                        key=lambda x: x["slot"])
+        return pair_pool(config, iteration, prompts, merged, {"seconds/sample": round(got.seconds, 3)})
     t1 = time.monotonic()
     conversations = [list(prompts[got.slots[s]]) for a, s in enumerate(got.mine) for _ in got.pool[a]]
     texts = [c.text for cands in got.pool for c in cands]
@@ -260,7 +265,7 @@ def _saved_pool(config: DPAConfig, samples_file: Path) -> list[dict] | None:
         return None
     rows = [row for _, row in json_lines(samples_file)]
     try:
-        pools = pool_from_samples(rows, config.objectives, scored=config.loss != "distill")
+        pools = pool_from_samples(rows, config.objectives, scored=config.scored)
     except (KeyError, TypeError, ValueError) as e:
         log.warning("%s does not hold scored pools (%s); sampling again", samples_file, e)
         return None
@@ -288,9 +293,66 @@ def pool_from_samples(rows: list[dict], objectives: tuple[str, ...], scored: boo
     return [by_slot[s] for s in sorted(by_slot)]
 
 
+def _sample_row(iteration: int, item: dict, d: Direction, j: int, c: Candidate) -> dict:
+    """One ``samples.jsonl`` row: candidate ``j`` of a pool, without its scores."""
+    return {"iteration": iteration, "slot": item["slot"], "prompt_index": item["prompt_index"],
+            "direction": _weights(d), "sample": j, "source": c.source, "instruction": c.instruction,
+            "response": c.text, "finished": c.finished, "tokens": c.tokens}
+
+
+def _source_stats(samples: list[dict]) -> dict:
+    """Mean tokens and share ended, per candidate source."""
+    out = {}
+    for src in (POLICY, GUIDED, CONTRAST):
+        rows = [r for r in samples if r["source"] == src]
+        if rows:
+            out[f"tokens/{src}"] = float(np.mean([r["tokens"] for r in rows]))
+            out[f"finished/{src}"] = float(np.mean([r["finished"] for r in rows]))
+    return out
+
+
+def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list[dict],
+                        timings: dict) -> IterationData:
+    """Step 4 under ``pair_by="instruction"`` (RLCD's labels): in each (prompt, direction) pool, guided
+    sample i is chosen over contrast sample i (the base model answered instructions for and against
+    the direction), so nothing is scored; a pair of two equal texts is skipped."""
+    objectives = config.objectives
+    pairs, samples, skipped = [], [], 0
+    for item in merged:
+        d = Direction.from_weights(dict(zip(objectives, item["weights"])), objectives)
+        conv = list(prompts[item["prompt_index"]])
+        cands = [Candidate(*c) for c in item["cands"]]
+        samples += [_sample_row(iteration, item, d, j, c) for j, c in enumerate(cands)]
+        guided = [c for c in cands if c.source == GUIDED]
+        contrast = [c for c in cands if c.source == CONTRAST]
+        for g, r in zip(guided, contrast):
+            if g.text == r.text:
+                skipped += 1
+                continue
+            pairs.append({
+                "prompt": condition_messages(conv, d) if config.prompt_carries_direction else list(conv),
+                "chosen": g.text, "rejected": r.text, "direction": _weights(d),
+                "chosen_instruction": g.instruction, "rejected_instruction": r.instruction,
+                "chosen_finished": g.finished, "rejected_finished": r.finished,
+                "chosen_source": GUIDED, "rejected_source": CONTRAST, "relabeled": False,
+                "iteration": iteration, "slot": item["slot"], "prompt_index": item["prompt_index"],
+            })
+    stats = {
+        "slots": len(merged), "samples": len(samples), "pairs": len(pairs), "skipped/equal": skipped,
+        "finished": float(np.mean([r["finished"] for r in samples])) if samples else None,
+        "chosen_finished": float(np.mean([p["chosen_finished"] for p in pairs])) if pairs else None,
+        "response_tokens": float(np.mean([r["tokens"] for r in samples])) if samples else None,
+        **_source_stats(samples), **timings,
+    }
+    return IterationData(pairs, samples, stats)
+
+
 def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], timings: dict) -> IterationData:
     """Step 4: score every candidate of every (prompt, direction) pool by ``v . r`` (minus
-    ``missing_eos_penalty`` when it was cut at ``max_new_tokens``), pick the pairs, and describe them."""
+    ``missing_eos_penalty`` when it was cut at ``max_new_tokens``), pick the pairs, and describe them.
+    Under ``pair_by="instruction"`` the pools are unscored: :func:`pair_by_instruction`."""
+    if config.pair_by == "instruction":
+        return pair_by_instruction(config, iteration, prompts, merged, timings)
     objectives = config.objectives
     pairs, samples = [], []
     skipped = {"margin": 0, "equal": 0}
@@ -307,9 +369,7 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
         scores = (torch.tensor(item["scaled"], dtype=torch.float32) @ v).tolist()  # (pool,) v . r
         ranked = [sc - (0.0 if c.finished else config.missing_eos_penalty) for sc, c in zip(scores, cands)]
         for j, c in enumerate(cands):
-            samples.append({"iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
-                            "direction": _weights(d), "sample": j, "source": c.source, "instruction": c.instruction,
-                            "response": c.text, "finished": c.finished, "tokens": c.tokens,
+            samples.append({**_sample_row(iteration, item, d, j, c),
                             "rewards": dict(zip(objectives, item["scaled"][j])),
                             "rewards_raw": dict(zip(objectives, item["raw"][j])),
                             "score": scores[j], "pair_score": ranked[j]})
@@ -356,12 +416,7 @@ def pair_pool(config: DPAConfig, iteration: int, prompts, merged: list[dict], ti
                 "iteration": iteration, "slot": s, "prompt_index": item["prompt_index"],
             })
     reward_means = torch.tensor([r for it in merged for r in it["scaled"]]).mean(0).tolist()  # (k,)
-    by_source = {}
-    for src in (POLICY, GUIDED, CONTRAST):
-        toks = [r["tokens"] for r in samples if r["source"] == src]
-        if toks:
-            by_source[f"tokens/{src}"] = float(np.mean(toks))
-            by_source[f"finished/{src}"] = float(np.mean([r["finished"] for r in samples if r["source"] == src]))
+    by_source = _source_stats(samples)
     stats = {
         "slots": len(merged), "samples": len(all_scores), "pairs": len(pairs),
         "pairs/relabeled": sum(p["relabeled"] for p in pairs),

@@ -34,6 +34,9 @@ DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1, "simpo": 2
                 "distill": 0.0}
 DEFAULT_SIMPO_GAMMA = 1.0  # TRL: gamma_beta_ratio 0.5 x beta 2.0
 SCHEDULES = ("constant", "linear", "cosine")
+# How a DPA pool's pair is chosen: by the scorer's v . r, or by the instructions the base model answered
+# (RLCD: the sample under instructions for v over the one under instructions against v).
+PAIR_BY = ("reward", "instruction")
 PRECISIONS = ("auto", "bf16", "fp32")  # steer.training.trainer.resolve_precision
 
 
@@ -249,6 +252,10 @@ class DPAConfig(TrainerConfig):
                                                             "directions (1: uniform on the simplex)"))
     min_margin: float = field(default=0.1, metadata=_f("skip a pair whose v . r difference (common "
                                                        "scale) is below this; sft ignores it"))
+    pair_by: str = field(default="reward", metadata=_f(
+        "reward: chosen/rejected = argmax/argmin of v . r under --scorer; instruction (RLCD): each guided "
+        "sample over a contrast sample of the same (prompt, direction), labelled by the instructions, "
+        "with no scorer (for an objective the scorer cannot see)", choices=PAIR_BY))
     corner_pairs: bool = field(default=False, metadata=_f(
         "also pair every pool under each corner direction it was not sampled for (reward "
         "vectors do not depend on the direction): the same prompt with opposite preferences, "
@@ -288,6 +295,9 @@ class DPAConfig(TrainerConfig):
         if self.loss == "distill" and self.full:
             raise InvalidInput("full", "distill's teacher is the base model with the adapter "
                                        "switched off; full fine-tuning has no such switch (use LoRA)")
+        require_choice("pair_by", self.pair_by, PAIR_BY)
+        if self.pair_by == "instruction":
+            self._check_instruction_pairs()
         if not isinstance(self.principles, str):
             raise InvalidInput("principles", f"must be a file path, got {self.principles!r}")
         require_float("corner_share", self.corner_share, minimum=0, maximum=1)
@@ -299,6 +309,32 @@ class DPAConfig(TrainerConfig):
         require_float("top_p", self.top_p, minimum=0, maximum=1, exclusive_min=True)
         require_int("generation_batch_size", self.generation_batch_size, 1)
         require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
+
+    def _check_instruction_pairs(self) -> None:
+        """What --pair-by instruction needs: labelled samples of both kinds, and only them."""
+        if self.loss == "distill":
+            raise InvalidInput("pair_by", "instruction chooses pairs, and distill trains on every sample "
+                                          "without pairing: drop --pair-by")
+        if self.guided_samples < 1 or self.contrast_samples < 1:
+            raise InvalidInput("pair_by", "instruction pairs a guided sample with a contrast sample: needs "
+                               f"guided_samples >= 1 and contrast_samples >= 1 (got {self.guided_samples} and "
+                               f"{self.contrast_samples})")
+        if self.samples:
+            raise InvalidInput("samples", "must be 0 with --pair-by instruction: on-policy samples answer no "
+                                          "instruction, so nothing labels them")
+        if self.corner_pairs:
+            raise InvalidInput("corner_pairs", "needs --pair-by reward: instructions for one direction say "
+                                               "nothing about what another corner prefers")
+
+    @property
+    def scored(self) -> bool:
+        """Whether the pools get reward vectors: not for distill, nor for pairs labelled by instructions."""
+        return self.loss != "distill" and self.pair_by == "reward"
+
+    @property
+    def instruction_pairs(self) -> int:
+        """Pairs per (prompt, direction) under --pair-by instruction: guided i with contrast i."""
+        return min(self.guided_samples, self.contrast_samples)
 
     @property
     def prompt_carries_direction(self) -> bool:

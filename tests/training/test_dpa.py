@@ -271,8 +271,9 @@ def hand_config(tmp_path, **overrides):
     """The DPAConfig that pairs ``hand_pool()``: one candidate of each kind, min_margin 0.1."""
     from steer.training.settings import DPAConfig
 
-    return DPAConfig(output=str(tmp_path), objectives=HAND_OBJECTIVES, prompts_per_iteration=2, samples=1,
-                     guided_samples=1, contrast_samples=1, min_margin=0.1, progress=False, **overrides)
+    fields = dict(samples=1, guided_samples=1, contrast_samples=1, min_margin=0.1) | overrides
+    return DPAConfig(output=str(tmp_path), objectives=HAND_OBJECTIVES, prompts_per_iteration=2, progress=False,
+                     **fields)
 
 
 def test_missing_eos_penalty_and_repairing_saved_samples(tmp_path):
@@ -322,3 +323,77 @@ def test_corner_pairs_relabel_each_pool_for_every_other_corner(tmp_path):
     for p in got.pairs:  # each prompt states the direction it was paired for
         assert parse_direction(p["prompt"][0]["content"], objectives).as_dict() == pytest.approx(p["direction"])
     assert got.stats["pairs/relabeled"] == 3 and len(got.samples) == 6  # samples are not duplicated
+
+
+def instruction_pool():
+    """``hand_pool()`` without scores and with a second guided/contrast pair in slot 1, whose two
+    texts are equal: nothing to learn from it."""
+    prompts, merged = hand_pool()
+    merged = [{k: v for k, v in item.items() if k not in ("scaled", "raw")} for item in merged]
+    merged[0]["cands"] = merged[0]["cands"][1:]  # no on-policy samples under --pair-by instruction
+    merged[1]["cands"] = [("b", False, 64, "guided", "Short."), ("same", True, 4, "guided", "Terse."),
+                          ("c", True, 30, "contrast", "Long."), ("same", True, 4, "contrast", "Verbose.")]
+    return prompts, merged
+
+
+def test_pair_by_instruction_chooses_guided_over_contrast_unscored(tmp_path):
+    """RLCD's labels: in each pool guided sample i beats contrast sample i whatever a scorer would say
+    (slot 0's contrast sample is the shortest, so a conciseness reward would have flipped nothing here,
+    but slot 1's guided "b" was cut at the token limit and still wins); equal texts are skipped; the
+    rows rebuilt from samples.jsonl pair the same (--resume)."""
+    from steer.training.dpa import pair_pool, pool_from_samples
+
+    prompts, merged = instruction_pool()
+    config = hand_config(tmp_path, samples=0, guided_samples=2, contrast_samples=2, pair_by="instruction")
+    got = pair_pool(config, 0, prompts, merged, {"seconds/sample": 1.0})
+    assert [(p["slot"], p["chosen"], p["rejected"]) for p in got.pairs] == [(0, "ended", "bad"), (1, "b", "c")]
+    assert [(p["chosen_instruction"], p["rejected_instruction"]) for p in got.pairs] == [
+        ("Be helpful.", "Be vague."), ("Short.", "Long.")]
+    assert [(p["chosen_finished"], p["rejected_finished"]) for p in got.pairs] == [(True, True), (False, True)]
+    assert [p["direction"] for p in got.pairs] == [{"helpfulness": 1.0, "conciseness": 0.0},
+                                                  {"helpfulness": 0.25, "conciseness": 0.75}]
+    for p, q in zip(got.pairs, ("q1", "q0")):  # dpa: the direction line, and no instruction
+        assert p["prompt"][-1]["content"] == q
+        assert parse_direction(p["prompt"][0]["content"], HAND_OBJECTIVES).as_dict() == pytest.approx(p["direction"])
+    assert got.stats["pairs"] == 2 and got.stats["skipped/equal"] == 1 and got.stats["samples"] == 6
+    assert got.stats["tokens/guided"] == pytest.approx((20 + 64 + 4) / 3) and got.stats["seconds/sample"] == 1.0
+    assert all("rewards" not in s and "score" not in s for s in got.samples)
+    again = pair_pool(config, 0, prompts, pool_from_samples(got.samples, HAND_OBJECTIVES, scored=False), {})
+    assert again.pairs == got.pairs and again.samples == got.samples
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (dict(pair_by="judge"), "pair_by", "reward, instruction"),
+    (dict(pair_by="instruction", contrast_samples=0), "pair_by", "contrast_samples >= 1"),
+    (dict(pair_by="instruction", guided_samples=0), "pair_by", "guided_samples >= 1"),
+    (dict(pair_by="instruction", samples=2), "samples", "nothing labels them"),
+    (dict(pair_by="instruction", samples=0, corner_pairs=True), "corner_pairs", "another corner"),
+    (dict(pair_by="instruction", samples=0, loss="distill"), "pair_by", "distill"),
+])
+def test_pair_by_instruction_refuses_what_it_cannot_label(tmp_path, overrides, field, words):
+    from steer.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as e:
+        hand_config(tmp_path, **overrides)
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_dpa_pair_by_instruction_end_to_end_builds_no_scorer(tmp_path, prompts_file, tiny_model_dir):
+    """A whole iteration with instruction labels: the scorer is never built (this one names a
+    directory that does not exist, which building would refuse), and every pair is a guided sample
+    over a contrast sample of its slot."""
+    out = tmp_path / "dpa"
+    args = dpa_args(prompts_file, tiny_model_dir, out, "--iterations", "1", "--samples", "0", "--guided-samples",
+                    "1", "--contrast-samples", "1", "--pair-by", "instruction", "--scorer", str(tmp_path / "no-rm"))
+    assert main(args) == 0
+    it = out / "iterations" / "000"
+    samples = [json.loads(line) for line in (it / "samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (it / "pairs.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all("rewards" not in s for s in samples)
+    assert 1 <= len(pairs) <= 2
+    for p in pairs:
+        slot = {s["source"]: s for s in samples if s["slot"] == p["slot"]}
+        assert (p["chosen"], p["rejected"]) == (slot["guided"]["response"], slot["contrast"]["response"])
+    (record,) = [r for r in read_metrics(out) if r["type"] == "iteration"]
+    assert record["pairs"] == len(pairs) and "score/mean" not in record
+    assert (out / "adapter").is_dir()
