@@ -156,6 +156,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     manager = CheckpointManager(output, ctx, config.keep_checkpoints)
     ckpt = check_output(config, manager)
 
+    command = "dpa" if config.prompt_carries_direction else "mixture"  # for progress lines and titles
     G = config.batch_size * config.grad_accum * ctx.world_size
     slots = config.prompts_per_iteration * config.directions_per_prompt
     per_slot = config.pool_size if distill else (config.instruction_pairs if config.pair_by == "instruction" else 1)
@@ -223,14 +224,14 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
             barrier(ctx)
             record = logger.log({"type": "iteration", "iteration": k, "step": trainer.step, **got.stats})
             if ctx.is_main and distill:
-                print(f"dpa iteration {k}: {record['rows']} distillation rows from {record['samples']} responses "
+                print(f"{command} iteration {k}: {record['rows']} distillation rows from {record['samples']} responses "
                       f"({record['finished']:.0%} ended), sampling {record['seconds/sample']:.0f}s", file=sys.stderr)
             elif ctx.is_main and scorer is None:
-                print(f"dpa iteration {k}: {record['pairs']} pairs labelled by instruction from {record['slots']} "
-                      f"prompts x directions ({record['finished']:.0%} of responses ended), "
+                print(f"{command} iteration {k}: {record['pairs']} pairs labelled by instruction from "
+                      f"{record['slots']} prompts x directions ({record['finished']:.0%} of responses ended), "
                       f"sampling {record['seconds/sample']:.0f}s", file=sys.stderr)
             elif ctx.is_main:
-                print(f"dpa iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
+                print(f"{command} iteration {k}: {record['pairs']} pairs from {record['slots']} prompts x directions, "
                       f"mean v.r {record['score/mean']:+.3f} (best {record['score/best']:+.3f}), "
                       f"sampling {record['seconds/sample']:.0f}s, scoring {record['seconds/score']:.0f}s",
                       file=sys.stderr)
@@ -256,7 +257,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
                 policy.model.train()
             trainer.fit(data, epochs=config.epochs_per_iteration, cursor=cursor, salt=k + 1,
                         extra_state=lambda k=k: {"iteration": k}, record={"iteration": k},
-                        desc=f"{'dpa' if config.prompt_carries_direction else 'mixture'}/{config.loss} it {k}")
+                        desc=f"{command}/{config.loss} it {k}")
         cursor = (0, 0)
         latest = manager.latest()
         if latest is None or latest.step != trainer.step or latest.state["extra"].get("iteration") != k:
@@ -265,7 +266,7 @@ def _run(config: DPAConfig, ctx: DistContext) -> dict:
     if ctx.is_main:
         summary["saved"] = str(policy.save(output))
         logger.log(summary)
-        plot_curves(output, title=f"steer {'dpa' if config.prompt_carries_direction else 'mixture'} ({config.loss}, "
+        plot_curves(output, title=f"steer {command} ({config.loss}, "
                                   f"{_pair_source(config, scorer, given)})")
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=1))
     barrier(ctx)
