@@ -23,6 +23,8 @@ Examples:
 principles into the line
   python -m steer.train dpa --prompts my_prompts.jsonl --prompts-per-iteration 64 --max-new-tokens 96 --output runs/dpa
   python -m steer.train dpa --config dpa.yaml --resume
+  python -m steer.train dpa --init-adapter default --pair-by instruction --samples 0 --output runs/more \
+# continue from the shipped adapter
   torchrun --nproc_per_node 2 -m steer.train dpa --output runs/dpa-ddp
 
 Prompt rows (JSONL or Parquet): {"prompt": "Explain DNS"} or {"prompt": [{"role": "user", "content": "..."}]}.

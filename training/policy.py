@@ -42,6 +42,7 @@ class PolicySpec:
     dtype: str = "float32"
     seed: int = 0
     gradient_checkpointing: bool = False
+    init_adapter: str | None = None  # start the LoRA weights from this adapter ('default': the shipped one)
 
 
 def lora_targets(spec: str):
@@ -165,12 +166,47 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
             peft_model = get_peft_model(lm, config)
         except ValueError as e:  # peft names the target modules it could not find
             raise InvalidInput("lora_target", str(e)) from e
+    if spec.init_adapter is not None:
+        load_init_adapter(peft_model, spec)
     fuse_lora_updates(peft_model)
     name = base_model_name(spec.model, base_dir)
     peft_model.peft_config["default"].base_model_name_or_path = name
     peft_model.to(device)
     peft_model.train()
     return Policy(peft_model, tokenizer, base_dir, lora=True, base_name=name)
+
+
+def load_init_adapter(peft_model: nn.Module, spec: PolicySpec) -> Path:
+    """Copy the LoRA weights of the PEFT adapter ``spec.init_adapter`` into ``peft_model``'s fresh adapter
+    (continued training). Its rank and alpha must be the spec's and its weights must cover exactly the
+    adapted modules; anything else is refused, naming the field. Returns the adapter directory."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from steer.adapters import read_adapter_config
+    from steer.models import resolve_adapter
+
+    try:
+        path, _ = resolve_adapter(spec.init_adapter, spec.model)
+    except InvalidInput as e:
+        raise InvalidInput("init_adapter", e.reason) from None
+    config = read_adapter_config(path)
+    for fld, key, want in (("lora_r", "r", spec.lora_r), ("lora_alpha", "lora_alpha", spec.lora_alpha)):
+        if float(config.get(key, -1)) != float(want):
+            raise InvalidInput(fld, f"is {want} but init_adapter {path} has {key}={config.get(key)!r}; "
+                                    f"pass --{fld.replace('_', '-')} {config.get(key)}")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InvalidInput("init_adapter", f"{weights}: no such file (only safetensors adapters are read)")
+    state = load_file(str(weights))
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if unexpected or missing:
+        raise InvalidInput("lora_target", f"{spec.lora_target!r} does not adapt the modules of init_adapter {path}: "
+                                          f"{len(missing)} adapted weights missing from it (e.g. {missing[:2]}), "
+                                          f"{len(unexpected)} of its weights not adapted here (e.g. {unexpected[:2]})")
+    return path
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):

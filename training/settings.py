@@ -75,6 +75,10 @@ class TrainerConfig:
     lora_dropout: float = field(default=0.0, metadata=_f("dropout on the LoRA input"))
     lora_target: str = field(default="all-linear",
                              metadata=_f("modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj)"))
+    init_adapter: str = field(default="none", metadata=_f(
+        "start the LoRA adapter from this PEFT adapter directory instead of zero ('default': the shipped "
+        "adapter; its rank and alpha must match --lora-r/--lora-alpha); the reference stays the base model "
+        "(adapter off)", metavar="DIR"))
     precision: str = field(default="auto", metadata=_f(
         "compute precision: bf16 (autocast: bf16 decoder matmuls; fp32 LoRA weights, "
         "gradients, AdamW state and log-probs), fp32, or auto: bf16 where the hardware "
@@ -137,6 +141,17 @@ class TrainerConfig:
         require_float("lora_dropout", self.lora_dropout, minimum=0, maximum=1, exclusive_max=True)
         if not isinstance(self.lora_target, str) or not self.lora_target.strip():
             raise InvalidInput("lora_target", "is empty: use 'all-linear' or module names such as q_proj,v_proj")
+        if not isinstance(self.init_adapter, str) or not self.init_adapter.strip():
+            raise InvalidInput("init_adapter", "is empty: use 'none', 'default' or a PEFT adapter directory")
+        if self.init_adapter != "none":
+            if self.full:
+                raise InvalidInput("init_adapter", "starts a LoRA adapter; --full trains every weight")
+            from steer.models import resolve_adapter
+
+            try:  # 'default' only with the default model; a directory needs adapter_config.json
+                resolve_adapter(self.init_adapter, self.model)
+            except InvalidInput as e:
+                raise InvalidInput("init_adapter", e.reason) from None
         require_float("lr", self.lr, minimum=0, exclusive_min=True)
         require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         require_int("warmup_steps", self.warmup_steps, 0)
@@ -184,7 +199,8 @@ class TrainerConfig:
         from .policy import PolicySpec
 
         return PolicySpec(self.model, self.full, self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target,
-                          self.dtype, self.seed, self.gradient_checkpointing)
+                          self.dtype, self.seed, self.gradient_checkpointing,
+                          None if self.init_adapter == "none" else self.init_adapter)
 
 
 PACKAGED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -386,6 +402,8 @@ class MixtureConfig(DPAConfig):
                                        "per response, which pair files do not have; drop --data")
         if self.full:
             raise InvalidInput("full", "a mixture is k LoRA adapters; full fine-tuning has nothing to mix")
+        if self.init_adapter != "none":
+            raise InvalidInput("init_adapter", "starts one adapter; a mixture's k adapters start from zero")
         _require_paths("data", self.data)
 
     @property

@@ -326,3 +326,54 @@ def test_fused_lora_update_equals_peft_forward_and_gradients(tiny_model_dir, tok
     torch.testing.assert_close(l_fused, l_peft, rtol=1e-6, atol=1e-5)
     for name in g_peft:
         torch.testing.assert_close(g_fused[name], g_peft[name], rtol=1e-5, atol=1e-7)
+
+
+def test_init_adapter_starts_from_a_saved_adapter_and_refuses_what_does_not_fit(tmp_path, tiny_model_dir, pairs_file):
+    from peft import PeftModel
+    from steer.training.dpo_cli import main
+    from steer.training.settings import MixtureConfig
+    from transformers import AutoModelForCausalLM
+
+    from steer.errors import InvalidInput
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--batch-size", "2", "--lr", "5e-2", "--no-progress",
+              "--lora-target", "q_proj,v_proj", "--lora-r", "4", "--lora-alpha", "8"]
+    assert main(["--data", str(pairs_file), "--output", str(out), *common]) == 0
+    adapter = out / "adapter"
+    config = DPOConfig(output=str(tmp_path / "next"), data=(str(pairs_file),), model=str(tiny_model_dir),
+                       lora_target="q_proj,v_proj", lora_r=4, lora_alpha=8, init_adapter=str(adapter))
+    policy = build_policy(config.policy_spec())
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    policy.model.eval()
+    with torch.no_grad():
+        got, want = policy.model(input_ids=ids).logits, expected(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+        with policy.reference():
+            ref = policy.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # starts where the saved adapter ended
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ref, plain, rtol=1e-5, atol=1e-5)  # the reference stays the base model
+    assert all(p.requires_grad for _, p in policy.named_trainable()) and len(policy.named_trainable()) == 8
+
+    def refused(field, **changes):
+        kwargs = dict(output=str(tmp_path / "x"), data=(str(pairs_file),), model=str(tiny_model_dir),
+                      lora_target="q_proj,v_proj", lora_r=4, lora_alpha=8, init_adapter=str(adapter)) | changes
+        with pytest.raises(InvalidInput) as e:
+            build_policy(DPOConfig(**kwargs).policy_spec())
+        assert e.value.field == field, e.value
+        return str(e.value)
+
+    assert "has r=4" in refused("lora_r", lora_r=8)
+    assert "has lora_alpha=8" in refused("lora_alpha", lora_alpha=16)
+    # The tiny model has 2 layers: v_proj's A and B weights are left over, or k_proj's have no source.
+    assert "0 adapted weights missing from it (e.g. []), 4 of its weights not adapted here" in refused(
+        "lora_target", lora_target="q_proj")
+    assert "4 adapted weights missing from it" in refused("lora_target", lora_target="q_proj,k_proj,v_proj")
+    assert "adapter_config.json" in refused("init_adapter", init_adapter=str(tmp_path))
+    assert "--full" in refused("init_adapter", full=True)
+    assert "model" in refused("init_adapter", init_adapter="default")  # the shipped adapter fits the default model only
+    with pytest.raises(InvalidInput, match="init_adapter"):
+        MixtureConfig(output=str(tmp_path / "m"), model=str(tiny_model_dir), init_adapter=str(adapter))
