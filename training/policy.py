@@ -176,6 +176,24 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu", base=None
     return Policy(peft_model, tokenizer, base_dir, lora=True, base_name=name)
 
 
+def init_adapter_path(init_adapter: str, model: str, lora_r: int, lora_alpha: float) -> Path:
+    """The directory of an ``--init-adapter`` value ('default': the shipped adapter), checked against
+    the run's rank and alpha; errors name ``init_adapter``, ``lora_r`` or ``lora_alpha``."""
+    from steer.adapters import read_adapter_config
+    from steer.models import resolve_adapter
+
+    try:  # 'default' only with the default model; a directory needs adapter_config.json
+        path, _ = resolve_adapter(init_adapter, model)
+    except InvalidInput as e:
+        raise InvalidInput("init_adapter", e.reason) from None
+    config = read_adapter_config(path)
+    for fld, key, want in (("lora_r", "r", lora_r), ("lora_alpha", "lora_alpha", lora_alpha)):
+        if float(config.get(key, -1)) != float(want):
+            raise InvalidInput(fld, f"is {want} but init_adapter {path} has {key}={config.get(key)!r}; "
+                                    f"pass --{fld.replace('_', '-')} {config.get(key)}")
+    return path
+
+
 def load_init_adapter(peft_model: nn.Module, spec: PolicySpec) -> Path:
     """Copy the LoRA weights of the PEFT adapter ``spec.init_adapter`` into ``peft_model``'s fresh adapter
     (continued training). Its rank and alpha must be the spec's and its weights must cover exactly the
@@ -183,18 +201,7 @@ def load_init_adapter(peft_model: nn.Module, spec: PolicySpec) -> Path:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from steer.adapters import read_adapter_config
-    from steer.models import resolve_adapter
-
-    try:
-        path, _ = resolve_adapter(spec.init_adapter, spec.model)
-    except InvalidInput as e:
-        raise InvalidInput("init_adapter", e.reason) from None
-    config = read_adapter_config(path)
-    for fld, key, want in (("lora_r", "r", spec.lora_r), ("lora_alpha", "lora_alpha", spec.lora_alpha)):
-        if float(config.get(key, -1)) != float(want):
-            raise InvalidInput(fld, f"is {want} but init_adapter {path} has {key}={config.get(key)!r}; "
-                                    f"pass --{fld.replace('_', '-')} {config.get(key)}")
+    path = init_adapter_path(spec.init_adapter, spec.model, spec.lora_r, spec.lora_alpha)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise InvalidInput("init_adapter", f"{weights}: no such file (only safetensors adapters are read)")

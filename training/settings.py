@@ -146,12 +146,9 @@ class TrainerConfig:
         if self.init_adapter != "none":
             if self.full:
                 raise InvalidInput("init_adapter", "starts a LoRA adapter; --full trains every weight")
-            from steer.models import resolve_adapter
+            from .policy import init_adapter_path
 
-            try:  # 'default' only with the default model; a directory needs adapter_config.json
-                resolve_adapter(self.init_adapter, self.model)
-            except InvalidInput as e:
-                raise InvalidInput("init_adapter", e.reason) from None
+            init_adapter_path(self.init_adapter, self.model, self.lora_r, self.lora_alpha)  # before any model loads
         require_float("lr", self.lr, minimum=0, exclusive_min=True)
         require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         require_int("warmup_steps", self.warmup_steps, 0)
