@@ -10,7 +10,9 @@ Examples:
   python -m steer.train dpa --output runs/dpa                                   \
 # packaged prompts and principles, FLR + length
   python -m steer.train dpa --config training/recipes/default-adapter.yaml --output runs/default-adapter   \
-# the shipped adapter
+# the shipped adapter, stage 1
+  python -m steer.train dpa --config training/recipes/default-adapter-rlcd.yaml --output runs/default-adapter-rlcd   \
+# stage 2
   python -m steer.train dpa --guided-samples 0 --contrast-samples 0 --samples 4 --output runs/plain   \
 # plain on-policy DPA
   python -m steer.train dpa --principles my_principles.json --guided-samples 3 --output runs/dpa   # your own principles

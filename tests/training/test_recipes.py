@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 from steer.training.settings import DPAConfig, DPOConfig, MixtureConfig
 
 from steer.config import merge_config
@@ -45,11 +46,27 @@ def test_there_are_recipes_with_commands():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_commands_parse(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
+    produced: set[str] = set()  # adapters written by the recipe's earlier commands (not on a fresh clone)
     for command, argv in _commands(recipe):
+        init = _init_adapter(argv)
+        if init is not None and not Path(init).exists():
+            assert Path(init).as_posix() in produced, f"{recipe.name}: no earlier command writes {init}"
+            argv = [*argv, "--init-adapter", "default"]  # the shipped adapter: same model, rank and alpha
         config = merge_config(CONFIGS[command], argv, prog=f"steer.train {command}")
         assert Path(config.output).parts[0] == "runs", f"{recipe.name}: {command} writes outside runs/"
         if f"training/recipes/{recipe.name}" in argv:
             assert config.model == "default"
+        produced.add((Path(config.output) / "adapter").as_posix())
+
+
+def _init_adapter(argv: list[str]) -> str | None:
+    """The init_adapter a command line asks for (its flag, else its --config file's key), if a path."""
+    value = None
+    if "--config" in argv:
+        value = (yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}).get("init_adapter")
+    if "--init-adapter" in argv:
+        value = argv[argv.index("--init-adapter") + 1]
+    return None if value in (None, "none", "default") else str(value)
 
 
 def test_the_parser_sees_a_broken_recipe(tmp_path, monkeypatch):
