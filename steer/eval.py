@@ -17,7 +17,10 @@ of weight 1 versus weight 0 (difference of means and Cohen's d); the side-effect
 realised score against every requested weight); tokens and scores per direction. Statistics are
 defined in steer/eval_stats.py. Writes steerability.json, steerability.png and generations.jsonl
 into --output and prints a table. Deterministic given --seed, --seeds, --batch-size and
---bootstrap-seed.
+--bootstrap-seed. Work goes by units of one system x one seed; each finished unit is kept in
+<output>/eval-progress.jsonl until the report is written, so a stopped run continues with --resume
+(same settings; the seeds already finished are reused). Without --resume an unfinished evaluation
+in --output is refused, never overwritten.
 
 Examples:
   python -m steer.eval                                                   # default model, 52 held-out prompts
@@ -28,6 +31,7 @@ Examples:
   python -m steer.eval --grid "helpfulness=0.8,creativity=0.2;conciseness=1"
   python -m steer.eval --scorer runs/rm --prompts my_prompts.jsonl       # another training judge and prompt set
   python -m steer.eval --config eval.yaml --seeds 1                      # options from YAML; flags override it
+  python -m steer.eval --adapter default --output runs/eval-full --resume  # continue a stopped run (or start it)
 
 Prompts are JSONL rows {"prompt": "...", "category": "..."}; the default is the held-out split
 shipped in steer.training (training/data/prompts_heldout.jsonl). A --config YAML file holds the
@@ -52,6 +56,7 @@ from steer.config import config_to_dict, merge_config, option, require_choice, s
 from steer.errors import InvalidInput
 from steer.eval_grid import DEFAULT_GRID, default_prompts_path, direction_grid, direction_label, load_prompts
 from steer.eval_judges import HeldoutJudge, ScorerJudge, build_heldout_judge
+from steer.eval_progress import EvalProgress, Unit, fingerprint
 from steer.eval_report import (
     BASE,
     HELDOUT,
@@ -162,13 +167,16 @@ def evaluate(
     bootstrap: int = 1000,
     bootstrap_seed: int = 0,
     progress: bool = False,
+    store: EvalProgress | None = None,
 ) -> EvalResult:
     """Generate with both systems, judge every response, and compute every statistic.
 
     ``policy_model is base_model`` (no adapter) generates once and reports that run for both.
     The base model also answers every prompt plainly (``plain``). ``judges`` maps a name to an
     object with ``objectives`` and ``score(conversations, texts, num_tokens) -> (n, k)``; the first
-    is the headline. Judges see the user's request only, never the direction line.
+    is the headline. Judges see the user's request only, never the direction line. Work goes by
+    units of one system x one seed (generate, then judge); ``store`` (:mod:`steer.eval_progress`)
+    keeps each finished unit and hands back the ones an earlier, interrupted run finished.
     """
     if not prompts:
         raise InvalidInput("prompts", "at least one prompt is required")
@@ -188,19 +196,32 @@ def evaluate(
     systems, samples_by_system = {}, {}
     order = [(BASE, base_model)] + ([] if policy_model is base_model else [(POLICY, policy_model)])
     for name, model in order:
-        started = time.monotonic()
         # The base model carries no mixture: it answers the direction-conditioned prompt, as for every strategy.
         own = "conditioned" if strategy == "mixture" and name == BASE else strategy
-        samples = generate_samples(
-            model, tokenizer, prompts, directions, params, seeds=seeds, strategy=own, rerank_judge=rerank_judge,
-            candidates=candidates, plain=plain and name == BASE, batch_size=batch_size, progress=progress,
-        )
-        generate_s = time.monotonic() - started
-        started = time.monotonic()
-        texts, tokens = [s.text for s in samples], [s.num_tokens for s in samples]
-        scores = {j: judge.score([conversations[s.prompt_index] for s in samples], texts, tokens)
-                  for j, judge in judges.items()}
-        timing = {"generate_s": generate_s, "judge_s": time.monotonic() - started, "generated_tokens": sum(tokens),
+        units = []
+        for seed in seeds:
+            unit = store.get(name, seed) if store is not None else None
+            if unit is None:
+                started = time.monotonic()
+                got = generate_samples(
+                    model, tokenizer, prompts, directions, params, seeds=(seed,), strategy=own,
+                    rerank_judge=rerank_judge, candidates=candidates, plain=plain and name == BASE,
+                    batch_size=batch_size, progress=progress,
+                )
+                generate_s, started = time.monotonic() - started, time.monotonic()
+                texts, tokens = [s.text for s in got], [s.num_tokens for s in got]
+                scores = {j: judge.score([conversations[s.prompt_index] for s in got], texts, tokens)
+                          for j, judge in judges.items()}
+                unit = Unit(tuple(got), scores, {"generate_s": generate_s, "judge_s": time.monotonic() - started})
+                if store is not None:
+                    store.put(name, seed, unit)
+            units.append(unit)
+        samples = [s for u in units for s in u.samples]
+        scores = {j: np.concatenate([np.asarray(u.scores[j], dtype=np.float64) for u in units]) for j in judges}
+        tokens = [s.num_tokens for s in samples]
+        generate_s = sum(u.timing["generate_s"] for u in units)
+        timing = {"generate_s": generate_s, "judge_s": sum(u.timing["judge_s"] for u in units),
+                  "generated_tokens": sum(tokens),
                   "generate_tokens_per_s": sum(tokens) / generate_s if generate_s > 0 else float("nan")}
         systems[name] = st.analyse(
             objectives, weights, labels, [s.prompt_index for s in samples], [s.direction_index for s in samples],
@@ -266,6 +287,9 @@ class EvalConfig:
     bootstrap_seed: int = field(default=0, metadata=option("seed of the bootstrap resamples"))
     output: str = field(default="runs/eval", metadata=option(
         "directory for steerability.json/.png and generations.jsonl"))
+    resume: bool = field(default=False, metadata=option(
+        "continue an interrupted evaluation in --output: its finished (system, seed) units are kept in "
+        "eval-progress.jsonl until the report is written"))
     progress: bool = field(default=True, metadata=option("tqdm progress bars"))
     log_level: str = field(default="WARNING", metadata=option("what the command logs to stderr", choices=LEVELS))
 
@@ -309,8 +333,9 @@ class EvalConfig:
                                "use --seeds 1 or a temperature > 0")
         object.__setattr__(self, "objectives", validate_objectives(self.objectives))
         direction_grid(self.grid, self.objectives)  # raises InvalidInput("grid", ...) on a bad spec
-        if not isinstance(self.progress, bool):
-            raise InvalidInput("progress", f"must be true or false, got {self.progress!r}")
+        for name in ("progress", "resume", "plain"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(name, f"must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.log_level, str) and self.log_level.upper() in LEVELS:
             object.__setattr__(self, "log_level", self.log_level.upper())
         require_choice("log_level", self.log_level, LEVELS)
@@ -362,6 +387,9 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
     total_start = time.monotonic()
     prompts_path = Path(config.prompts) if config.prompts else default_prompts_path("heldout")
     prompts = load_prompts(prompts_path)[: config.limit]
+    # Before any model loads: an unfinished evaluation in --output is continued (--resume) or refused.
+    store = EvalProgress.open(config.output, fingerprint(config_to_dict(config), [p.prompt for p in prompts]),
+                              config.resume)
     started = time.monotonic()
     policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives, config.device)
     judge_model = base
@@ -379,7 +407,7 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
         policy.model, base.model, base.tokenizer, [p.prompt for p in prompts], directions, config.sampling(), judges,
         seeds=config.seed_list, strategy=config.strategy, rerank_judge=judges.get(TRAINING),
         candidates=config.candidates, plain=config.plain, batch_size=config.batch_size, bootstrap=config.bootstrap,
-        bootstrap_seed=config.bootstrap_seed, progress=progress,
+        bootstrap_seed=config.bootstrap_seed, progress=progress, store=store,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
     title = (f"{policy.model_id}" + (f" + {config.mixture or config.adapter}" if policy.adapter else " (no adapter)")
@@ -389,6 +417,7 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
         command=command, config=config_to_dict(config),
         prompts_file=str(prompts_path), model_id=policy.model_id, adapter=policy.adapter, title=title,
     )
+    store.finish()
     return result, paths
 
 

@@ -293,6 +293,7 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
         np.mean([r["scores"][HELDOUT]["helpfulness"] for r in rows if r["weights"] is None]))
     assert "spearman heldout" in stdout and "helpfulness (heldout) at helpfulness=1" in stdout
     assert "spearman gain" in stdout and str(out / "steerability.json") in stdout
+    assert not (out / "eval-progress.jsonl").exists()  # removed once the report is written
 
     # Judged by the base model, not the adapted policy: a base-model FLR with the held-out sets
     # reproduces the stored held-out scores; the policy model would not.
@@ -448,3 +449,105 @@ def test_mixture_default_is_the_shipped_one_and_fits_the_default_model_only(tiny
     with pytest.raises(InvalidInput) as e:
         load_policy_and_judge(str(tiny_model_dir), mixture="default")
     assert e.value.field == "mixture" and "shipped" in e.value.reason
+
+
+# ---------------------------------------------------------- resuming an interrupted evaluation (--resume)
+
+class StopsAt:
+    """Wraps a judge and raises on its ``n``-th call: the evaluation stops mid-way, as a killed run would."""
+
+    def __init__(self, judge, n):
+        self.judge, self.n, self.calls = judge, n, 0
+        self.objectives = judge.objectives
+
+    def score(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("stopped")
+        return self.judge.score(*args)
+
+    def describe(self):
+        return self.judge.describe()
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tokenizer, tmp_path):
+    from steer.eval_progress import EvalProgress, fingerprint
+
+    whole, _, _, _ = run_fake(tokenizer, steerable, deaf)  # seeds 0 and 1, never interrupted
+    fp = fingerprint({"model": "fake"}, PROMPTS)
+
+    def run(store, judges):
+        policy, base = FakePolicy(tokenizer, steerable), FakePolicy(tokenizer, deaf)
+        result = evaluate(policy, base, tokenizer, PROMPTS, direction_grid("default"),
+                          SamplingParams(max_new_tokens=32), judges, seeds=(0, 1), batch_size=4, bootstrap=200,
+                          store=store)
+        return result, policy, base
+
+    judges = marker_judges()
+    judges[HELDOUT] = StopsAt(judges[HELDOUT], 3)  # units: base seed 0, base seed 1, then policy seed 0 fails
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(EvalProgress.open(tmp_path, fp, resume=False), judges)
+    with pytest.raises(InvalidInput, match="--resume") as e:
+        EvalProgress.open(tmp_path, fp, resume=False)  # an unfinished evaluation is never overwritten
+    assert e.value.field == "output"
+    store = EvalProgress.open(tmp_path, fp, resume=True)
+    assert sorted(store.units) == [(BASE, 0), (BASE, 1)]
+
+    result, policy, base = run(store, marker_judges())
+    assert base.calls == 0 and policy.calls > 0  # the base's finished units are not generated again
+    for name in (POLICY, BASE):
+        assert result.samples[name] == whole.samples[name]
+        for judge in (HELDOUT, TRAINING):
+            np.testing.assert_array_equal(result.systems[name].scores[judge], whole.systems[name].scores[judge])
+            assert result.systems[name].spearman[judge]["creativity"].mean == pytest.approx(
+                whole.systems[name].spearman[judge]["creativity"].mean)
+    store.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_progress_file_refuses_another_evaluation_and_drops_a_cut_off_line(tmp_path):
+    from steer.eval_progress import PROGRESS_NAME, EvalProgress, Unit, fingerprint
+    from steer.eval_report import Sample
+
+    fp = fingerprint({"model": "m", "grid": "default", "seeds": 1}, PROMPTS)
+    assert fp == fingerprint({"model": "m", "grid": "default", "seeds": 2, "output": "elsewhere"}, PROMPTS)
+    store = EvalProgress.open(tmp_path, fp, resume=False)
+    assert list(tmp_path.iterdir()) == []  # nothing is written before a unit finishes
+    unit = Unit((Sample(0, 0, 0, "an answer", 2, True), Sample(1, PLAIN, 0, "plain", 1, False)),
+                {HELDOUT: np.array([[0.5, -1.0, -2.0], [0.25, 0.0, -1.0]])}, {"generate_s": 1.0, "judge_s": 2.0})
+    store.put(POLICY, 0, unit)
+    store.put(POLICY, 1, unit)
+    path = tmp_path / PROGRESS_NAME
+
+    with pytest.raises(InvalidInput, match="grid was 'default', now 'corners'") as e:
+        EvalProgress.open(tmp_path, fingerprint({"model": "m", "grid": "corners"}, PROMPTS), resume=True)
+    assert e.value.field == "resume"
+    with pytest.raises(InvalidInput, match="prompts_sha256"):
+        EvalProgress.open(tmp_path, fingerprint({"model": "m", "grid": "default"}, PROMPTS[:2]), resume=True)
+
+    text = path.read_text()
+    path.write_text(text[:-20])  # the last unit was cut off mid-write: it runs again
+    store = EvalProgress.open(tmp_path, fp, resume=True)
+    assert sorted(store.units) == [(POLICY, 0)]
+    got = store.get(POLICY, 0)
+    assert got.samples == unit.samples and got.timing == unit.timing
+    np.testing.assert_array_equal(got.scores[HELDOUT], unit.scores[HELDOUT])
+    store.put(POLICY, 1, unit)  # rewrites the file whole, without the cut-off line, then appends
+    assert sorted(EvalProgress.open(tmp_path, fp, resume=True).units) == [(POLICY, 0), (POLICY, 1)]
+
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:30], lines[2]]) + "\n")
+    with pytest.raises(InvalidInput, match=f"{PROGRESS_NAME}:2"):
+        EvalProgress.open(tmp_path, fp, resume=True)
+    path.write_text(json.dumps({"type": "header"}) + "\n")
+    with pytest.raises(InvalidInput, match=f"{PROGRESS_NAME}:1"):
+        EvalProgress.open(tmp_path, fp, resume=True)
+
+
+def test_cli_refuses_an_unfinished_evaluation_without_resume(tmp_path, capsys):
+    from steer.eval_progress import PROGRESS_NAME
+
+    (tmp_path / PROGRESS_NAME).write_text("{}\n")
+    assert main(["--output", str(tmp_path), "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "output:" in err and PROGRESS_NAME in err and "--resume" in err
