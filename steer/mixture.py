@@ -89,7 +89,14 @@ class MixtureLinear(nn.Module):
             return self._serving_forward(x, self.state.w_rep)
         y = self.base(x)
         b = self.lora_B * self.b_scale.to(self.lora_B.dtype)  # (out, n*r) per-adapter alpha/r folded in
-        return y + mixture_lora(x, self.lora_A, b, w.to(x.dtype), self.rank, 1.0).to(y.dtype)
+        # The adapters' path runs in their own dtype: under bf16 autocast (training) x arrives in bf16
+        # while the trained A/B stay fp32. Autocast is off for it (rank n*r: cheap in fp32), so the
+        # adapters' share is not rounded to bf16 on its way; the casts are part of the graph, so x
+        # still gets its gradient. The sum is rounded to y's dtype once, as a merged weight's output is.
+        dt = self.lora_A.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            delta = mixture_lora(x.to(dt), self.lora_A, b, w.to(dt), self.rank, 1.0)
+        return y + delta if y.dtype == delta.dtype else (y.to(delta.dtype) + delta).to(y.dtype)
 
     _serving: Tensor | None = None  # (out + n*r, in): [W; A_cat] in one buffer, after prepare_for_serving()
 

@@ -123,9 +123,11 @@ def test_each_loss_matches_naive_at_step_0_and_trains(loss, tmp_path, tiny_model
     from transformers import AutoModelForCausalLM
 
     data_file = kto_file if loss == "kto" else pairs_file
+    # fp32 against the naive fp32 reference on every machine (auto would be bf16 where the CPU has
+    # native bf16; that step is checked against this one in test_bf16_step_matches_the_fp32_step).
     config = DPOConfig(output=str(tmp_path), data=(str(data_file),), model=str(tiny_model_dir), loss=loss,
                        batch_size=len(PAIRS) * (2 if loss == "kto" else 1), lr=2e-2, progress=False,
-                       lr_schedule="constant")
+                       lr_schedule="constant", precision="fp32")
     policy = build_policy(config.policy_spec())
     _perturb_adapter(policy)
     data = encode_examples(prepare_examples(config, read_examples(config.data)), Encoder(policy.tokenizer, 128, 96),
