@@ -177,21 +177,30 @@ def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DE
 
     Rewards must not be measured by the model being steered: when the served weights carry a
     merged adapter, FLR runs on a second, bare copy of the base model instead (``loaded.base_spec``,
-    in float32 like ``--scorer-model``; ~540 MB for the default 135M model). build_scorer loads it
-    only if some part of the spec is FLR; ``config.scorer_model`` still overrides it.
+    in float32 like ``--scorer-model``; ~540 MB for the default 135M model). The same copy judges
+    when the served weights are stored in bfloat16/float16, so rewards do not depend on the serving
+    precision. build_scorer loads it only if some part of the spec is FLR; ``config.scorer_model``
+    still overrides it.
     """
+    import torch
+
     from steer.rewards.build import build_scorer
 
     scorer_model = config.scorer_model
     # A mixture model's adapters switch per forward on the engine's thread: FLR needs weights of its own too.
-    if scorer_model is None and (loaded.adapter is not None or getattr(loaded, "mixture", None) is not None):
+    # Weights stored in another dtype than float32 would move the rewards off the float32 calibration.
+    low_precision = getattr(loaded.model, "dtype", torch.float32) != torch.float32
+    if scorer_model is None and (loaded.adapter is not None or getattr(loaded, "mixture", None) is not None
+                                 or low_precision):
+        served = f"adapter {loaded.adapter}" if loaded.adapter is not None else (
+            "mixture adapters" if not low_precision else f"weights in {loaded.model.dtype}")
         if loaded.base_spec is None:
             raise ValueError(
-                f"the served model carries adapter {loaded.adapter} but does not say which base it was loaded from "
+                f"the served model carries {served} but does not say which base it was loaded from "
                 "(LoadedModel.base_spec): set ServerConfig.scorer_model so FLR judges with the base weights"
             )
-        log.info("scorer: FLR judges with the base model %s, not the adapted weights (a second copy, loaded if FLR "
-                 "is used)", loaded.base_spec)
+        log.info("scorer: FLR judges with a float32 copy of the base model %s, not the served %s (loaded if FLR "
+                 "is used)", loaded.base_spec, served)
         scorer_model = loaded.base_spec
     return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model)
 

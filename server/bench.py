@@ -15,8 +15,8 @@ server (loaded with its mixture adapters) is measured for both strategies, level
 MIXTURE / CONDITIONED throughput ratio is printed. Writes JSON and prints the ratios.
 
 Examples:
-  python -m steer.server.bench                                  # fp32, concurrency 1,4,16,32
-  python -m steer.server.bench --dtype bfloat16 --output bench-results/serve-bf16.json
+  python -m steer.server.bench                                  # the server's defaults, concurrency 1,4,16,32
+  python -m steer.server.bench --dtype float32 --output bench-results/serve-fp32.json   # fp32 wherever it runs
   python -m steer.server.bench --concurrency 1,8 --max-new-tokens 32 --skip-baseline
   # MIXTURE vs CONDITIONED
   python -m steer.server.bench --strategies conditioned,mixture --concurrency 1,32 --skip-baseline
@@ -230,7 +230,9 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the server's --dtype (default: its default, auto: bfloat16 where the CPU/GPU multiplies it "
+                        "natively, else float32); the baseline runs the same dtype")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=0, help="requests per level (default: max(concurrency, 4))")
@@ -252,12 +254,14 @@ def main(argv=None) -> int:
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
     if not strategies or any(x not in STRATEGIES for x in strategies):
         p.error(f"--strategies: choose from {', '.join(STRATEGIES)}, got {args.strategies!r}")
-    output = Path(args.output or f"bench-results/serve-{args.dtype}.json")
 
     import os
 
     from steer.client import free_port, wait_until_serving
-    from steer.models import load_model
+    from steer.models import load_model, resolve_device, resolve_dtype
+
+    args.dtype = resolve_dtype(args.dtype, resolve_device("auto"))  # what the server will resolve it to
+    output = Path(args.output or f"bench-results/serve-{args.dtype}.json")
 
     results = {"model": args.model, "dtype": args.dtype, "linears": args.linears, "max_new_tokens": args.max_new_tokens,
                "scorer": args.scorer, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "levels": {}}

@@ -1,7 +1,7 @@
 """RERANK best-of-n latency against one CONDITIONED sample, over real gRPC, in one run.
 
 The server is loaded as ``python -m steer.serve`` loads it (the default adapter and mixture for the
-default model, ``--linears auto``) with ``--scorer``. Baseline: a CONDITIONED Generate (one sample,
+default model, ``--dtype auto``, ``--linears auto``) with ``--scorer``. Baseline: a CONDITIONED Generate (one sample,
 no rewards asked, so no scoring), reported as the call's wall time and as the engine's generation
 time (``timing.total_seconds``). Measured: a RERANK Generate with ``--candidates`` samples (submitted
 together, so the batching engine decodes them as one batch), each scored, best ``v . r``
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--scorer", default="default", help="scorer spec, as python -m steer.serve --scorer")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the served weights' dtype, as python -m steer.serve --dtype (default: its default, auto)")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from steer.v1 import steer_pb2_grpc
 
     loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model),
-                        linears="auto")
+                        dtype=args.dtype, linears="auto")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     config = ServerConfig(port=0, scorer=args.scorer, engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     rr_med = statistics.median(r["rerank_s"] for r in rows)
     score_med = statistics.median(r["score_candidates_s"] for r in rows)
     result = {
-        "model": loaded.model_id, "scorer": scorer, "candidates": args.candidates,
+        "model": loaded.model_id, "dtype": str(loaded.model.dtype).removeprefix("torch."), "scorer": scorer,
+        "candidates": args.candidates,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "engine": "continuous batching (server/engine.py), max_concurrent 32",
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},

@@ -30,6 +30,7 @@ Examples:
   python -m steer.eval --grid simplex:4 --seeds 3                        # every point of the simplex at step 1/4
   python -m steer.eval --grid "helpfulness=0.8,creativity=0.2;conciseness=1"
   python -m steer.eval --scorer runs/rm --prompts my_prompts.jsonl       # another training judge and prompt set
+  python -m steer.eval --adapter default --dtype float32                 # fp32 systems where auto would be bf16
   python -m steer.eval --config eval.yaml --seeds 1                      # options from YAML; flags override it
   python -m steer.eval --adapter default --output runs/eval-full --resume  # continue a stopped run (or start it)
 
@@ -69,7 +70,7 @@ from steer.eval_report import (
 )
 from steer.eval_stats import PLAIN
 from steer.logs import LEVELS, configure_logging
-from steer.models import DEVICES
+from steer.models import DEVICES, DTYPE_AUTO, DTYPES
 from steer.objectives import DEFAULT_OBJECTIVES, Direction, validate_objectives
 
 __all__ = [  # the names other modules and the tests import from here; the rest is in eval_grid/eval_report
@@ -255,6 +256,10 @@ class EvalConfig:
         "shipped for the default model)"))
     device: str = field(default="auto", metadata=option(
         "where every model runs: auto (CUDA when present), cpu or cuda", choices=DEVICES))
+    dtype: str = field(default=DTYPE_AUTO, metadata=option(
+        "storage dtype of the policy's and the base system's weights, as python -m steer.serve --dtype (auto: "
+        "bfloat16 where the device multiplies it natively, else float32); the judges always run in float32",
+        choices=(DTYPE_AUTO, *DTYPES)))
     scorer: str = field(default="default", metadata=option(
         "training judge (and rerank's ranker): 'default' (FLR + length), 'flr', a reward model directory, parts "
         "joined by '+', or 'none'"))
@@ -299,6 +304,7 @@ class EvalConfig:
                 raise InvalidInput(name, "must be a non-empty string")
         if self.device not in DEVICES:
             raise InvalidInput("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        require_choice("dtype", self.dtype, (DTYPE_AUTO, *DTYPES))
         for name in ("adapter", "mixture", "scorer_model", "prompts"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -352,10 +358,11 @@ class EvalConfig:
 
 
 def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None,
-                          objectives: Sequence[str] | None = None, device: str = "cpu"):
-    """(policy, base) LoadedModels: the policy carries the adapter (or the mixture); the base model is
-    the same model without it, the second system of the report and the judges' model (so rewards are
-    measured by the same yardstick before and after training). Without either they are one object."""
+                          objectives: Sequence[str] | None = None, device: str = "cpu", dtype: str = "float32"):
+    """(policy, base) LoadedModels in ``dtype``: the policy carries the adapter (or the mixture); the base
+    model is the same model without it, the second system of the report and, in float32, the judges' model
+    (so rewards are measured by the same yardstick before and after training). Without either they are
+    one object."""
     from steer.models import load_model
 
     if mixture is not None:
@@ -365,15 +372,16 @@ def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str |
         path = resolve_mixture(mixture, model)  # 'default': the shipped one
         if path is None:
             raise InvalidInput("mixture", "is 'none'; --strategy mixture needs a mixture directory or 'default'")
-        policy = load_model(model, adapter="none", device=device)
+        policy = load_model(model, adapter="none", device=device, dtype=dtype)
         spec, _ = load_mixture(policy.model, path)
         policy.adapter = f"mixture {mixture} ({', '.join(spec.objectives)})"
         if objectives is not None and tuple(spec.objectives) != tuple(objectives):
             raise InvalidInput("mixture", f"{mixture} mixes {list(spec.objectives)}; "
                                f"this evaluation's objectives are {list(objectives)} (same order)")
-        return policy, load_model(model, adapter="none", device=device)
-    policy = load_model(model, adapter=adapter, device=device)
-    base = load_model(model, device=device) if policy.adapter is not None else policy  # 'none' loads no adapter either
+        return policy, load_model(model, adapter="none", device=device, dtype=dtype)
+    policy = load_model(model, adapter=adapter, device=device, dtype=dtype)
+    # 'none' loads no adapter either
+    base = load_model(model, device=device, dtype=dtype) if policy.adapter is not None else policy
     return policy, base
 
 
@@ -387,18 +395,22 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
     total_start = time.monotonic()
     prompts_path = Path(config.prompts) if config.prompts else default_prompts_path("heldout")
     prompts = load_prompts(prompts_path)[: config.limit]
-    # Before any model loads: an unfinished evaluation in --output is continued (--resume) or refused.
-    store = EvalProgress.open(config.output, fingerprint(config_to_dict(config), [p.prompt for p in prompts]),
-                              config.resume)
-    started = time.monotonic()
-    policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives, config.device)
-    judge_model = base
-    if config.scorer_model is not None:
-        from steer.models import load_model
+    from steer.models import load_model, resolve_device, resolve_dtype
 
+    # The dtype auto resolves to on this machine is what the report, and a resumed run, must agree on.
+    settings = {**config_to_dict(config), "dtype": resolve_dtype(config.dtype, resolve_device(config.device))}
+    # Before any model loads: an unfinished evaluation in --output is continued (--resume) or refused.
+    store = EvalProgress.open(config.output, fingerprint(settings, [p.prompt for p in prompts]), config.resume)
+    started = time.monotonic()
+    policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives, config.device,
+                                         settings["dtype"])
+    # The judges measure in float32 whatever the systems run in.
+    judge_base = base if settings["dtype"] == "float32" else load_model(config.model, device=config.device)
+    judge_model = judge_base
+    if config.scorer_model is not None:
         judge_model = load_model(config.scorer_model, device=config.device)
     judges = {HELDOUT: build_heldout_judge(judge_model, config.objectives, config.score_batch_size, progress)}
-    scorer = build_scorer(config.scorer, base, config.objectives, scorer_model=config.scorer_model)
+    scorer = build_scorer(config.scorer, judge_base, config.objectives, scorer_model=config.scorer_model)
     if scorer is not None:
         judges[TRAINING] = ScorerJudge(scorer, config.score_batch_size, progress)
     load_s = time.monotonic() - started
@@ -414,7 +426,7 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(
         result, config.output, prompts,
-        command=command, config=config_to_dict(config),
+        command=command, config=settings,
         prompts_file=str(prompts_path), model_id=policy.model_id, adapter=policy.adapter, title=title,
     )
     store.finish()

@@ -23,7 +23,7 @@ import torch
 from steer.kernels import preference_loss
 
 from steer.errors import InvalidInput
-from steer.models import pad_token_id
+from steer.models import bf16_native, pad_token_id
 
 from .checkpoint import Checkpoint, CheckpointManager, set_rng_state
 from .distributed import DistContext, all_gather_object, all_reduce_mean, all_reduce_sum_, rank_micro_batches, wrap_ddp
@@ -55,20 +55,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 natively: CUDA with bf16 support, or a CPU whose oneDNN has
-    bf16 kernels (AVX512-BF16 / AMX). Elsewhere bf16 matmuls are emulated and ~8x slower than fp32
-    (measured on an AVX2 CPU: 20 vs 171 GFLOP/s)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -207,3 +207,20 @@ def test_score_on_an_adapted_server_equals_the_base_models_score(start_tiny_serv
         assert raw[i] == pytest.approx(on_base.row(i, scaled=False), abs=1e-4)
     assert any(raw[i]["helpfulness"] != pytest.approx(on_adapted.row(i, scaled=False)["helpfulness"], abs=1e-3)
                for i in range(2))
+
+
+def test_scorer_of_a_bf16_server_judges_with_float32_weights(tiny_model_dir, tiny_loaded, small_calibration):
+    """Rewards do not depend on the serving precision: a bfloat16 model without an adapter is still judged
+    by a float32 copy of its base, equal to the float32 model's weights."""
+    from steer.server.app import ServerConfig, build_server_scorer
+
+    from steer.models import load_model
+
+    served = load_model(str(tiny_model_dir), dtype="bfloat16")
+    judge = flr_part(build_server_scorer(served, ServerConfig(scorer="default"))).model
+    assert judge is not served.model and judge.dtype == torch.float32
+    judged = judge.state_dict()
+    for name, value in tiny_loaded.model.state_dict().items():
+        assert torch.equal(judged[name], value), name
+    fp32 = flr_part(build_server_scorer(tiny_loaded, ServerConfig(scorer="default"))).model
+    assert fp32 is tiny_loaded.model  # float32 and no adapter: the served model judges itself

@@ -347,6 +347,7 @@ def test_cli_rerank_on_the_tiny_model_without_an_adapter(tiny_model_dir, tmp_pat
     (dict(strategy="mixture", mixture="runs/mix", adapter="runs/a"), "adapter", "applied to the bare model"),
     (dict(strategy="beam"), "strategy", "expected one of conditioned, rerank"),
     (dict(strategy="rerank", scorer="none"), "scorer", "needs a scorer"),
+    (dict(dtype="fp16"), "dtype", "auto"),
 ])
 def test_bad_config_names_the_field(overrides, field, message):
     with pytest.raises(InvalidInput, match=re.escape(message)) as e:
@@ -408,7 +409,8 @@ def test_mixture_strategy_generates_from_the_mixed_adapters(tiny_model_dir, tmp_
     out = tmp_path / "eval"
     assert main(["--model", str(tiny_model_dir), "--strategy", "mixture", "--mixture", str(mix),
                  "--prompts", str(prompts), "--grid", "corners", "--seeds", "1", "--temperature", "0",
-                 "--max-new-tokens", "8", "--scorer", "none", "--no-plain", "--output", str(out), "--no-progress"]) == 0
+                 "--max-new-tokens", "8", "--scorer", "none", "--no-plain", "--output", str(out), "--no-progress",
+                 "--dtype", "float32"]) == 0  # the fp32 reference below, on every machine
     doc = json.loads((out / "steerability.json").read_text())
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert doc["strategy"] == "mixture" and doc["policy_is_base"] is False and "mixture" in doc["adapter"]
@@ -551,3 +553,31 @@ def test_cli_refuses_an_unfinished_evaluation_without_resume(tmp_path, capsys):
     assert main(["--output", str(tmp_path), "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "output:" in err and PROGRESS_NAME in err and "--resume" in err
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_is_resolved_for_the_systems_and_the_judges_stay_float32(
+        native, expected, tiny_model_dir, tiny_loaded, tmp_path, monkeypatch):
+    """--dtype auto means what python -m steer.serve serves on this machine (monkeypatched here, so both
+    cases run anywhere); the report records the resolved dtype, and the held-out judge scores with the
+    float32 base model either way."""
+    import steer.models
+    from steer.rewards.flr import FLRConfig, FLRScorer
+
+    monkeypatch.setattr(steer.models, "bf16_native", lambda device: native)
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "eval"
+    assert main(["--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", str(prompts), "--grid",
+                 "corners", "--seeds", "1", "--max-new-tokens", "5", "--temperature", "1.0", "--scorer", "none",
+                 "--no-plain", "--output", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "steerability.json").read_text())
+    assert doc["config"]["dtype"] == expected
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    stored = torch.tensor([[r["scores"][HELDOUT][o] for o in ("helpfulness", "creativity")] for r in rows])
+    config = FLRConfig(followups=HELDOUT_FOLLOWUPS, calibration="none")
+    fp32 = FLRScorer(tiny_loaded.model, tiny_loaded.tokenizer, config).rewards(conversations, [r["text"] for r in rows])
+    assert torch.allclose(stored, fp32.raw, atol=1e-4)

@@ -253,3 +253,32 @@ def test_pad_token_id_is_one_rule_pad_then_eos_then_config():
     assert pad_token_id(NS(pad_token_id=None, eos_token_id=None), NS(pad_token_id=3, eos_token_id=1)) == 3
     with pytest.raises(ValueError, match="neither pad_token_id nor eos_token_id"):
         pad_token_id(NS(pad_token_id=None, eos_token_id=None), NS(pad_token_id=None, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch, tiny_model_dir,
+                                                                             native, expected):
+    import steer.models
+    from steer.models import resolve_dtype
+
+    monkeypatch.setattr(steer.models, "bf16_native", lambda device: native)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    for given in ("float32", "bfloat16", "float16"):  # an explicit dtype is kept wherever it runs
+        assert resolve_dtype(given, torch.device("cpu")) == given
+    loaded = load_model(str(tiny_model_dir), dtype="auto")
+    assert loaded.model.dtype == getattr(torch, expected)
+
+
+def test_bf16_native_reads_the_cpu_from_onednn(monkeypatch):
+    from steer.models import bf16_native
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert bf16_native(torch.device("cpu")) is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert bf16_native(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "float64", ""])
+def test_unknown_dtype_is_refused_naming_the_field(tiny_model_dir, dtype):
+    with pytest.raises(InvalidInput, match=r"dtype.*auto or one of float32, bfloat16, float16"):
+        load_model(str(tiny_model_dir), dtype=dtype)
