@@ -96,7 +96,7 @@ class MixtureLinear(nn.Module):
         dt = self.lora_A.dtype
         with torch.autocast(x.device.type, enabled=False):
             delta = mixture_lora(x.to(dt), self.lora_A, b, w.to(dt), self.rank, 1.0)
-        return y + delta if y.dtype == delta.dtype else (y.to(delta.dtype) + delta).to(y.dtype)
+        return (y.to(delta.dtype) + delta).to(y.dtype)  # both casts are no-ops when the dtypes agree
 
     _serving: Tensor | None = None  # (out + n*r, in): [W; A_cat] in one buffer, after prepare_for_serving()
 

@@ -293,11 +293,11 @@ def load_model(
 
     spec = canonical_model(spec)
     target = resolve_device(device)
+    resolved = resolve_dtype(dtype, target)
     if dtype == DTYPE_AUTO:
-        dtype = resolve_dtype(dtype, target)
-        log.info("dtype auto: %s (%s)", dtype, f"{target.type} multiplies bf16 natively" if dtype == "bfloat16"
+        log.info("dtype auto: %s (%s)", resolved, f"{target.type} multiplies bf16 natively" if resolved == "bfloat16"
                  else f"{target.type} has no native bf16 matmuls")
-    dtype = resolve_dtype(dtype, target)
+    dtype = resolved
     from steer.linears import convert_linears, resolve_linears
 
     linears = resolve_linears(linears, target, dtype)  # before the slow part, like the adapter

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 
 from steer.config import option
+from steer.models import DTYPE_AUTO, DTYPES
 
 PROG = "python -m steer.serve"
 
@@ -52,7 +53,7 @@ class ServeConfig:
         "storage dtype of the model's weights; auto: bfloat16 where the device multiplies it natively (CUDA with "
         "bf16, CPUs with AVX512-BF16 or AMX), else float32 (bfloat16 against float32 on the default model: greedy "
         "agreement and log-prob drift in the README; make bench-serve measures them). The FLR scorer always judges "
-        "in float32", choices=("auto", "float32", "bfloat16", "float16")))
+        "in float32", choices=(DTYPE_AUTO, *DTYPES)))
     device: str = field(default="auto", metadata=option(
         "where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; sampling stays on the CPU",
         choices=("auto", "cpu", "cuda")))
