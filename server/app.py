@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +47,7 @@ from steer.models import LoadedModel
 from steer.objectives import DEFAULT_OBJECTIVES
 from steer.rewards.service import ScoringConfig, ScoringService
 from steer.sampling import SamplingParams
+from steer.threads import in_own_thread
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
 if TYPE_CHECKING:
@@ -135,41 +135,11 @@ class RunningServer:
             await asyncio.wait(stopping, timeout=grace - min(FINAL_CHUNK_SECONDS, 0.2 * grace))
         if self.scoring is not None:
             self.scoring.close()
-        engine_stopped = await _in_own_thread(self.engine.close, ENGINE_STOP_SECONDS)
+        engine_stopped = await in_own_thread(self.engine.close, ENGINE_STOP_SECONDS)
         await asyncio.gather(*stopping)
         if not engine_stopped:
             log.warning("the engine is still inside a model step %.1fs after it was told to stop", ENGINE_STOP_SECONDS)
         return engine_stopped
-
-
-async def _in_own_thread(fn, *args):
-    """``fn(*args)`` in a daemon thread of its own; returns its result.
-
-    Not ``asyncio.to_thread``: at shutdown the loop's executor may be busy (scoring chunks waiting
-    for the scorer), and this call must start at once. ``fn`` must bound its own time
-    (``Engine.close`` takes a timeout).
-    """
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(method, value):
-        if not future.done():  # the awaiting task may have been cancelled meanwhile
-            method(value)
-
-    def run():
-        try:
-            result = fn(*args)
-        except BaseException as e:  # handed to the awaiting task
-            outcome = (future.set_exception, e)
-        else:
-            outcome = (future.set_result, result)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is gone: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name=f"steer-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return await future
 
 
 def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DEFAULT_OBJECTIVES):
@@ -232,7 +202,8 @@ async def start_server(loaded: LoadedModel, config: ServerConfig = ServerConfig(
         steer_version = "unknown"
     if scorer is None and config.scorer != "none":
         # Off the loop: FLR may load the base model and calibrate itself on first use (a few model forwards).
-        scorer = await asyncio.to_thread(build_server_scorer, loaded, config, objectives)
+        # In a thread that ends: the torch work of loading and calibrating must leave no OpenMP team behind.
+        scorer = await in_own_thread(build_server_scorer, loaded, config, objectives)
     scoring = ScoringService(scorer, config.scoring) if scorer is not None else None
     chat = await asyncio.to_thread(ChatTokenizer, loaded.tokenizer)
     max_input_bytes = config.max_input_bytes

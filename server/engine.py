@@ -88,8 +88,8 @@ class Engine(EngineForwards):
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
         self.max_prefill_tokens = prefill_budget(config, self.device)
         self._lean = LlamaForward(model) if config.forward == "steer" and supports_lean(model) else None
-        self.cache = PagedKVCache.for_model(model.config, config.max_concurrent, dtype, loaded.context_length,
-                                            device=self.device)
+        self._cache_dtype = dtype
+        self.cache: PagedKVCache | None = None  # built on the worker thread (see _run)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         # Mixture adapters (steer.mixture): a forward with MIXTURE rows sets each row's adapter weights
         # (other rows get the default row, every adapter off); a forward without any runs the plain weights.
@@ -107,8 +107,14 @@ class Engine(EngineForwards):
         self._libc = glibc()  # None where the C library is not glibc: nothing to trim
         self._worked = False  # an iteration ran since the last heap trim
         self.heap_trims = 0
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name="steer-engine", daemon=True)
         self._worker.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._worker.join()
+            raise self._start_error
 
     # -- public API (event loop side) ----------------------------------------------------------
 
@@ -199,9 +205,20 @@ class Engine(EngineForwards):
     # -- worker thread: one iteration ------------------------------------------------------------
 
     def _run(self) -> None:
-        # The cache's tensors are made here, so they are inference tensors: every update of them,
-        # closing the last sequences at shutdown included, stays inside inference mode.
+        # All of the engine's torch work happens on this thread, the cache's allocation included: it
+        # is then the only thread with an OpenMP team of its own, whose threads spin between the
+        # small GEMMs of a decode step (see steer.threads). The cache's tensors are made here, so
+        # they are inference tensors: every update of them, closing the last sequences at shutdown
+        # included, stays inside inference mode.
         with torch.inference_mode():
+            try:
+                self.cache = PagedKVCache.for_model(self.loaded.model.config, self.config.max_concurrent,
+                                                    self._cache_dtype, self.loaded.context_length, device=self.device)
+            except BaseException as e:  # raised by __init__
+                self._start_error = e
+                return
+            finally:
+                self._started.set()
             self._loop()
             self._cancel_everything()
 

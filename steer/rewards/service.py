@@ -1,7 +1,9 @@
 """Async access to a scorer for an asyncio server: forwards off the event loop, admitted, cancellable.
 
-Scoring is a model forward (tens of milliseconds to seconds on CPU), so it runs in a worker
-thread (``asyncio.to_thread``) to keep the event loop answering other calls. The work of a call
+Scoring is a model forward (tens of milliseconds to seconds on CPU), so it runs in a thread of
+its own that ends with the call (:func:`steer.threads.in_own_thread`, not a reused executor
+thread, which would keep an OpenMP team alive beside the engine's and slow every decode step; see
+:mod:`steer.threads`), to keep the event loop answering other calls. The work of a call
 is cut into chunks of ``chunk_responses`` responses; a lock serialises the chunks (the scorer's
 model may be the served model itself, whose decoding runs on the engine's own threads; two
 scoring passes at once would only fight for the same cores and double peak memory). Between
@@ -9,8 +11,7 @@ chunks the thread checks whether its caller is still there:
 
 * a caller that is cancelled (the client cancelled, or grpc gave up at the deadline) stops its
   work before the next chunk, so an abandoned 64-response Score costs at most one more chunk;
-  one cancelled while its work still waited for an executor thread gives its admission back at
-  once (that work never runs);
+  one cancelled before its thread began gives its admission back at once (that work never runs);
 * a ``deadline`` that passes ends the work with :class:`ScoringStopped` (``reason="deadline"``);
 * :meth:`ScoringService.close` (server shutdown) ends every call's work the same way
   (``reason="closed"``) and refuses new work.
@@ -24,7 +25,6 @@ Scoring in chunks gives the same rewards as one pass: every pair is scored on it
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.rewards.scorer import Conversation, Rewards, Scorer
+from steer.threads import in_own_thread
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,13 @@ class ScoringService:
             self._pending += n
         work = _Work(n)
         try:
-            return await asyncio.to_thread(self._score_in_chunks, conversations, responses, work, deadline)
+            return await in_own_thread(self._score_in_chunks, conversations, responses, work, deadline)
         except BaseException:  # cancelled (the caller left) or never scheduled
             work.stop.set()  # a thread that is running finishes its current chunk and stops there
             with self._count_lock:
                 if not work.started:
-                    # Cancelled while it waited for an executor thread: it never runs (or, if it
-                    # starts after all, it stops at once), so nothing else gives its count back.
+                    # Cancelled before its thread began: it stops at once when it does, so nothing
+                    # else gives its count back.
                     self._settle(work)
             raise
 

@@ -538,3 +538,35 @@ def test_close_ends_running_sequences_after_the_cache_grew(slow_loaded):
             assert isinstance(ev[-1], Finished) and ev[-1].finish_reason == FinishReason.CANCELLED
 
     asyncio.run(main())
+
+
+def test_the_worker_thread_does_all_of_the_engines_torch_work(tiny_loaded, monkeypatch):
+    """The KV cache is allocated on the worker thread (so the event loop's thread never needs an OpenMP
+    team; see steer.threads), and a failure there is raised by the constructor, leaving no thread behind."""
+    import threading
+
+    from steer.server import engine as engine_module
+
+    built_on = []
+    real = engine_module.PagedKVCache.for_model
+
+    def recording(*args, **kwargs):
+        built_on.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.PagedKVCache, "for_model", recording)
+
+    async def body(engine):
+        assert built_on == [engine._worker] and engine.cache is not None
+        return [e async for e in engine.generate(PROMPT, SamplingParams(max_new_tokens=3, temperature=0.0))]
+
+    assert isinstance(run_engine(lambda: Engine(tiny_loaded, EngineConfig()), body)[-1], Finished)
+
+    def failing(*args, **kwargs):
+        built_on.append(threading.current_thread())
+        raise MemoryError("no room for the KV pool")
+
+    monkeypatch.setattr(engine_module.PagedKVCache, "for_model", failing)
+    with pytest.raises(MemoryError, match="KV pool"):
+        Engine(tiny_loaded, EngineConfig())
+    assert built_on[-1] is not threading.current_thread() and not built_on[-1].is_alive()

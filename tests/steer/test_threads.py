@@ -77,3 +77,68 @@ def test_configure_threads_sets_torch(affinity, monkeypatch):
         assert threads.configure_threads(2) == 2 and torch.get_num_threads() == 2  # --threads 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- one OpenMP team while serving: torch work in threads that end ---------------------------------------------------
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_threads(at_most: int, timeout: float = 5.0) -> int:
+    """The process's OS thread count once it is at most ``at_most`` (OpenMP's team threads leave a little
+    after their thread's pool is freed), or what it still is after ``timeout`` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while os_threads() > at_most and time.monotonic() < end:
+        time.sleep(0.02)
+    return os_threads()
+
+
+def parallel_matmul():
+    torch.set_num_threads(2)  # a team of two: one OpenMP thread besides the caller
+    a = torch.randn(256, 256)
+    return float((a @ a).sum())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_run_in_own_thread_leaves_no_openmp_team_behind():
+    """The property the server relies on: parallel torch work done by run_in_own_thread leaves no
+    thread behind (the thread and its OpenMP team end with it), however often it runs."""
+    before_threads = torch.get_num_threads()
+    try:
+        threads.run_in_own_thread(parallel_matmul)  # the runtime's own one-off threads start with the first use
+        baseline = settled_threads(0, timeout=0.2)
+        for _ in range(3):
+            assert isinstance(threads.run_in_own_thread(parallel_matmul), float)
+            assert settled_threads(baseline) == baseline
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def test_run_in_own_thread_returns_and_raises_in_the_caller():
+    import threading
+
+    caller = threading.current_thread()
+    ran_on = threads.run_in_own_thread(lambda x, y=0: (threading.current_thread(), x + y), 2, y=3)
+    assert ran_on[1] == 5 and ran_on[0] is not caller and not ran_on[0].is_alive()
+    with pytest.raises(KeyError, match="missing"):
+        threads.run_in_own_thread(lambda: {}["missing"])
+
+
+def test_in_own_thread_awaits_a_thread_that_ends():
+    import asyncio
+    import threading
+
+    async def main():
+        ran_on, value = await threads.in_own_thread(lambda x: (threading.current_thread(), x * 2), 21)
+        with pytest.raises(ValueError, match="bad"):
+            await threads.in_own_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        return ran_on, value
+
+    ran_on, value = asyncio.run(main())
+    assert value == 42 and ran_on is not threading.main_thread()
+    ran_on.join(5)
+    assert not ran_on.is_alive()

@@ -152,3 +152,33 @@ def test_deadline_and_close_stop_work_between_chunks():
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="ScoringConfig"):
         ScoringConfig(**bad)
+
+
+def test_scoring_runs_in_a_thread_that_ends_with_the_call():
+    """Not the event loop's thread, nor a reused executor thread that would keep an OpenMP team beside
+    the engine's (steer.threads): a thread of its own per call, gone when the call returns."""
+
+    class Recording(GatedScorer):
+        def __init__(self):
+            super().__init__()
+            self.threads = []
+
+        def raw_scores(self, conversations, responses):
+            self.threads.append(threading.current_thread())
+            return super().raw_scores(conversations, responses)
+
+    scorer = Recording()
+    service = ScoringService(scorer, ScoringConfig(chunk_responses=2))
+
+    async def main():
+        for _ in range(2):
+            await service.rewards_for(CONVERSATION, responses(3))
+
+    asyncio.run(main())
+    assert len(scorer.threads) == 4  # 2 calls x 2 chunks
+    first, second = scorer.threads[0], scorer.threads[2]
+    assert scorer.threads[1] is first and scorer.threads[3] is second  # one thread per call, for all its chunks
+    assert first is not second and threading.main_thread() not in scorer.threads
+    for t in (first, second):
+        t.join(5)
+        assert not t.is_alive()
