@@ -259,6 +259,7 @@ def main(argv=None) -> int:
 
     from steer.client import free_port, wait_until_serving
     from steer.models import load_model, resolve_device, resolve_dtype
+    from steer.threads import run_in_own_thread
 
     args.dtype = resolve_dtype(args.dtype, resolve_device("auto"))  # what the server will resolve it to
     output = Path(args.output or f"bench-results/serve-{args.dtype}.json")
@@ -297,7 +298,9 @@ def main(argv=None) -> int:
         server.wait(timeout=60)
 
     if not args.skip_baseline:
-        loaded = load_model(args.model, dtype=args.dtype)
+        # Loaded in a thread that ends, as the server loads its model: at one stream the baseline's one
+        # generating thread then has the only OpenMP team, like the engine's worker (steer.threads).
+        loaded = run_in_own_thread(load_model, args.model, dtype=args.dtype)
         run_base = baseline_runner(loaded, args.max_new_tokens)
         run_base(*workload(1, seed=99)[0])  # warm-up
         for c in levels:

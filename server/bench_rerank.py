@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from steer.models import default_adapter_for, default_mixture_for, load_model
     from steer.sampling import SamplingParams
+    from steer.threads import run_in_own_thread
     from steer.v1 import steer_pb2 as pb
     from steer.v1 import steer_pb2_grpc
 
-    loaded = load_model(args.model, adapter=default_adapter_for(args.model), mixture=default_mixture_for(args.model),
-                        dtype=args.dtype, linears="auto")
+    # As steer.serve loads it: in a thread that ends, so the engine's worker is the only OpenMP team (steer.threads).
+    loaded = run_in_own_thread(load_model, args.model, adapter=default_adapter_for(args.model),
+                               mixture=default_mixture_for(args.model), dtype=args.dtype, linears="auto")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     config = ServerConfig(port=0, scorer=args.scorer, engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),

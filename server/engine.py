@@ -66,7 +66,7 @@ from steer.server.kv_cache import PagedKVCache
 from steer.server.llama_forward import LlamaForward
 from steer.server.llama_forward import supports as supports_lean
 
-from steer.heap import glibc
+from steer.heap import glibc, keep_freed_memory
 from steer.models import LoadedModel, pad_token_id
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
 
@@ -105,6 +105,9 @@ class Engine(EngineForwards):
         self.prefill_forwards = 0
         self.on_finish = None  # optional callable(Finished), called on the worker thread (metrics)
         self._libc = glibc()  # None where the C library is not glibc: nothing to trim
+        # Freed step tensors stay in the heap for the next step instead of faulting in again (steer.heap);
+        # the worker trims when it goes idle.
+        keep_freed_memory(self._libc)
         self._worked = False  # an iteration ran since the last heap trim
         self.heap_trims = 0
         self._started = threading.Event()

@@ -122,27 +122,41 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
     k = min(vocab, max(_CANDIDATES, int(top_k[top_k < vocab].max()) if (top_k < vocab).any() else 0))
+    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (m,): one draw per sampled row
     raw_vals, order = torch.topk(raw, k, dim=-1)  # (m, k), descending
     probs, cum = _nucleus_probs((raw_vals - shift) / temps, lse, top_k, vocab)
-    # Rows whose kept set may extend past the k candidates need the whole sorted vocabulary.
-    covered = (cum[:, -1] >= top_p) | (top_k <= k)
-    if k < vocab and not bool(covered.all()):
-        raw_vals, order = torch.sort(raw, dim=-1, descending=True)
-        k = vocab
-        probs, cum = _nucleus_probs((raw_vals - shift) / temps, lse, top_k, vocab)
+    # A row whose kept set may extend past the k candidates needs its whole vocabulary sorted; only
+    # that row pays for it (a batch of 32 rows where one is flat must not sort all 32).
+    covered = (cum[:, -1] >= top_p) | (top_k <= k) | (k == vocab)  # (m,)
+    chosen = torch.empty(len(rows), dtype=torch.long)  # (m,)
+    part = torch.nonzero(covered).flatten()
+    if len(part):
+        chosen[part] = _draw(probs[part], cum[part], order[part], top_k[part], top_p[part], u[part])
+    part = torch.nonzero(~covered).flatten()
+    if len(part):
+        raw_vals, order = torch.sort(raw[part], dim=-1, descending=True)  # (f, V)
+        probs, cum = _nucleus_probs((raw_vals - shift[part]) / temps[part], lse[part], top_k[part], vocab)
+        chosen[part] = _draw(probs, cum, order, top_k[part], top_p[part], u[part])
+    for j, i in enumerate(rows):
+        out[i] = int(chosen[j])
+    return out
+
+
+def _draw(probs: torch.Tensor, cum: torch.Tensor, order: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+          u: torch.Tensor) -> torch.Tensor:
+    """The token each row's uniform ``u`` (m,) picks by inverting the CDF of its kept candidates:
+    ``probs``/``cum`` (m, k) in descending order (``order``: their token ids), kept while within
+    ``top_k`` and while the mass before them is below ``top_p``."""
+    k = probs.shape[1]
     position = torch.arange(k)[None, :]
     # The first candidate is always kept (position 0 < top_k, and no mass lies before it).
     keep = (position < top_k[:, None]) & ((cum - probs) < top_p[:, None])  # (m, k)
     kept = torch.where(keep, probs, torch.zeros_like(probs)).cumsum(dim=-1)  # (m, k)
-    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (m,)
     target = u * kept[:, -1]
     idx = torch.searchsorted(kept, target[:, None], right=True).clamp_(max=k - 1)  # (m, 1)
     # Never land on a dropped tail position because of rounding at the boundary.
     idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
-    chosen = order.gather(1, idx)[:, 0]
-    for j, i in enumerate(rows):
-        out[i] = int(chosen[j])
-    return out
+    return order.gather(1, idx)[:, 0]
 
 
 def _nucleus_probs(vals: torch.Tensor, lse_full: torch.Tensor, top_k: torch.Tensor, vocab: int):

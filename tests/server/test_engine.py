@@ -482,13 +482,20 @@ def test_prefill_budget_by_device():
 
 
 def test_heap_is_trimmed_once_when_the_engine_goes_idle(slow_loaded, monkeypatch):
-    """After work, the engine gives the heap's free pages back once it has nothing to run -- not
-    between steps, and not again while it stays idle."""
+    """Freed memory is kept for reuse while the engine works; after work, the engine gives the heap's
+    free pages back once it has nothing to run -- not between steps, and not again while it stays idle."""
+    from steer import heap
+
     seen = []
+    settings = []
 
     class FakeLibc:
         def malloc_trim(self, pad):
             seen.append((pad, engine.stats()))
+            return 1
+
+        def mallopt(self, param, value):
+            settings.append(param)
             return 1
 
     monkeypatch.setattr("steer.server.engine.glibc", lambda: FakeLibc())
@@ -510,6 +517,8 @@ def test_heap_is_trimmed_once_when_the_engine_goes_idle(slow_loaded, monkeypatch
         assert len(seen) == 2 and engine.heap_trims == 2
 
     engine = Engine(slow_loaded, EngineConfig())
+    # While it works, freed step tensors stay in the heap (steer.heap.keep_freed_memory): both thresholds set.
+    assert sorted(settings) == sorted([heap.M_MMAP_THRESHOLD, heap.M_TRIM_THRESHOLD])
     try:
         asyncio.run(main())
     finally:

@@ -245,3 +245,32 @@ def test_non_finite_logits_name_the_row_and_advance_no_generator(poison, what):
     all_masked = torch.full((1, 10), float("-inf"))
     with pytest.raises(ValueError, match="no finite value"):
         sample_tokens(all_masked, [SamplingParams(temperature=0.0)], [torch.Generator()])
+
+
+def test_only_rows_whose_nucleus_outgrows_the_candidates_are_fully_sorted(monkeypatch):
+    """A flat row (its top-p set needs more than the 256 candidates) beside peaked ones: the flat row
+    alone is sorted, it still reaches tokens past rank 256, and every row samples as it does alone."""
+    torch.manual_seed(3)
+    vocab = 1000
+    peaked = torch.randn(vocab) * 0.5
+    peaked[7] += 12.0  # nearly all the mass on one token: covered by the candidates
+    flat = torch.randn(vocab) * 0.1  # top_p 0.99 of a near-uniform row spans ~990 tokens
+    logits = torch.stack([peaked, flat, peaked.roll(5)])
+    params = [SamplingParams(temperature=1.0, top_p=0.99, seed=s) for s in range(3)]
+    sorted_rows = []
+    real_sort = torch.sort
+
+    def recording_sort(x, *args, **kwargs):
+        sorted_rows.append(x.shape[0])
+        return real_sort(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", recording_sort)
+    batch = sample_tokens(logits, params, [p.make_generator() for p in params])
+    assert sorted_rows == [1]  # the flat row only
+    monkeypatch.setattr(torch, "sort", real_sort)
+    alone = [sample_token(logits[i], params[i], params[i].make_generator()) for i in range(3)]
+    assert batch == alone
+    draws = [sample_tokens(logits[1:2], [SamplingParams(temperature=1.0, top_p=0.99)],
+                           [torch.Generator().manual_seed(s)])[0] for s in range(300)]
+    ranks = torch.argsort(torch.argsort(flat, descending=True))  # rank of each token id
+    assert max(int(ranks[t]) for t in draws) >= 256
