@@ -32,9 +32,11 @@ class Both(Engine):
         return ref
 
 
-def compare(loaded, jobs, atol, **config):
+def compare(loaded, jobs, atol, fused=True, **config):
     """``jobs``: (prompt ids, SamplingParams, mix row or None), started together, later ones joining a
-    batch that is already decoding. Returns the shapes of the forwards checked."""
+    batch that is already decoding. ``fused``: whether q/k/v and gate/up are expected to run as fused
+    GEMMs (plain torch linears) or module by module (converted ones). Returns the shapes of the forwards
+    checked."""
 
     async def main():
         engine = Both(loaded, EngineConfig(**config))
@@ -51,6 +53,8 @@ def compare(loaded, jobs, atol, **config):
 
     engine = asyncio.run(main())
     assert engine._lean is not None
+    groups = [g for pair in engine._lean._fused for g in pair]
+    assert all(g is not None for g in groups) == fused and any(g is not None for g in groups) == fused
     for _, ours, ref in engine.pairs:
         torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     return [shape for shape, _, _ in engine.pairs]
@@ -84,17 +88,20 @@ def test_same_logits_as_transformers_for_a_mixed_batch(tiny_loaded):
     assert sum(width > 1 for _, width in shapes) >= 3  # the long prompt's chunks (70 tokens, 32 per forward at most)
 
 
-def test_same_logits_as_transformers_with_mixture_rows(tiny_model_dir, random_mixture, tmp_path):
+@pytest.mark.parametrize("linears", ["torch", "prepacked"])
+def test_same_logits_as_transformers_with_mixture_rows(tiny_model_dir, random_mixture, tmp_path, linears):
+    """MIXTURE rows beside a CONDITIONED row: with plain linears the mixture layers' bases and A stacks
+    run as fused GEMMs, with converted (prepacked) ones module by module; both equal transformers'."""
     from steer.models import load_model
 
-    loaded = load_model(str(tiny_model_dir), mixture=str(random_mixture(tmp_path / "mix", seed=5)), linears="prepacked")
+    loaded = load_model(str(tiny_model_dir), mixture=str(random_mixture(tmp_path / "mix", seed=5)), linears=linears)
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     jobs = [
         ([1, 2, 3, 4, 5, 6, 7], greedy, [1.0, 0.0, 0.0]),
         ([9, 8, 7], greedy, None),  # a CONDITIONED row in the same batch
         ([4, 4, 4, 4], greedy, [0.2, 0.5, 0.3]),
     ]
-    compare(loaded, jobs, atol=1e-4)
+    compare(loaded, jobs, atol=1e-4, fused=linears == "torch")
 
 
 @pytest.mark.slow
@@ -102,8 +109,50 @@ def test_same_logits_as_transformers_on_the_default_model():
     from steer.chat_tokens import ChatTokenizer
     from steer.models import load_model
 
-    loaded = load_model("default", linears="auto")
+    loaded = load_model("default", linears="torch")  # fused projections (fp32 prepacked ones run module by module)
     chat = ChatTokenizer(loaded.tokenizer)
     jobs = [(chat([{"role": "user", "content": text}]), SamplingParams(max_new_tokens=16, temperature=0.0), None)
             for text in ("Explain DNS in two sentences.", "Write a haiku about rain.", "What is 2+2?")]
     compare(loaded, jobs, atol=2e-3)
+
+
+def prefill_logits(forward: LlamaForward, model, ids: list[int]) -> torch.Tensor:
+    """The engine's forward over one whole prompt in a fresh paged cache: the last position's logits (V,)."""
+    from steer.server.kv_cache import PagedKVCache
+
+    cache = PagedKVCache.for_model(model.config, 1, torch.float32, 64)
+    slot = cache.open()
+    cache.reserve(slot, len(ids))
+    positions = torch.arange(len(ids))[None, :]  # (1, T)
+    cache.prepare([slot], positions, len(ids))
+    allowed = (torch.arange(len(ids))[None, :] <= torch.arange(len(ids))[:, None])[None, None]  # (1, 1, T, T)
+    with torch.inference_mode():
+        return forward(torch.tensor([ids]), positions, allowed, cache)[0]
+
+
+def test_fused_projections_share_the_weights_and_follow_a_replaced_one(tiny_model_dir):
+    """q/k/v and gate/up become views of one buffer (no copy; the model's values unchanged); a weight whose
+    storage is replaced afterwards is noticed and its group rebuilt, so the forward never runs stale weights."""
+    from steer.models import load_model
+
+    model = load_model(str(tiny_model_dir)).model
+    ids = [5, 9, 2, 7, 7, 1]
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids])).logits[0, -1]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    forward = LlamaForward(model)
+    qkv, gate_up = forward._fused[0]
+    attn = model.model.layers[0].self_attn
+    assert qkv.modules == [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv.buffer.untyped_storage().data_ptr()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    torch.testing.assert_close(prefill_logits(forward, model, ids), reference, atol=1e-5, rtol=0)
+
+    with torch.no_grad():
+        attn.k_proj.weight.data = attn.k_proj.weight.detach().clone() * 1.5  # replaced, not written in place
+    assert not qkv.current()
+    with torch.inference_mode():
+        changed = model(torch.tensor([ids])).logits[0, -1]
+    assert not torch.allclose(changed, reference, atol=1e-4)
+    torch.testing.assert_close(prefill_logits(forward, model, ids), changed, atol=1e-5, rtol=0)
+    assert forward._fused[0][0] is not qkv and forward._fused[0][0].current()

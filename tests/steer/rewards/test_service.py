@@ -92,30 +92,33 @@ def test_a_cancelled_caller_stops_its_work_before_the_next_chunk():
     assert scorer.calls == 1  # the chunk that was running, none after it
 
 
-def test_a_caller_cancelled_before_its_thread_started_gives_its_admission_back():
-    """Cancelled while its work waits for an executor thread: that work never runs, and its
+def test_a_caller_cancelled_before_its_thread_started_gives_its_admission_back(monkeypatch):
+    """Cancelled before its work's thread began (held back here): that work never runs, and its
     responses must not stay counted against max_pending_responses for good."""
-    from concurrent.futures import ThreadPoolExecutor
+    from steer.rewards import service as service_module
 
+    real = service_module.in_own_thread
+    hold = None
+
+    async def held_back(fn, *args):
+        await hold.wait()
+        return await real(fn, *args)
+
+    monkeypatch.setattr(service_module, "in_own_thread", held_back)
     scorer = GatedScorer()
     service = ScoringService(scorer, ScoringConfig(max_pending_responses=8))
 
     async def main():
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(1))
-        release = threading.Event()
-        busy = loop.run_in_executor(None, release.wait, 30)  # the executor's only thread is taken
-        try:
-            task = asyncio.create_task(service.rewards_for(CONVERSATION, responses(8), admit=True))
-            await asyncio.sleep(0.05)
-            assert service.pending_responses == 8
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert service.pending_responses == 0  # at once, not when (or if) the thread runs
-        finally:
-            release.set()
-            await busy
+        nonlocal hold
+        hold = asyncio.Event()
+        task = asyncio.create_task(service.rewards_for(CONVERSATION, responses(8), admit=True))
+        await asyncio.sleep(0.05)
+        assert service.pending_responses == 8
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert service.pending_responses == 0  # at once, not when (or if) the thread runs
+        hold.set()
         assert len(await service.rewards_for(CONVERSATION, responses(8), admit=True)) == 8  # admitted again
         assert service.pending_responses == 0
 
