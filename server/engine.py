@@ -87,7 +87,9 @@ class Engine(EngineForwards):
         dtype = first.dtype
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
         self.max_prefill_tokens = prefill_budget(config, self.device)
-        self._lean = LlamaForward(model) if config.forward == "steer" and supports_lean(model) else None
+        # The engine's own forward (built on the worker thread: fusing the projections copies weights)
+        self._lean: LlamaForward | None = None
+        self._use_lean = config.forward == "steer" and supports_lean(model)
         self._cache_dtype = dtype
         self.cache: PagedKVCache | None = None  # built on the worker thread (see _run)
         self._sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
@@ -208,20 +210,24 @@ class Engine(EngineForwards):
     # -- worker thread: one iteration ------------------------------------------------------------
 
     def _run(self) -> None:
-        # All of the engine's torch work happens on this thread, the cache's allocation included: it
-        # is then the only thread with an OpenMP team of its own, whose threads spin between the
-        # small GEMMs of a decode step (see steer.threads). The cache's tensors are made here, so
-        # they are inference tensors: every update of them, closing the last sequences at shutdown
-        # included, stays inside inference mode.
-        with torch.inference_mode():
-            try:
+        # All of the engine's torch work happens on this thread, the fused projections' buffers and the
+        # cache's allocation included: it is then the only thread with an OpenMP team of its own, whose
+        # threads spin between the small GEMMs of a decode step (see steer.threads). The fused buffers
+        # become the model's weights, so they are made outside inference mode (the model stays usable
+        # by ordinary torch code); the cache's tensors are made inside it, so they are inference
+        # tensors: every update of them, closing the last sequences at shutdown included, stays inside
+        # inference mode.
+        try:
+            self._lean = LlamaForward(self.loaded.model) if self._use_lean else None
+            with torch.inference_mode():
                 self.cache = PagedKVCache.for_model(self.loaded.model.config, self.config.max_concurrent,
                                                     self._cache_dtype, self.loaded.context_length, device=self.device)
-            except BaseException as e:  # raised by __init__
-                self._start_error = e
-                return
-            finally:
-                self._started.set()
+        except BaseException as e:  # raised by __init__
+            self._start_error = e
+            return
+        finally:
+            self._started.set()
+        with torch.inference_mode():
             self._loop()
             self._cancel_everything()
 

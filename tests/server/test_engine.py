@@ -549,13 +549,17 @@ def test_close_ends_running_sequences_after_the_cache_grew(slow_loaded):
     asyncio.run(main())
 
 
-def test_the_worker_thread_does_all_of_the_engines_torch_work(tiny_loaded, monkeypatch):
-    """The KV cache is allocated on the worker thread (so the event loop's thread never needs an OpenMP
-    team; see steer.threads), and a failure there is raised by the constructor, leaving no thread behind."""
+def test_the_worker_thread_does_all_of_the_engines_torch_work(tiny_model_dir, monkeypatch):
+    """The KV cache and the fused projections are made on the worker thread (so the event loop's thread
+    never needs an OpenMP team; see steer.threads), and a failure there is raised by the constructor,
+    leaving no thread behind."""
     import threading
 
     from steer.server import engine as engine_module
 
+    from steer.models import load_model
+
+    tiny_loaded = load_model(str(tiny_model_dir))  # its own copy: no engine has fused its projections yet
     built_on = []
     real = engine_module.PagedKVCache.for_model
 
@@ -564,9 +568,21 @@ def test_the_worker_thread_does_all_of_the_engines_torch_work(tiny_loaded, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module.PagedKVCache, "for_model", recording)
+    from steer.server import llama_forward
+
+    fused_on = []
+    real_fused_init = llama_forward.FusedProjections.__init__
+
+    def recording_fused(self, *args, **kwargs):
+        fused_on.append(threading.current_thread())
+        real_fused_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama_forward.FusedProjections, "__init__", recording_fused)
 
     async def body(engine):
         assert built_on == [engine._worker] and engine.cache is not None
+        qkv = engine._lean._fused[0][0]  # the fused projections' buffer, made on the worker, is a normal tensor
+        assert fused_on == [engine._worker] * len(fused_on) and fused_on and not qkv.buffer.is_inference()
         return [e async for e in engine.generate(PROMPT, SamplingParams(max_new_tokens=3, temperature=0.0))]
 
     assert isinstance(run_engine(lambda: Engine(tiny_loaded, EngineConfig()), body)[-1], Finished)
