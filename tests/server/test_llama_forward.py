@@ -72,9 +72,14 @@ def test_supports_plain_llama_only(tiny_loaded):
         LlamaForward(Wrapped(tiny_loaded.model))
 
 
-def test_same_logits_as_transformers_for_a_mixed_batch(tiny_loaded):
+@pytest.mark.parametrize("linears", ["torch", "prepacked"])
+def test_same_logits_as_transformers_for_a_mixed_batch(tiny_model_dir, linears):
     """Prompts of different lengths (one chunked over three forwards), greedy and sampled, joining a
-    running batch: every prefill and decode row equals transformers' forward on the same cache."""
+    running batch: every prefill and decode row equals transformers' forward on the same cache, with
+    the fused projections of plain torch linears and of prepacked (oneDNN) ones."""
+    from steer.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), linears=linears)
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     jobs = [
         ([(5 * j) % 300 + 3 for j in range(70)], greedy, None),  # 70 tokens > the 32-token budget: chunked
@@ -82,7 +87,7 @@ def test_same_logits_as_transformers_for_a_mixed_batch(tiny_loaded):
         ([9, 8], SamplingParams(max_new_tokens=12, temperature=0.9, seed=1), None),
         ([4, 4, 4, 4], SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.8, seed=2), None),
     ]
-    shapes = compare(tiny_loaded, jobs, atol=1e-5, max_prefill_tokens=32)
+    shapes = compare(loaded, jobs, atol=1e-5, max_prefill_tokens=32)
     assert any(width > 1 and rows > 1 for rows, width in shapes)  # a batched prefill
     assert any(width == 1 and rows > 1 for rows, width in shapes)  # a batched decode step
     assert sum(width > 1 for _, width in shapes) >= 3  # the long prompt's chunks (70 tokens, 32 per forward at most)
@@ -91,7 +96,7 @@ def test_same_logits_as_transformers_for_a_mixed_batch(tiny_loaded):
 @pytest.mark.parametrize("linears", ["torch", "prepacked"])
 def test_same_logits_as_transformers_with_mixture_rows(tiny_model_dir, random_mixture, tmp_path, linears):
     """MIXTURE rows beside a CONDITIONED row: with plain linears the mixture layers' bases and A stacks
-    run as fused GEMMs, with converted (prepacked) ones module by module; both equal transformers'."""
+    run as fused GEMMs, over converted (prepacked) bases module by module; both equal transformers'."""
     from steer.models import load_model
 
     loaded = load_model(str(tiny_model_dir), mixture=str(random_mixture(tmp_path / "mix", seed=5)), linears=linears)
@@ -109,7 +114,7 @@ def test_same_logits_as_transformers_on_the_default_model():
     from steer.chat_tokens import ChatTokenizer
     from steer.models import load_model
 
-    loaded = load_model("default", linears="torch")  # fused projections (fp32 prepacked ones run module by module)
+    loaded = load_model("default", linears="auto")  # fp32: prepacked, fused
     chat = ChatTokenizer(loaded.tokenizer)
     jobs = [(chat([{"role": "user", "content": text}]), SamplingParams(max_new_tokens=16, temperature=0.0), None)
             for text in ("Explain DNS in two sentences.", "Write a haiku about rain.", "What is 2+2?")]
