@@ -24,8 +24,8 @@ adapters' ``A`` stacks in the same buffer: one GEMM gives every projection's bas
 adapters' shrink, so MIXTURE rows cost one more ``addmm`` per projection. ``prepacked`` linears
 (:mod:`steer.linears`, fp32 on the CPU) fuse too, with the fused weight reordered for oneDNN once
 more (the layers keep their own packed weights for transformers' forward: about +280 MB for the
-default model; measured at one row, 30 layers' q/k/v and gate/up 18 -> 12 ms). ``int8`` layers and
-mixture layers over converted bases run module by module, unchanged.
+default model; measured at one row, 30 layers' q/k/v and gate/up 18 -> 12 ms), mixture layers
+over them as well (their A stacks in a second GEMM). ``int8`` layers run module by module, unchanged.
 Grouped-query attention follows transformers' SDPA path: a one-token step folds each key/value
 head's query heads into the query-length axis (no copy of K/V); a longer forward repeats K/V.
 
@@ -61,11 +61,12 @@ def _plain(module: nn.Module, kind: str | None = None) -> bool:
     return type(module) is nn.Linear and module.bias is None and getattr(module, "linear_kind", None) == kind
 
 
-def _prepared_mixture(module: nn.Module) -> bool:
-    """A MixtureLinear over a plain linear, prepared for serving (B carries its scale), or already fused."""
+def _prepared_mixture(module: nn.Module, kind: str | None = None) -> bool:
+    """A MixtureLinear over a ``kind`` linear (see :func:`_plain`), prepared for serving (B carries its
+    scale), or already fused."""
     from steer.mixture import MixtureLinear
 
-    return (isinstance(module, MixtureLinear) and _plain(module.base)
+    return (isinstance(module, MixtureLinear) and _plain(module.base, kind)
             and (module._serving is not None or isinstance(getattr(module, "_steer_fused", None), FusedProjections)))
 
 
@@ -131,8 +132,8 @@ class FusedProjections:
             mixture = False
         elif all(_plain(m, "prepacked") for m in modules):
             mixture, packed = False, True
-        elif all(_prepared_mixture(m) for m in modules):
-            mixture = True
+        elif all(_prepared_mixture(m) for m in modules) or all(_prepared_mixture(m, "prepacked") for m in modules):
+            mixture, packed = True, _prepared_mixture(modules[0], "prepacked")
             if len({(m.state is modules[0].state, m.rank) for m in modules}) != 1 or modules[0].state is None:
                 return None
         else:
@@ -143,20 +144,25 @@ class FusedProjections:
         return cls(modules, mixture, packed)
 
     def __call__(self, h: Tensor, w_rep: Tensor | None) -> list[Tensor]:
-        if self.packed is not None:
+        mixing = self.mixture and w_rep is not None
+        if not mixing:
+            if self.packed is not None:
+                from steer.linears import packed_linear
+
+                return list(packed_linear(h, self.packed, None).split(self.outs, dim=-1))
+            return list(F.linear(h, self.weight).split(self.outs, dim=-1))  # (B, T, out_i) each
+        B, T, _ = h.shape
+        if self.packed is not None:  # the bases' GEMM from the oneDNN copy, the adapters' shrink beside it
             from steer.linears import packed_linear
 
-            return list(packed_linear(h, self.packed, None).split(self.outs, dim=-1))
-        if not self.mixture or w_rep is None:
-            y = F.linear(h, self.weight)  # (B, T, sum out)
-            return list(y.split(self.outs, dim=-1))
-        B, T, _ = h.shape
-        hz = F.linear(h, self.buffer).view(B * T, -1)  # (B*T, sum out + sum n*r): bases and every adapter's shrink
-        ys = hz[:, :self.base_rows].split(self.outs, dim=-1)
-        shrunk = hz[:, self.base_rows:].split(self.ranks, dim=-1)  # per module (B*T, n*r)
-        scale = w_rep.to(hz.dtype)[:, None, :]  # (B, 1, n*r)
+            base = packed_linear(h, self.packed, None).view(B * T, -1)  # (B*T, sum out)
+            shrunk = F.linear(h, self.buffer[self.base_rows:]).view(B * T, -1)  # (B*T, sum n*r)
+        else:
+            hz = F.linear(h, self.buffer).view(B * T, -1)  # (B*T, sum out + sum n*r): bases and every shrink
+            base, shrunk = hz[:, :self.base_rows], hz[:, self.base_rows:]
+        scale = w_rep.to(shrunk.dtype)[:, None, :]  # (B, 1, n*r)
         out = []
-        for m, y, a in zip(self.modules, ys, shrunk):
+        for m, y, a in zip(self.modules, base.split(self.outs, dim=-1), shrunk.split(self.ranks, dim=-1)):
             hs = (a.view(B, T, -1) * scale).view(B * T, -1)  # (B*T, n*r)
             out.append(torch.addmm(y, hs, m.lora_B.t()).view(B, T, -1))
         return out

@@ -32,11 +32,10 @@ class Both(Engine):
         return ref
 
 
-def compare(loaded, jobs, atol, fused=True, **config):
+def compare(loaded, jobs, atol, **config):
     """``jobs``: (prompt ids, SamplingParams, mix row or None), started together, later ones joining a
-    batch that is already decoding. ``fused``: whether q/k/v and gate/up are expected to run as fused
-    GEMMs (plain torch linears) or module by module (converted ones). Returns the shapes of the forwards
-    checked."""
+    batch that is already decoding; q/k/v and gate/up must have run as fused GEMMs. Returns the shapes
+    of the forwards checked."""
 
     async def main():
         engine = Both(loaded, EngineConfig(**config))
@@ -53,8 +52,7 @@ def compare(loaded, jobs, atol, fused=True, **config):
 
     engine = asyncio.run(main())
     assert engine._lean is not None
-    groups = [g for pair in engine._lean._fused for g in pair]
-    assert all(g is not None for g in groups) == fused and any(g is not None for g in groups) == fused
+    assert all(g is not None for pair in engine._lean._fused for g in pair)
     for _, ours, ref in engine.pairs:
         torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     return [shape for shape, _, _ in engine.pairs]
@@ -96,7 +94,8 @@ def test_same_logits_as_transformers_for_a_mixed_batch(tiny_model_dir, linears):
 @pytest.mark.parametrize("linears", ["torch", "prepacked"])
 def test_same_logits_as_transformers_with_mixture_rows(tiny_model_dir, random_mixture, tmp_path, linears):
     """MIXTURE rows beside a CONDITIONED row: with plain linears the mixture layers' bases and A stacks
-    run as fused GEMMs, over converted (prepacked) bases module by module; both equal transformers'."""
+    run as one fused GEMM, over prepacked (oneDNN) bases as a fused packed GEMM beside a fused GEMM of
+    the A stacks; both equal transformers'."""
     from steer.models import load_model
 
     loaded = load_model(str(tiny_model_dir), mixture=str(random_mixture(tmp_path / "mix", seed=5)), linears=linears)
@@ -106,7 +105,7 @@ def test_same_logits_as_transformers_with_mixture_rows(tiny_model_dir, random_mi
         ([9, 8, 7], greedy, None),  # a CONDITIONED row in the same batch
         ([4, 4, 4, 4], greedy, [0.2, 0.5, 0.3]),
     ]
-    compare(loaded, jobs, atol=1e-4, fused=linears == "torch")
+    compare(loaded, jobs, atol=1e-4)
 
 
 @pytest.mark.slow
