@@ -122,8 +122,8 @@ class FusedProjections:
     @classmethod
     def build(cls, modules: list[nn.Module]) -> FusedProjections | None:
         """The fused group of ``modules`` (the one they already form when it is still current), or None
-        when they cannot share a GEMM: not all plain linears or all prepared mixture layers of one
-        stack, or different dtypes or devices."""
+        when they cannot share a GEMM: not all plain (or all prepacked) linears or all prepared mixture
+        layers of one stack, or weights (adapters' A stacks included) of different dtypes or devices."""
         group = getattr(modules[0], "_steer_fused", None)
         if isinstance(group, cls) and group.modules == modules and group.current():
             return group
@@ -138,8 +138,8 @@ class FusedProjections:
                 return None
         else:
             return None
-        weights = [(m.base if mixture else m).weight for m in modules]
-        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        weights = [(m.base if mixture else m).weight for m in modules] + [m.lora_A for m in modules if mixture]
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:  # one buffer: one dtype, device, width
             return None
         return cls(modules, mixture, packed)
 

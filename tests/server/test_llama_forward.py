@@ -160,3 +160,20 @@ def test_fused_projections_share_the_weights_and_follow_a_replaced_one(tiny_mode
     assert not torch.allclose(changed, reference, atol=1e-4)
     torch.testing.assert_close(prefill_logits(forward, model, ids), changed, atol=1e-5, rtol=0)
     assert forward._fused[0][0] is not qkv and forward._fused[0][0].current()
+
+
+def test_projections_of_different_dtypes_or_kinds_are_not_fused():
+    """One buffer holds one dtype: layers whose weights differ (or that are not plain linears) stay
+    module by module, and their weights are left as they were."""
+    from steer.server.llama_forward import FusedProjections
+
+    a, b = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 6, bias=False, dtype=torch.bfloat16)
+    before = b.weight.data_ptr()
+    assert FusedProjections.build([a, b]) is None and b.weight.data_ptr() == before
+    assert FusedProjections.build([a, torch.nn.Linear(8, 4, bias=True)]) is None  # a bias: not plain
+    fused = FusedProjections.build([a, torch.nn.Linear(8, 6, bias=False)])
+    assert fused is not None and fused.outs == [4, 6]
+    x = torch.randn(2, 3, 8)
+    ya, yb = fused(x, None)
+    torch.testing.assert_close(ya, x @ a.weight.t())
+    assert yb.shape == (2, 3, 6)
