@@ -70,6 +70,11 @@ def _prepared_mixture(module: nn.Module, kind: str | None = None) -> bool:
             and (module._serving is not None or isinstance(getattr(module, "_steer_fused", None), FusedProjections)))
 
 
+def _pointers(watched: list[tuple[dict, str]]) -> list[int]:
+    """Where each watched ``(module._parameters, name)`` weight's data lives now."""
+    return [params[name].data_ptr() for params, name in watched]
+
+
 class FusedProjections:
     """Linear layers that read the same input, computed by one GEMM over one ``(sum out [+ sum n*r], in)``
     buffer of which each module's weight (and a mixture layer's ``lora_A``) is a view.
@@ -107,17 +112,15 @@ class FusedProjections:
             self.packed = pack_weight(self.weight)
         for m in modules:
             m._steer_fused = self
-        self._pointers = self._current_pointers()
-
-    def _current_pointers(self) -> list[int]:
-        out = [(m.base if self.mixture else m).weight.data_ptr() for m in self.modules]
-        if self.mixture:
-            out += [m.lora_A.data_ptr() for m in self.modules]
-        return out
+        # (module._parameters, name) of every weight read from the buffer: looked up without nn.Module's
+        # __getattr__, so checking them all before each forward stays cheap; a replaced Parameter shows too.
+        self.watched = [(b._parameters, "weight") for b in bases] + [(m._parameters, "lora_A") for m in modules
+                                                                      if mixture]
+        self._pointers = _pointers(self.watched)
 
     def current(self) -> bool:
         """True while every module still reads its rows of this buffer (no weight was replaced since)."""
-        return self._current_pointers() == self._pointers
+        return _pointers(self.watched) == self._pointers
 
     @classmethod
     def build(cls, modules: list[nn.Module]) -> FusedProjections | None:
@@ -193,6 +196,8 @@ class LlamaForward:
         self._fused = [(FusedProjections.build([a.q_proj, a.k_proj, a.v_proj]),
                         FusedProjections.build([m.gate_proj, m.up_proj]))
                        for a, m in ((layer.self_attn, layer.mlp) for layer in self.layers)]
+        self._watched = [w for pair in self._fused for g in pair if g is not None for w in g.watched]
+        self._pointers = _pointers(self._watched)  # checked before each forward
 
     def _mixture_rows(self) -> tuple[bool, Tensor | None]:
         """(whether the fused groups may run this forward, the rows' repeated mixture weights or None)."""
@@ -215,7 +220,7 @@ class LlamaForward:
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, d): broadcast over heads
         half = self.head_dim // 2
         fusable, w_rep = self._mixture_rows()
-        if fusable and not all(g.current() for pair in self._fused for g in pair if g is not None):
+        if fusable and _pointers(self._watched) != self._pointers:
             self._fuse()  # a weight was replaced since (e.g. an adapter merged by assigning .data)
         nh, kv, d = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
