@@ -47,7 +47,7 @@ import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -422,6 +422,7 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
         bootstrap_seed=config.bootstrap_seed, progress=progress, store=store,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
+    result = replace(result, categories=tuple(p.category for p in prompts))
     title = (f"{policy.model_id}" + (f" + {config.mixture or config.adapter}" if policy.adapter else " (no adapter)")
              + f" | {config.strategy} | {len(prompts)} prompts x {len(directions)} directions x {config.seeds} seeds")
     paths = write_report(

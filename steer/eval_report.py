@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from steer.eval_grid import PromptRecord, direction_label
-from steer.eval_stats import PLAIN
+from steer.eval_stats import PLAIN, mean_by_group
 from steer.files import atomic_file, atomic_write_text
 from steer.objectives import Direction
 
@@ -49,6 +49,7 @@ class EvalResult:
     samples: dict[str, tuple[Sample, ...]]  # system -> its samples, rows aligned with its scores
     comparison: dict  # eval_stats.compare(policy, base)
     timing: dict[str, float] = field(default_factory=dict)
+    categories: tuple[str, ...] = ()  # each prompt's task category ("" where the prompts file names none)
 
     @property
     def headline(self) -> str:
@@ -61,6 +62,15 @@ class EvalResult:
     def distinct_systems(self) -> list[str]:
         """The systems that were generated separately (base alone without an adapter)."""
         return [BASE] if self.policy_is_base else [POLICY, BASE]
+
+    def spearman_by_category(self) -> dict | None:
+        """system -> judge -> objective -> category -> {mean, num_prompts}: the within-prompt
+        Spearman averaged over each category's prompts; None when the prompts name no categories."""
+        if not any(self.categories):
+            return None
+        return {name: {judge: {o: mean_by_group(s.per_prompt, self.categories) for o, s in by_objective.items()}
+                       for judge, by_objective in system.spearman.items()}
+                for name, system in self.systems.items()}
 
 
 # ---------------------------------------------------------------------------------------- reports
@@ -104,6 +114,22 @@ def format_table(result: EvalResult) -> str:
                         for g in result.comparison["spearman_gain"][head].values())
         lines += ["", f"{'spearman gain':<{width + 20}}{cells}",
                   f"(policy - base, judge {head!r}, paired over prompts)"]
+    by_category = result.spearman_by_category()
+    if by_category is not None:
+        shown = result.distinct_systems()  # policy first
+
+        def cell(o: str, category: str) -> str:
+            means = [_num(by_category[name][head][o][category]["mean"], "+.2f") for name in shown]
+            return means[0] + "".join(f" ({m})" for m in means[1:])
+
+        cw = max(12, *(len(c) for c in result.categories)) + 2
+        header = f"{'category':<{cw}}{'prompts':>8}" + "".join(f"{o:>{col}}" for o in names)
+        lines += ["", f"within-prompt spearman by category, judge {head!r}"
+                  + (": policy (base)" if len(shown) > 1 else ""), header, "-" * len(header)]
+        for category in dict.fromkeys(result.categories):
+            count = sum(1 for c in result.categories if c == category)
+            cells = "".join(f"{cell(o, category):>{col}}" for o in names)
+            lines.append(f"{category or '(none)':<{cw}}{count:>8}{cells}")
     at1 = result.comparison["at_weight_1"][head]
     if "helpfulness" in at1:
         h = at1["helpfulness"]
@@ -139,6 +165,8 @@ DEFINITIONS = {  # written into steerability.json so the numbers explain themsel
               "--strategy rerank it also chose among the candidates, so only the held-out judge is independent "
               "of the choice",
     "spearman_gain": "per prompt, policy rho minus base rho, averaged; bootstrapped over the same prompt resamples",
+    "spearman_by_category": "system -> judge -> objective -> the prompts' task category: 'spearman' per prompt "
+                            "averaged over the category's prompts (num_prompts: those with a defined rho)",
     "at_weight_1": "mean realised score where the request gave that objective weight 1; base_plain: the base "
                    "model's answers without a direction line",
 }
@@ -157,6 +185,7 @@ def result_to_json(result: EvalResult, **extra) -> dict:
         "policy_is_base": result.policy_is_base,
         "systems": {name: s.to_json() for name, s in result.systems.items()},
         "comparison": result.comparison,
+        "spearman_by_category": result.spearman_by_category(),
         "definitions": DEFINITIONS,
         "timing": result.timing,
     })

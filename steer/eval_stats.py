@@ -119,6 +119,19 @@ def nanmean(values: np.ndarray, axis=None):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def mean_by_group(per_prompt: Sequence[float], labels: Sequence[str]) -> dict[str, dict]:
+    """Per label (e.g. a prompt's task category), the mean of its prompts' defined values (NaN where
+    none is) and how many prompts defined one, labels in first-seen order: where steering comes from."""
+    values = np.asarray(per_prompt, dtype=np.float64)
+    if values.shape != (len(labels),):
+        raise ValueError(f"mean_by_group: {values.shape[0] if values.ndim else 0} values for {len(labels)} labels")
+    out = {}
+    for label in dict.fromkeys(labels):
+        members = values[[i for i, x in enumerate(labels) if x == label]]
+        out[label] = {"mean": float(nanmean(members)), "num_prompts": int((~np.isnan(members)).sum())}
+    return out
+
+
 # ----------------------------------------------------------------------------------- bootstrap
 
 def bootstrap_indices(num_groups: int, resamples: int, seed: int) -> np.ndarray:

@@ -241,7 +241,8 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
 
     monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))  # the tiny model's FLR calibration lands here
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "category": "test"}) + "\n" for p in PROMPTS))
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": f"task-{i % 2}"}) + "\n"
+                               for i, p in enumerate(PROMPTS)))
     adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
     out = tmp_path / "eval"
     args = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", str(prompts), "--limit", "2",
@@ -283,6 +284,10 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
                 expected = float(st.nanmean(per))
                 assert stat["mean"] == (None if math.isnan(expected) else pytest.approx(expected))
                 assert stat["per_prompt"] == [None if math.isnan(v) else pytest.approx(v) for v in per]
+                # one prompt per category here: each category's mean is its prompt's rho
+                assert doc["spearman_by_category"][system][judge][o] == {
+                    f"task-{p}": {"mean": None if math.isnan(per[p]) else pytest.approx(per[p]),
+                                  "num_prompts": int(not math.isnan(per[p]))} for p in range(2)}
                 at1 = [r["scores"][judge][o] for r in mine if r["weights"][o] == 1.0]
                 assert report["effect"][judge][o]["mean_w1"] == pytest.approx(sum(at1) / len(at1))
         tokens = {d["label"]: d["mean_tokens"] for d in report["directions"]}
@@ -293,6 +298,7 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path,
         np.mean([r["scores"][HELDOUT]["helpfulness"] for r in rows if r["weights"] is None]))
     assert "spearman heldout" in stdout and "helpfulness (heldout) at helpfulness=1" in stdout
     assert "spearman gain" in stdout and str(out / "steerability.json") in stdout
+    assert "spearman by category, judge 'heldout': policy (base)" in stdout and "task-1" in stdout
     assert not (out / "eval-progress.jsonl").exists()  # removed once the report is written
 
     # Judged by the base model, not the adapted policy: a base-model FLR with the held-out sets

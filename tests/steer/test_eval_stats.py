@@ -70,6 +70,16 @@ def test_bootstrap_interval_by_hand():
     assert all(math.isnan(v) for v in st.bootstrap_ci([float("nan")] * 2, indices))
 
 
+def test_mean_by_group_by_hand():
+    # group a: 0.5, -0.5, 1.0 -> 1/3 over 3 prompts; group b: only an undefined prompt -> NaN, 0 prompts
+    out = st.mean_by_group([0.5, float("nan"), -0.5, 1.0], ["a", "b", "a", "a"])
+    assert list(out) == ["a", "b"]
+    assert out["a"] == {"mean": pytest.approx(1 / 3), "num_prompts": 3}
+    assert math.isnan(out["b"]["mean"]) and out["b"]["num_prompts"] == 0
+    with pytest.raises(ValueError, match="3 values for 2 labels"):
+        st.mean_by_group([0.1, 0.2, 0.3], ["a", "b"])
+
+
 def test_bootstrap_indices_are_seeded():
     a, b = st.bootstrap_indices(52, 1000, seed=0), st.bootstrap_indices(52, 1000, seed=0)
     assert a.shape == (1000, 52) and a.min() >= 0 and a.max() <= 51
