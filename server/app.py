@@ -73,6 +73,7 @@ class ServerConfig:
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
     scorer: str = "none"  # reward scorer spec (steer.rewards.build): none | default | flr | <rm dir> | flr:a,b+length:c
     scorer_model: str | None = None  # FLR on this model instead of the served one (with an adapter: the served base)
+    scorer_dtype: str = "float32"  # the FLR judge's weights: float32 | bfloat16 | float16 | auto (as --dtype)
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>" (health stays open)
     tls_cert: str | None = None  # PEM certificate chain file; with tls_key, the port speaks TLS
     tls_key: str | None = None  # PEM private key file
@@ -154,25 +155,29 @@ def build_server_scorer(loaded: LoadedModel, config: ServerConfig, objectives=DE
     """
     import torch
 
+    from steer.models import resolve_dtype
     from steer.rewards.build import build_scorer
 
     scorer_model = config.scorer_model
+    # The judge's precision is its own (rewards move with it), float32 unless config.scorer_dtype says otherwise.
+    device = getattr(loaded.model, "device", None) or torch.device("cpu")
+    judge_dtype = resolve_dtype(config.scorer_dtype, device, field="scorer_dtype")
     # A mixture model's adapters switch per forward on the engine's thread: FLR needs weights of its own too.
-    # Weights stored in another dtype than float32 would move the rewards off the float32 calibration.
-    low_precision = getattr(loaded.model, "dtype", torch.float32) != torch.float32
+    # Weights stored in another dtype than the judge's would move the rewards off its calibration.
+    other_precision = getattr(loaded.model, "dtype", torch.float32) != getattr(torch, judge_dtype)
     if scorer_model is None and (loaded.adapter is not None or getattr(loaded, "mixture", None) is not None
-                                 or low_precision):
+                                 or other_precision):
         served = f"adapter {loaded.adapter}" if loaded.adapter is not None else (
-            "mixture adapters" if not low_precision else f"weights in {loaded.model.dtype}")
+            "mixture adapters" if not other_precision else f"weights in {loaded.model.dtype}")
         if loaded.base_spec is None:
             raise ValueError(
                 f"the served model carries {served} but does not say which base it was loaded from "
                 "(LoadedModel.base_spec): set ServerConfig.scorer_model so FLR judges with the base weights"
             )
-        log.info("scorer: FLR judges with a float32 copy of the base model %s, not the served %s (loaded if FLR "
-                 "is used)", loaded.base_spec, served)
+        log.info("scorer: FLR judges with a %s copy of the base model %s, not the served %s (loaded if FLR "
+                 "is used)", judge_dtype, loaded.base_spec, served)
         scorer_model = loaded.base_spec
-    return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model)
+    return build_scorer(config.scorer, loaded, objectives, scorer_model=scorer_model, scorer_dtype=judge_dtype)
 
 
 def _describe_adapters(loaded: LoadedModel, objectives) -> str | None:

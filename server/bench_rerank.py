@@ -12,6 +12,7 @@ scoring share of RERANK. Prints the latency ratio (target <= 1.6x) and writes JS
 Examples:
   python -m steer.server.bench_rerank                                   # default model, 4 candidates
   python -m steer.server.bench_rerank --max-new-tokens 32 --repeats 1 --output bench-results/rerank.json
+  python -m steer.server.bench_rerank --scorer-dtype bfloat16 --output bench-results/rerank_bf16_judge.json
   python -m steer.server.bench_rerank --model ./tiny-model --scorer default
 """
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--scorer", default="default", help="scorer spec, as python -m steer.serve --scorer")
+    p.add_argument("--scorer-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the FLR judge's weights, as python -m steer.serve --scorer-dtype (default: its default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the served weights' dtype, as python -m steer.serve --dtype (default: its default, auto)")
     p.add_argument("--candidates", type=int, default=4)
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                mixture=default_mixture_for(args.model), dtype=args.dtype, linears="auto")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    config = ServerConfig(port=0, scorer=args.scorer, engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),
+    config = ServerConfig(port=0, scorer=args.scorer, scorer_dtype=args.scorer_dtype,
+                          engine=EngineConfig(max_new_tokens=max(args.max_new_tokens, 16)),
                           sampling_defaults=SamplingParams(max_new_tokens=args.max_new_tokens))
     started = time.monotonic()
     running = asyncio.run_coroutine_threadsafe(start_server(loaded, config), loop).result()
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     score_med = statistics.median(r["score_candidates_s"] for r in rows)
     result = {
         "model": loaded.model_id, "dtype": str(loaded.model.dtype).removeprefix("torch."), "scorer": scorer,
+        "scorer_dtype": args.scorer_dtype,
         "candidates": args.candidates,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "engine": "continuous batching (server/engine.py), max_concurrent 32",

@@ -10,6 +10,7 @@ Examples:
                                                          # per request
   python -m steer.serve --scorer runs/rm                 # rewards from a trained reward model (steer.train reward)
   python -m steer.serve --scorer none                    # no scorer: no Score, no RERANK, no rewards
+  python -m steer.serve --scorer-dtype bfloat16          # FLR judge in bf16: ~3x faster scoring, rewards move a little
   python -m steer.serve --host 0.0.0.0 --auth-token-file token.txt --tls-cert cert.pem --tls-key key.pem
   python -m steer.serve --metrics-port 9100               # Prometheus metrics at :9100/metrics
   python -m steer.serve --http-port 8000                  # also OpenAI-compatible HTTP at :8000/v1 (chat completions,
@@ -53,7 +54,7 @@ class ServeConfig:
         "storage dtype of the model's weights; auto: bfloat16 where the device multiplies it natively (CUDA with "
         "bf16, CPUs with AVX512-BF16 or AMX), else float32 (bfloat16 against float32 on the default model: greedy "
         "agreement and log-prob drift in the README; make bench-serve measures them). The FLR scorer always judges "
-        "in float32", choices=(DTYPE_AUTO, *DTYPES)))
+        "in float32 (--scorer-dtype)", choices=(DTYPE_AUTO, *DTYPES)))
     device: str = field(default="auto", metadata=option(
         "where the model runs: auto (CUDA when present, else the CPU), cpu or cuda; sampling stays on the CPU",
         choices=("auto", "cpu", "cuda")))
@@ -89,6 +90,11 @@ class ServeConfig:
     scorer_model: str | None = field(default=None, metadata=option(
         "run FLR on this model ('default', a directory or .gguf) instead of the served one (with an adapter: "
         "instead of the served base)", unset="the served model"))
+    scorer_dtype: str = field(default="float32", metadata=option(
+        "the FLR judge's weights: float32 (rewards do not depend on the serving precision), or bfloat16 / float16 / "
+        "auto (as --dtype) for faster scoring at rewards that move a little with the precision (default model, "
+        "AVX512-BF16 CPU: scoring ~3x faster, raw FLR within 0.016); its calibration is computed once and cached",
+        choices=(DTYPE_AUTO, *DTYPES)))
     auth_token_file: str | None = field(default=None, metadata=option(
         "require 'authorization: Bearer <token>' (token read from this file)", metavar="FILE",
         unset="no authentication"))
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
             scorer=args.scorer,
             scorer_model=args.scorer_model,
+            scorer_dtype=args.scorer_dtype,
         )
         adapter = args.adapter if args.adapter is not None else default_adapter_for(args.model)
         mixture = args.mixture if args.mixture is not None else default_mixture_for(args.model)

@@ -34,13 +34,15 @@ def build_scorer(
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     *,
     scorer_model: str | None = None,
+    scorer_dtype: str = "float32",
     calibration: str = "auto",
     field: str = "scorer",
     progress: bool = False,
 ) -> Scorer | None:
     """The scorer ``spec`` names, over ``objectives`` (``loaded``: the served LoadedModel).
 
-    ``progress`` shows a bar while FLR parts score (offline jobs; a server keeps it off)."""
+    ``progress`` shows a bar while FLR parts score (offline jobs; a server keeps it off).
+    ``scorer_dtype``: the weights' dtype of ``scorer_model`` when FLR loads it."""
     from steer.rewards.reward_model import is_reward_model_dir
 
     spec = (spec or NONE).strip()
@@ -97,7 +99,7 @@ def build_scorer(
             if scorer_model is not None:
                 from steer.models import load_model
 
-                scorer_loaded = load_model(scorer_model)
+                scorer_loaded = load_model(scorer_model, dtype=scorer_dtype)
             else:
                 scorer_loaded = loaded
         parts[i] = FLRScorer(

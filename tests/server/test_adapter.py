@@ -224,3 +224,23 @@ def test_scorer_of_a_bf16_server_judges_with_float32_weights(tiny_model_dir, tin
         assert torch.equal(judged[name], value), name
     fp32 = flr_part(build_server_scorer(tiny_loaded, ServerConfig(scorer="default"))).model
     assert fp32 is tiny_loaded.model  # float32 and no adapter: the served model judges itself
+
+
+def test_scorer_dtype_sets_the_judges_precision(tiny_model_dir, tiny_loaded, small_calibration):
+    """scorer_dtype bfloat16: a float32 server is judged by a bfloat16 copy of its base (the same weights,
+    rounded); a bfloat16 server without an adapter judges itself; anything else names the field."""
+    from steer.server.app import ServerConfig, build_server_scorer
+
+    from steer.errors import InvalidInput
+    from steer.models import load_model
+
+    judge = flr_part(build_server_scorer(tiny_loaded, ServerConfig(scorer="default", scorer_dtype="bfloat16"))).model
+    assert judge is not tiny_loaded.model and judge.dtype == torch.bfloat16
+    judged = judge.state_dict()
+    for name, value in tiny_loaded.model.state_dict().items():
+        assert torch.equal(judged[name], value.to(torch.bfloat16)), name
+    served = load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert flr_part(build_server_scorer(served, ServerConfig(scorer="default", scorer_dtype="bfloat16"))).model \
+        is served.model
+    with pytest.raises(InvalidInput, match="scorer_dtype"):
+        build_server_scorer(tiny_loaded, ServerConfig(scorer="default", scorer_dtype="int4"))
