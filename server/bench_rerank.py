@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from steer.files import atomic_write_text
+from steer.models import DTYPE_AUTO, DTYPES
 
 PROMPTS = [
     "Explain how photosynthesis works.",
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--scorer", default="default", help="scorer spec, as python -m steer.serve --scorer")
-    p.add_argument("--scorer-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--scorer-dtype", default="float32", choices=[DTYPE_AUTO, *DTYPES],
                    help="the FLR judge's weights, as python -m steer.serve --scorer-dtype (default: its default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the served weights' dtype, as python -m steer.serve --dtype (default: its default, auto)")

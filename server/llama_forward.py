@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steer.linears import pack_weight, packed_linear
+
 
 def supports(model: nn.Module) -> bool:
     """True for a transformers ``LlamaForCausalLM`` whose layers this forward reproduces exactly."""
@@ -107,8 +109,6 @@ class FusedProjections:
         self.base_rows = sum(self.outs)
         self.weight = self.buffer[:self.base_rows]  # (sum out, in): the bases alone
         if packed:  # steer.linears' prepacked layers: the fused weight reordered for oneDNN as well
-            from steer.linears import pack_weight
-
             self.packed = pack_weight(self.weight)
         for m in modules:
             m._steer_fused = self
@@ -150,14 +150,10 @@ class FusedProjections:
         mixing = self.mixture and w_rep is not None
         if not mixing:
             if self.packed is not None:
-                from steer.linears import packed_linear
-
                 return list(packed_linear(h, self.packed, None).split(self.outs, dim=-1))
             return list(F.linear(h, self.weight).split(self.outs, dim=-1))  # (B, T, out_i) each
         B, T, _ = h.shape
         if self.packed is not None:  # the bases' GEMM from the oneDNN copy, the adapters' shrink beside it
-            from steer.linears import packed_linear
-
             base = packed_linear(h, self.packed, None).view(B * T, -1)  # (B*T, sum out)
             shrunk = F.linear(h, self.buffer[self.base_rows:]).view(B * T, -1)  # (B*T, sum n*r)
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -126,8 +127,7 @@ def format_table(result: EvalResult) -> str:
         header = f"{'category':<{cw}}{'prompts':>8}" + "".join(f"{o:>{col}}" for o in names)
         lines += ["", f"within-prompt spearman by category, judge {head!r}"
                   + (": policy (base)" if len(shown) > 1 else ""), header, "-" * len(header)]
-        for category in dict.fromkeys(result.categories):
-            count = sum(1 for c in result.categories if c == category)
+        for category, count in Counter(result.categories).items():  # first-seen order
             cells = "".join(f"{cell(o, category):>{col}}" for o in names)
             lines.append(f"{category or '(none)':<{cw}}{count:>8}{cells}")
     at1 = result.comparison["at_weight_1"][head]
