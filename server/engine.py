@@ -66,6 +66,7 @@ from steer.server.kv_cache import PagedKVCache
 from steer.server.llama_forward import LlamaForward
 from steer.server.llama_forward import supports as supports_lean
 
+from steer.dry import apply_dry, sequence_breaker_ids
 from steer.heap import glibc, keep_freed_memory
 from steer.models import LoadedModel, pad_token_id
 from steer.sampling import SamplingParams, StopStringDetokenizer, sample_tokens
@@ -83,6 +84,7 @@ class Engine(EngineForwards):
         model = loaded.model
         self._pad_id = pad_token_id(loaded.tokenizer, getattr(model, "config", None))
         self._eos = loaded.eos_token_ids
+        self._dry_breakers: frozenset[int] | None = None  # steer.dry's sequence breakers, built when first needed
         first = next(model.parameters())
         dtype = first.dtype
         self.device = first.device  # inputs go there; logits come back to the CPU, where sampling runs
@@ -368,6 +370,10 @@ class Engine(EngineForwards):
         """Tokens for all rows in one call; if that raises, row by row, so one bad row fails alone.
         (``sample_tokens`` raises before advancing any generator, so the retry draws the same.)"""
         params, generators = [s.job.params for s in seqs], [s.generator for s in seqs]
+        if any(p.dry_multiplier > 0 for p in params):
+            if self._dry_breakers is None:  # once, on the first request that asks for DRY
+                self._dry_breakers = sequence_breaker_ids(self.loaded.tokenizer)
+            logits = apply_dry(logits, [s.detok.ids for s in seqs], params, self._dry_breakers)
         try:
             return sample_tokens(logits, params, generators)
         except Exception:

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from steer.server.strategies import CONDITIONED
 
-STEERING_FIELDS = ("weights", "strategy", "candidates", "return_rewards", "return_candidates", "top_k")
+STEERING_FIELDS = ("weights", "strategy", "candidates", "return_rewards", "return_candidates", "top_k",
+                   "dry_multiplier", "dry_base", "dry_allowed_length")
 STANDARD_FIELDS = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
     "stream", "stream_options", "n",
@@ -99,6 +100,7 @@ class _ChatRequest:
             "top_k": body.get("top_k"),
             "seed": body.get("seed"),
             "stop": None if stop is None else (stop,) if self.stop_is_string else tuple(stop),
+            **{name: body.get(name) for name in ("dry_multiplier", "dry_base", "dry_allowed_length")},
         }
         # Steering fields go to the domain as given (null: the default); it checks their types and values.
         # weights left out (a plain OpenAI client, an eval harness): None, every objective weighted equally.

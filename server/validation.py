@@ -29,7 +29,8 @@ from steer.rewards.service import ScoringService
 from steer.sampling import SamplingParams
 
 # Overrides a request may give for SamplingParams (None: the server's default).
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "dry_multiplier", "dry_base",
+                   "dry_allowed_length")
 
 
 @dataclass(frozen=True)

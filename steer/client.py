@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--dry-multiplier", type=float, help="DRY loop penalty strength (0 disables)")
+    p.add_argument("--dry-base", type=float)
+    p.add_argument("--dry-allowed-length", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     p.add_argument("--describe", action="store_true", help="print the server's Describe answer and exit")
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json_format.MessageToJson(reply))
                 return 0
             sampling = steer_pb2.SamplingParams(stop=args.stop)
-            for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+            for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "dry_multiplier", "dry_base",
+                         "dry_allowed_length"):
                 if getattr(args, name) is not None:
                     setattr(sampling, name, getattr(args, name))
             request = steer_pb2.GenerateRequest(

@@ -286,6 +286,8 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata=option("tokens generated per response at most"))
     temperature: float = field(default=0.7, metadata=option("0 = greedy (needs --seeds 1)"))
     top_p: float = field(default=0.9, metadata=option("nucleus sampling mass"))
+    dry_multiplier: float = field(default=0.0, metadata=option(
+        "DRY loop penalty (sampling.dry_multiplier, steer.dry; base 1.75, allowed length 2); 0 disables"))
     batch_size: int = field(default=16, metadata=option("generation rows per forward"))
     score_batch_size: int = field(default=32, metadata=option("(conversation, response) pairs per judge call"))
     bootstrap: int = field(default=1000, metadata=option("bootstrap resamples of the prompts"))
@@ -322,6 +324,9 @@ class EvalConfig:
             raise InvalidInput("temperature", f"must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidInput("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if (isinstance(self.dry_multiplier, bool) or not isinstance(self.dry_multiplier, (int, float))
+                or not math.isfinite(self.dry_multiplier) or self.dry_multiplier < 0):
+            raise InvalidInput("dry_multiplier", f"must be finite and >= 0 (0 disables), got {self.dry_multiplier!r}")
         if self.strategy == "mixture" and self.mixture is None:
             raise InvalidInput("mixture",
                                "strategy 'mixture' needs --mixture DIR (a python -m steer.train mixture output)")
@@ -354,7 +359,7 @@ class EvalConfig:
         from steer.sampling import SamplingParams
 
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature),
-                              top_p=float(self.top_p))
+                              top_p=float(self.top_p), dry_multiplier=float(self.dry_multiplier))
 
 
 def load_policy_and_judge(model: str, adapter: str | None = None, mixture: str | None = None,

@@ -58,6 +58,11 @@ def generate_batch(
     eos = tokenizer.eos_token_id
     pad = pad_token_id(tokenizer)
     batches = range(0, len(jobs), batch_size)
+    breakers = None
+    if params.dry_multiplier > 0:
+        from steer.dry import sequence_breaker_ids
+
+        breakers = sequence_breaker_ids(tokenizer)
     if progress:
         from tqdm.auto import tqdm
 
@@ -78,6 +83,13 @@ def generate_batch(
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k or None)
+            if breakers is not None:
+                from transformers import LogitsProcessorList
+
+                from steer.dry import DryLogitsProcessor
+
+                dry = DryLogitsProcessor(params, prompt_length=enc["input_ids"].shape[1], breakers=breakers)
+                kwargs.update(logits_processor=LogitsProcessorList([dry]))
             mix = contextlib.nullcontext()
             if mix_weights is not None:
                 from steer.mixture import mixing

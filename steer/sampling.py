@@ -37,6 +37,11 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 disables
     seed: int | None = None  # same seed + same request -> same text; None = fresh entropy
     stop: tuple[str, ...] = field(default_factory=tuple)  # text stops before the first of these
+    # DRY loop penalty (steer.dry): a token that would extend a repeat of L >= dry_allowed_length
+    # generated tokens loses dry_multiplier * dry_base ** (L - dry_allowed_length) from its logit.
+    dry_multiplier: float = 0.0  # 0 disables
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +56,15 @@ class SamplingParams:
             raise InvalidInput("sampling.top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
             raise InvalidInput("sampling.seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+        for name, low in (("dry_multiplier", 0.0), ("dry_base", 1.0)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < low):
+                raise InvalidInput(f"sampling.{name}", f"must be finite and >= {low:g}, got {value!r}")
+        if (isinstance(self.dry_allowed_length, bool) or not isinstance(self.dry_allowed_length, int)
+                or self.dry_allowed_length < 1):
+            raise InvalidInput("sampling.dry_allowed_length",
+                               f"must be an integer >= 1, got {self.dry_allowed_length!r}")
         stop = tuple(self.stop)
         if len(stop) > MAX_STOP_SEQUENCES:
             raise InvalidInput("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")

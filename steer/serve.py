@@ -68,6 +68,9 @@ class ServeConfig:
         "largest sampling.max_new_tokens a request may ask for", metavar="N"))
     default_max_new_tokens: int = field(default=256, metadata=option(
         "used when a request leaves it unset", metavar="N"))
+    default_dry_multiplier: float | None = field(default=None, metadata=option(
+        "DRY loop penalty (sampling.dry_multiplier, steer.dry) when a request leaves it unset; 0: off",
+        unset="SamplingParams' default"))
     max_queue: int = field(default=64, metadata=option(
         "requests waiting for a slot before RESOURCE_EXHAUSTED", metavar="N"))
     max_concurrent: int = field(default=32, metadata=option("sequences in the running batch", metavar="N"))
@@ -117,6 +120,20 @@ class ServeConfig:
         "what the server logs to stderr: a logging level name, any case"))
 
 
+def sampling_defaults(args: ServeConfig):
+    """What a request that leaves a sampling field unset gets; a bad value names its flag."""
+    from steer.errors import InvalidInput
+    from steer.sampling import SamplingParams
+
+    given = {"max_new_tokens": min(args.default_max_new_tokens, args.max_new_tokens_limit),
+             "dry_multiplier": args.default_dry_multiplier}
+    try:
+        return SamplingParams().with_overrides(**given)
+    except InvalidInput as e:
+        name = e.field.removeprefix("sampling.")
+        raise InvalidInput(f"default_{name}" if name in given else e.field, e.reason) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from steer.config import merge_config, split_doc
     from steer.errors import InvalidInput
@@ -134,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from steer.models import default_adapter_for, default_mixture_for, load_model
     from steer.rewards.service import ScoringConfig
-    from steer.sampling import SamplingParams
     from steer.server.app import ServerConfig, serve
     from steer.server.engine import EngineConfig
     from steer.threads import run_in_own_thread
@@ -160,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_queue=args.max_queue, max_concurrent=args.max_concurrent, max_new_tokens=args.max_new_tokens_limit,
                 max_prefill_tokens=args.max_prefill_tokens, forward=args.forward,
             ),
-            sampling_defaults=SamplingParams(
-                max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit)),
+            sampling_defaults=sampling_defaults(args),
             scorer=args.scorer,
             scorer_model=args.scorer_model,
             scorer_dtype=args.scorer_dtype,

@@ -91,6 +91,28 @@ def tiny_loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+LOOP_TOKENS = " the cat sat on a mat"
+
+
+@pytest.fixture(scope="session")
+def looping_loaded(tiny_loaded):
+    """The tiny model with an output layer that can only say the few tokens of LOOP_TOKENS (every other
+    row zero, these scaled up): greedy decoding soon repeats itself, as a small model in a loop does."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    model = copy.deepcopy(tiny_loaded.model)
+    keep = tiny_loaded.tokenizer.encode(LOOP_TOKENS, add_special_tokens=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        weight = torch.zeros_like(head.weight)
+        weight[keep] = head.weight[keep] * 5
+        head.weight = torch.nn.Parameter(weight)  # its own tensor (the tiny model may tie it to the embeddings)
+    return dataclasses.replace(tiny_loaded, model=model)
+
+
 @pytest.fixture(scope="session")
 def random_mixture(tiny_model_dir):
     """``make(out, seed)``: a mixture of three random rank-4 adapters (helpfulness, creativity,

@@ -50,3 +50,25 @@ def test_serve_reports_a_missing_model():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "model: '/no/such/dir' not found" in out.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--default-dry-multiplier", "-1", "default_dry_multiplier: must be finite and >= 0"),
+    ("--default-max-new-tokens", "0", "default_max_new_tokens: must be an integer >= 1"),
+])
+def test_serve_names_a_bad_sampling_default_by_its_flag(flag, value, message):
+    out = subprocess.run([sys.executable, "-m", "steer.serve", flag, value, "--model", "/no/such/dir"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_client_sends_dry_fields(tiny_server):
+    """--dry-* reach the server's validation (a bad value comes back naming the request field)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "steer.client", "Say hi", "--target", tiny_server.target, "--max-new-tokens", "3",
+         "--dry-multiplier", "0.8", "--dry-allowed-length", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "INVALID_ARGUMENT: sampling.dry_allowed_length: must be an integer >= 1" in out.stderr

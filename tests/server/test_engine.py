@@ -595,3 +595,41 @@ def test_the_worker_thread_does_all_of_the_engines_torch_work(tiny_model_dir, mo
     with pytest.raises(MemoryError, match="KV pool"):
         Engine(tiny_loaded, EngineConfig())
     assert built_on[-1] is not threading.current_thread() and not built_on[-1].is_alive()
+
+
+def test_dry_in_the_engine_equals_dry_in_generate(looping_loaded, tokenizer):
+    """A looping model's greedy answer under a prohibitive DRY penalty: the engine (penalty from each
+    sequence's own generated tokens, in a batch with a request without DRY) gives the tokens of
+    transformers' generate() with steer.dry's logits processor, and no token continues a repeat of 2
+    or more; the request without DRY in the same batch keeps its own (repeating) answer."""
+    from transformers import LogitsProcessorList
+
+    from steer.dry import DryLogitsProcessor, sequence_breaker_ids
+
+    prompt = token_ids(9, 31)
+    dry = SamplingParams(max_new_tokens=24, temperature=0.0, dry_multiplier=1e4)
+    plain = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+    async def body(engine):
+        return await asyncio.gather(run_one(engine, prompt, dry), run_one(engine, prompt, plain))
+
+    with_dry, without = run_engine(lambda: Engine(looping_loaded, EngineConfig()), body)
+    breakers = sequence_breaker_ids(looping_loaded.tokenizer)
+    outputs = {}
+    for name, params in (("dry", dry), ("plain", plain)):
+        procs = LogitsProcessorList([DryLogitsProcessor(params, len(prompt), breakers)])
+        with torch.no_grad():
+            out = looping_loaded.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                                logits_processor=procs, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id)
+        outputs[name] = out[0, len(prompt):].tolist()
+    assert list(with_dry[-1].token_ids) == outputs["dry"]
+    assert list(without[-1].token_ids) == outputs["plain"]
+    assert outputs["dry"] != outputs["plain"]
+
+    def repeating_tokens(ids):  # tokens that continue a repeat of 2 or more tokens before them
+        from steer.dry import dry_match_lengths
+        return sum(dry_match_lengths(ids[:n], breakers).get(ids[n], 0) >= 2 for n in range(len(ids)))
+
+    assert repeating_tokens(outputs["plain"]) >= 3  # the plain answer repeats itself
+    assert repeating_tokens(outputs["dry"]) == 0  # a prohibitive penalty: no repeat is ever continued

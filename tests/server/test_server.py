@@ -7,6 +7,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from steer.conditioning import direction_line, render_prompt
 from steer.objectives import Direction
+from steer.sampling import SamplingParams
 from steer.v1 import steer_pb2, steer_pb2_grpc
 
 pb = steer_pb2
@@ -105,6 +106,10 @@ def test_describe(stub, tiny_model_dir):
     assert d.limits.max_new_tokens == 64
     assert d.limits.context_length == 512
     assert d.sampling_defaults.max_new_tokens == 16
+    defaults = SamplingParams()  # what the server fills in for a field a request leaves unset
+    assert d.sampling_defaults.dry_multiplier == pytest.approx(defaults.dry_multiplier)
+    assert d.sampling_defaults.dry_base == pytest.approx(defaults.dry_base)
+    assert d.sampling_defaults.dry_allowed_length == defaults.dry_allowed_length
     assert d.conditioning_format.startswith(direction_line(Direction.uniform()).split("=")[0])
 
 
@@ -154,6 +159,14 @@ INVALID = [
      "sampling.top_k"),
     ("empty stop", pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=_sampling(stop=[""])),
      "sampling.stop[0]"),
+    ("negative dry_multiplier",
+     pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=_sampling(dry_multiplier=-1.0)),
+     "sampling.dry_multiplier: must be finite and >= 0"),
+    ("dry_base below 1", pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=_sampling(dry_base=0.5)),
+     "sampling.dry_base: must be finite and >= 1"),
+    ("dry_allowed_length 0",
+     pb.GenerateRequest(prompt="hi", weights={"helpfulness": 1}, sampling=_sampling(dry_allowed_length=0)),
+     "sampling.dry_allowed_length: must be an integer >= 1"),
     ("prompt and messages", pb.GenerateRequest(prompt="hi", messages=[pb.Message(role="user", content="x")],
                                                weights={"helpfulness": 1}), "prompt: set either prompt or messages"),
     ("bad role", pb.GenerateRequest(messages=[pb.Message(role="bot", content="x")], weights={"helpfulness": 1}),
