@@ -55,6 +55,21 @@ def _weakrefable(obj) -> bool:
     return True
 
 
+def has_repeated_run(token_ids: Sequence[int], length: int = 16) -> bool:
+    """Whether some run of ``length`` consecutive tokens occurs twice in ``token_ids`` (overlaps
+    allowed): the mark of a loop. Ordinary prose almost never repeats 16 tokens word for word; a
+    loop repeats its period over and over. (The evaluation reports the share of answers with one.)"""
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    seen = set()
+    for i in range(len(token_ids) - length + 1):
+        run = tuple(token_ids[i:i + length])
+        if run in seen:
+            return True
+        seen.add(run)
+    return False
+
+
 def dry_match_lengths(history: Sequence[int], breakers: frozenset[int] | set[int] = frozenset(),
                       max_match: int = MAX_MATCH) -> dict[int, int]:
     """For every token ``t`` that would extend a repetition of the end of ``history``: the length

@@ -190,6 +190,8 @@ def evaluate(
         if tuple(judge.objectives) != objectives:
             raise InvalidInput("judges",
                                f"judge {name!r} scores {list(judge.objectives)}, another scores {list(objectives)}")
+    from steer.dry import has_repeated_run
+
     indices = st.bootstrap_indices(len(prompts), bootstrap, bootstrap_seed)  # (B, P), shared by every statistic
     conversations = _user_turns(prompts)
     weights = [d.weights for d in directions]
@@ -224,9 +226,10 @@ def evaluate(
         timing = {"generate_s": generate_s, "judge_s": sum(u.timing["judge_s"] for u in units),
                   "generated_tokens": sum(tokens),
                   "generate_tokens_per_s": sum(tokens) / generate_s if generate_s > 0 else float("nan")}
+        repeating = [has_repeated_run(tokenizer.encode(s.text, add_special_tokens=False)) for s in samples]
         systems[name] = st.analyse(
             objectives, weights, labels, [s.prompt_index for s in samples], [s.direction_index for s in samples],
-            tokens, [s.finished for s in samples], scores, indices, timing,
+            tokens, [s.finished for s in samples], scores, indices, timing, repeating,
         )
         samples_by_system[name] = tuple(samples)
     for d in (systems, samples_by_system):

@@ -89,7 +89,7 @@ def _ci(mean: float, ci: Sequence[float]) -> str:
 
 
 def format_table(result: EvalResult) -> str:
-    """Per system: tokens, end-of-turn share and headline-judge mean ± se per direction; then every
+    """Per system: tokens, end-of-turn share, share of loops and headline-judge mean ± se per direction; then every
     judge's within-prompt Spearman [95% CI], the headline effect sizes; then policy versus base."""
     names, head = result.objectives, result.headline
     width = max(16, *(len(d.label) for d in result.systems[BASE].directions)) + 2
@@ -98,11 +98,13 @@ def format_table(result: EvalResult) -> str:
     for name in result.distinct_systems():
         system = result.systems[name]
         note = " (= policy: no adapter)" if result.policy_is_base else ""
-        header = f"{'direction':<{width}}{'n':>5}{'tokens':>8}{'ended':>7}" + "".join(f"{o:>{col}}" for o in names)
+        header = (f"{'direction':<{width}}{'n':>5}{'tokens':>8}{'ended':>7}{'loops':>7}"
+                  + "".join(f"{o:>{col}}" for o in names))
         lines += ["", f"{name}{note}; judge {head!r}: {result.judges[head]}", header, "-" * len(header)]
         for d in system.directions:
             cells = "".join(f"{_pm(d.mean[head][o], d.se[head][o]):>{col}}" for o in names)
-            lines.append(f"{d.label:<{width}}{d.n:>5}{d.mean_tokens:>8.1f}{d.finished:>7.2f}{cells}")
+            lines.append(f"{d.label:<{width}}{d.n:>5}{d.mean_tokens:>8.1f}{d.finished:>7.2f}"
+                         f"{_num(d.repeating, '.2f'):>7}{cells}")
         lines.append("-" * len(header))
         for judge in system.spearman:
             cells = "".join(f"{_ci(s.mean, s.ci95):>{col}}" for s in system.spearman[judge].values())

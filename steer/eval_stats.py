@@ -264,10 +264,12 @@ class DirectionSummary:
     finished: float  # share that ended with end-of-turn
     mean: dict[str, dict[str, float]]  # judge -> objective -> mean realised score
     se: dict[str, dict[str, float]]  # judge -> objective -> standard error of that mean
+    repeating: float = float("nan")  # share holding a repeated run of tokens (a loop); nan: not measured
 
     def to_json(self) -> dict:
         return {"label": self.label, "weights": self.weights, "n": self.n, "mean_tokens": self.mean_tokens,
-                "finished_fraction": self.finished, "mean": self.mean, "se": self.se}
+                "finished_fraction": self.finished, "repeating_fraction": self.repeating, "mean": self.mean,
+                "se": self.se}
 
 
 @dataclass(frozen=True)
@@ -315,10 +317,12 @@ def analyse(
     scores: dict[str, np.ndarray],
     indices: np.ndarray,
     timing: dict | None = None,
+    repeating: Sequence[bool] | None = None,
 ) -> SystemResult:
     """Every statistic of one system. Generation ``g`` answers prompt ``prompt_index[g]`` under
     direction ``direction_index[g]`` (a row of ``direction_weights``, or PLAIN); ``scores[judge][g]``
-    is its realised score vector. ``indices`` (B, P) are the run's shared bootstrap resamples."""
+    is its realised score vector; ``repeating[g]`` whether it loops (steer.dry.has_repeated_run).
+    ``indices`` (B, P) are the run's shared bootstrap resamples."""
     objectives = tuple(objectives)
     table = np.asarray(direction_weights, dtype=np.float64).reshape(-1, len(objectives))  # (D, k)
     di = np.asarray(direction_index)
@@ -348,6 +352,8 @@ def analyse(
             finished=mean_and_se([float(finished[g]) for g in members])[0],
             mean={j: {o: v[0] for o, v in s.items()} for j, s in stats.items()},
             se={j: {o: v[1] for o, v in s.items()} for j, s in stats.items()},
+            repeating=(float("nan") if repeating is None
+                       else mean_and_se([float(repeating[g]) for g in members])[0]),
         ))
     return SystemResult(objectives, dict(scores), spearman, effect, side, tuple(summaries), dict(timing or {}))
 

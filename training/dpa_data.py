@@ -187,7 +187,8 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
     mine = list(range(ctx.rank, len(slots), ctx.world_size))  # each rank samples and scores its share
     show = config.progress and ctx.is_main
 
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                            dry_multiplier=config.dry_multiplier)
     policy.model.eval()  # no LoRA dropout while sampling
     t0 = time.monotonic()
     pool: list[list[Candidate]] = [[] for _ in mine]

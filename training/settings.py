@@ -279,6 +279,9 @@ class DPAConfig(TrainerConfig):
     max_new_tokens: int = field(default=128, metadata=_f("tokens per sampled response at most"))
     temperature: float = field(default=0.8, metadata=_f("sampling temperature (> 0: pairs need diverse samples)"))
     top_p: float = field(default=0.95, metadata=_f("nucleus sampling mass"))
+    dry_multiplier: float = field(default=0.0, metadata=_f(
+        "DRY loop penalty while sampling (steer.dry: a token that would continue a repeat of the answer's own "
+        "tokens loses logit; base 1.75, allowed length 2); 0: off"))
     generation_batch_size: int = field(default=16, metadata=_f("sequences per generate() batch"))
     epochs_per_iteration: int = field(default=1, metadata=_f("passes over each iteration's pairs"))
     lr_schedule: str = field(default="constant", metadata=_f("after warmup: constant, linear "
@@ -320,6 +323,7 @@ class DPAConfig(TrainerConfig):
         require_int("max_new_tokens", self.max_new_tokens, 1)
         require_float("temperature", self.temperature, minimum=0, exclusive_min=True)
         require_float("top_p", self.top_p, minimum=0, maximum=1, exclusive_min=True)
+        require_float("dry_multiplier", self.dry_multiplier, minimum=0)
         require_int("generation_batch_size", self.generation_batch_size, 1)
         require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
 

@@ -12,6 +12,7 @@ from steer.dry import (
     apply_dry,
     dry_match_lengths,
     dry_penalties,
+    has_repeated_run,
     sequence_breaker_ids,
 )
 from steer.errors import InvalidInput
@@ -57,6 +58,15 @@ def test_match_lengths_equal_brute_force_on_random_histories():
         breakers = frozenset({0}) if trial % 3 == 0 else frozenset()
         cap = rng.choice([MAX_MATCH, 3])
         assert dry_match_lengths(history, breakers, cap) == brute_force_lengths(history, breakers, cap), history
+
+
+def test_repeated_runs():
+    assert has_repeated_run([1, 2, 3, 1, 2, 3], 3)
+    assert not has_repeated_run([1, 2, 3, 1, 2, 4], 3)
+    assert has_repeated_run([5] * 17, 16) and not has_repeated_run([5] * 16, 16)  # overlapping runs count
+    assert not has_repeated_run([], 16)
+    with pytest.raises(ValueError, match="length"):
+        has_repeated_run([1], 0)
 
 
 def test_a_loop_costs_more_with_every_repeat():

@@ -15,7 +15,7 @@ from steer.errors import InvalidInput
 from steer.eval import EvalConfig, evaluate, generate_samples, load_policy_and_judge, main
 from steer.eval_grid import direction_grid
 from steer.eval_judges import HeldoutJudge, ScorerJudge
-from steer.eval_report import BASE, HELDOUT, POLICY, TRAINING
+from steer.eval_report import BASE, HELDOUT, POLICY, TRAINING, format_table
 from steer.eval_stats import PLAIN
 from steer.objectives import DEFAULT_OBJECTIVES
 from steer.rewards.heldout_followups import HELDOUT_FOLLOWUPS
@@ -124,6 +124,23 @@ def test_a_steerable_policy_against_a_deaf_base(tokenizer):
         scorer = judge.flr if isinstance(judge, HeldoutJudge) else judge.scorer
         assert scorer.seen and all(c == [{"role": "user", "content": c[0]["content"]}] and c[0]["content"] in PROMPTS
                                    for c in scorer.seen)
+
+
+def test_loops_are_counted_per_direction(tokenizer):
+    """An answer holding a run of 16 tokens twice counts as a loop (steer.dry.has_repeated_run):
+    here the creativity corner's answers ("the" x 40) and nothing else."""
+    def loops_when_creative(i, d):
+        if d is not None and d.weights[1] == 1.0:
+            return [0, 0, 0], 40
+        return steerable(i, d)
+
+    result, _, _, _ = run_fake(tokenizer, loops_when_creative, deaf)
+    share = {d.label: d.repeating for d in result.systems[POLICY].directions}
+    assert share.pop("creativity") == 1.0
+    assert set(share.values()) == {0.0}
+    assert all(d.repeating == 0.0 for d in result.systems[BASE].directions)
+    assert result.systems[POLICY].directions[1].to_json()["repeating_fraction"] == 1.0
+    assert "loops" in format_table(result)
 
 
 def test_without_an_adapter_policy_and_base_are_one_run(tokenizer):

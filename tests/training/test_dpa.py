@@ -369,6 +369,7 @@ def test_pair_by_instruction_chooses_guided_over_contrast_unscored(tmp_path):
     (dict(pair_by="instruction", samples=2), "samples", "nothing labels them"),
     (dict(pair_by="instruction", samples=0, corner_pairs=True), "corner_pairs", "another corner"),
     (dict(pair_by="instruction", samples=0, loss="distill"), "pair_by", "distill"),
+    (dict(dry_multiplier=-0.5), "dry_multiplier", ">= 0"),
 ])
 def test_pair_by_instruction_refuses_what_it_cannot_label(tmp_path, overrides, field, words):
     from steer.errors import InvalidInput
