@@ -107,16 +107,18 @@ def dry_penalties(history: Sequence[int], multiplier: float, base: float, allowe
 def apply_dry(logits: torch.Tensor, histories: Sequence[Sequence[int]], params: Sequence,
               breakers: frozenset[int] | set[int]) -> torch.Tensor:
     """``logits`` (rows, vocab) with each row's DRY penalty (``params[i].dry_multiplier`` etc.,
-    from ``histories[i]``, the tokens generated so far) subtracted. Rows without a penalty are left
-    as they are; the input is not modified when any row changes (a float32 copy is returned)."""
+    from ``histories[i]``, the tokens generated so far) subtracted, in float32: in place when
+    ``logits`` is float32 (the engine's and transformers' per-step logits are scratch; copying a
+    32 x 49k tensor each step would cost more than the penalty), else on a float32 copy. Rows
+    without a penalty keep their values; with none at all ``logits`` itself comes back."""
     out = logits
     for i, (history, p) in enumerate(zip(histories, params)):
         pen = dry_penalties(history, p.dry_multiplier, p.dry_base, p.dry_allowed_length, breakers)
         pen = {t: v for t, v in pen.items() if t < logits.shape[-1]}
         if not pen:
             continue
-        if out is logits:
-            out = logits.to(torch.float32, copy=True)
+        if out.dtype != torch.float32:
+            out = out.float()
         idx = torch.tensor(list(pen), dtype=torch.long, device=out.device)
         out[i, idx] -= torch.tensor(list(pen.values()), dtype=out.dtype, device=out.device)
     return out

@@ -78,16 +78,19 @@ def test_a_loop_costs_more_with_every_repeat():
 
 def test_apply_dry_changes_only_the_rows_and_tokens_it_should():
     logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    original = logits.clone()
     on, off = SamplingParams(dry_multiplier=0.8), SamplingParams()
     histories = [[1, 2, 3, 4, 1, 2, 3], [1, 2, 3, 4, 1, 2, 3], [5, 6]]
-    out = apply_dry(logits, histories, [on, off, on], frozenset())
-    expected = logits.clone()
-    expected[0, 4] -= 0.8 * 1.75
-    torch.testing.assert_close(out, expected)
-    assert apply_dry(logits, histories, [off, off, on], frozenset()) is logits  # nothing to do: no copy
-    half = apply_dry(logits.bfloat16(), histories, [on, off, on], frozenset())
+    half = apply_dry(logits.bfloat16(), histories, [on, off, on], frozenset())  # another dtype: a float32 copy
     assert half.dtype == torch.float32
-    assert half[0, 4] == pytest.approx(float(logits.bfloat16()[0, 4]) - 1.4, abs=1e-6)
+    assert half[0, 4] == pytest.approx(float(original.bfloat16()[0, 4]) - 1.4, abs=1e-6)
+    assert apply_dry(logits, histories, [off, off, on], frozenset()) is logits  # nothing to do
+    torch.testing.assert_close(logits, original)
+    out = apply_dry(logits, histories, [on, off, on], frozenset())  # float32: in place
+    expected = original.clone()
+    expected[0, 4] -= 0.8 * 1.75
+    assert out is logits
+    torch.testing.assert_close(out, expected)
 
 
 def test_logits_processor_reads_only_the_generated_part():
