@@ -316,9 +316,11 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
                         timings: dict) -> IterationData:
     """Step 4 under ``pair_by="instruction"`` (RLCD's labels): in each (prompt, direction) pool, guided
     sample i is chosen over contrast sample i (the base model answered instructions for and against
-    the direction), so nothing is scored; a pair of two equal texts is skipped."""
+    the direction), so nothing is scored; a pair of two equal texts is skipped. With
+    ``chosen_must_end`` only guided samples that ended are paired (the i-th ended one with contrast
+    sample i); a contrast sample left without one is skipped."""
     objectives = config.objectives
-    pairs, samples, skipped = [], [], 0
+    pairs, samples, skipped, cut = [], [], 0, 0
     for item in merged:
         d = Direction.from_weights(dict(zip(objectives, item["weights"])), objectives)
         conv = list(prompts[item["prompt_index"]])
@@ -326,6 +328,10 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
         samples += [_sample_row(iteration, item, d, j, c) for j, c in enumerate(cands)]
         guided = [c for c in cands if c.source == GUIDED]
         contrast = [c for c in cands if c.source == CONTRAST]
+        if config.chosen_must_end:
+            ended = [c for c in guided if c.finished]
+            cut += min(len(guided), len(contrast)) - min(len(ended), len(contrast))
+            guided = ended
         for g, r in zip(guided, contrast):
             if g.text == r.text:
                 skipped += 1
@@ -340,6 +346,7 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
             })
     stats = {
         "slots": len(merged), "samples": len(samples), "pairs": len(pairs), "skipped/equal": skipped,
+        "skipped/chosen_cut": cut,
         "finished": float(np.mean([r["finished"] for r in samples])) if samples else None,
         "chosen_finished": float(np.mean([p["chosen_finished"] for p in pairs])) if pairs else None,
         "response_tokens": float(np.mean([r["tokens"] for r in samples])) if samples else None,

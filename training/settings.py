@@ -273,6 +273,10 @@ class DPAConfig(TrainerConfig):
         "also pair every pool under each corner direction it was not sampled for (reward "
         "vectors do not depend on the direction): the same prompt with opposite preferences, "
         "at no sampling cost; distill: also distill every response under each other corner"))
+    chosen_must_end: bool = field(default=False, metadata=_f(
+        "--pair-by instruction: only a guided sample that ended with the end-of-turn token within "
+        "max_new_tokens may be chosen (a cut one is a ramble or a loop, not an answer to learn); the i-th "
+        "ended guided sample pairs with contrast sample i, and a slot without one is skipped"))
     missing_eos_penalty: float = field(default=1.0, metadata=_f(
         "subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's "
         "online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
@@ -319,6 +323,7 @@ class DPAConfig(TrainerConfig):
         require_float("corner_share", self.corner_share, minimum=0, maximum=1)
         require_float("dirichlet_alpha", self.dirichlet_alpha, minimum=0, exclusive_min=True)
         require_float("min_margin", self.min_margin, minimum=0)
+        self._check_chosen_must_end()
         require_float("missing_eos_penalty", self.missing_eos_penalty, minimum=0)
         require_int("max_new_tokens", self.max_new_tokens, 1)
         require_float("temperature", self.temperature, minimum=0, exclusive_min=True)
@@ -342,6 +347,13 @@ class DPAConfig(TrainerConfig):
         if self.corner_pairs:
             raise InvalidInput("corner_pairs", "needs --pair-by reward: instructions for one direction say "
                                                "nothing about what another corner prefers")
+
+    def _check_chosen_must_end(self) -> None:
+        if not isinstance(self.chosen_must_end, bool):
+            raise InvalidInput("chosen_must_end", f"must be true or false, got {self.chosen_must_end!r}")
+        if self.chosen_must_end and self.pair_by != "instruction":
+            raise InvalidInput("chosen_must_end", "needs --pair-by instruction (with --pair-by reward, "
+                                                  "--missing-eos-penalty makes ended answers win)")
 
     @property
     def scored(self) -> bool:

@@ -362,8 +362,28 @@ def test_pair_by_instruction_chooses_guided_over_contrast_unscored(tmp_path):
     assert again.pairs == got.pairs and again.samples == got.samples
 
 
+def test_chosen_must_end_pairs_only_ended_guided_samples(tmp_path):
+    """--chosen-must-end: slot 1's first guided sample "b" was cut at the token limit, so its one ended
+    guided sample ("same") pairs with contrast sample 0 ("c"), and contrast sample 1 is left without a
+    chosen answer (counted, not paired); slot 0's guided sample ended and pairs as before."""
+    from steer.training.dpa import pair_pool
+
+    prompts, merged = instruction_pool()
+    config = hand_config(tmp_path, samples=0, guided_samples=2, contrast_samples=2, pair_by="instruction",
+                         chosen_must_end=True)
+    got = pair_pool(config, 0, prompts, merged, {})
+    assert [(p["slot"], p["chosen"], p["rejected"]) for p in got.pairs] == [(0, "ended", "bad"), (1, "same", "c")]
+    assert all(p["chosen_finished"] for p in got.pairs)
+    assert got.stats["skipped/chosen_cut"] == 1 and got.stats["skipped/equal"] == 0 and got.stats["samples"] == 6
+    unfiltered = pair_pool(hand_config(tmp_path, samples=0, guided_samples=2, contrast_samples=2,
+                                       pair_by="instruction"), 0, prompts, merged, {})
+    assert unfiltered.stats["skipped/chosen_cut"] == 0
+
+
 @pytest.mark.parametrize("overrides, field, words", [
     (dict(pair_by="judge"), "pair_by", "reward, instruction"),
+    (dict(chosen_must_end=True), "chosen_must_end", "--pair-by instruction"),
+    (dict(pair_by="instruction", samples=0, chosen_must_end="yes"), "chosen_must_end", "true or false"),
     (dict(pair_by="instruction", contrast_samples=0), "pair_by", "contrast_samples >= 1"),
     (dict(pair_by="instruction", guided_samples=0), "pair_by", "guided_samples >= 1"),
     (dict(pair_by="instruction", samples=2), "samples", "nothing labels them"),
