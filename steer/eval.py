@@ -197,7 +197,8 @@ def evaluate(
     weights = [d.weights for d in directions]
     labels = [direction_label(d) for d in directions]
     systems, samples_by_system = {}, {}
-    order = [(BASE, base_model)] + ([] if policy_model is base_model else [(POLICY, policy_model)])
+    # The system under test first: an interrupted run has its units before the base model's.
+    order = ([] if policy_model is base_model else [(POLICY, policy_model)]) + [(BASE, base_model)]
     for name, model in order:
         # The base model carries no mixture: it answers the direction-conditioned prompt, as for every strategy.
         own = "conditioned" if strategy == "mixture" and name == BASE else strategy

@@ -509,17 +509,17 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tokenizer, tmp_path)
         return result, policy, base
 
     judges = marker_judges()
-    judges[HELDOUT] = StopsAt(judges[HELDOUT], 3)  # units: base seed 0, base seed 1, then policy seed 0 fails
+    judges[HELDOUT] = StopsAt(judges[HELDOUT], 3)  # units: policy seed 0, policy seed 1, then base seed 0 fails
     with pytest.raises(RuntimeError, match="stopped"):
         run(EvalProgress.open(tmp_path, fp, resume=False), judges)
     with pytest.raises(InvalidInput, match="--resume") as e:
         EvalProgress.open(tmp_path, fp, resume=False)  # an unfinished evaluation is never overwritten
     assert e.value.field == "output"
     store = EvalProgress.open(tmp_path, fp, resume=True)
-    assert sorted(store.units) == [(BASE, 0), (BASE, 1)]
+    assert sorted(store.units) == [(POLICY, 0), (POLICY, 1)]
 
     result, policy, base = run(store, marker_judges())
-    assert base.calls == 0 and policy.calls > 0  # the base's finished units are not generated again
+    assert policy.calls == 0 and base.calls > 0  # the policy's finished units are not generated again
     for name in (POLICY, BASE):
         assert result.samples[name] == whole.samples[name]
         for judge in (HELDOUT, TRAINING):
