@@ -57,7 +57,7 @@ from steer.config import config_to_dict, merge_config, option, require_choice, s
 from steer.errors import InvalidInput
 from steer.eval_grid import DEFAULT_GRID, default_prompts_path, direction_grid, direction_label, load_prompts
 from steer.eval_judges import HeldoutJudge, ScorerJudge, build_heldout_judge
-from steer.eval_progress import EvalProgress, Unit, fingerprint
+from steer.eval_progress import EvalProgress, Unit, fingerprint, open_base_cache
 from steer.eval_report import (
     BASE,
     HELDOUT,
@@ -169,6 +169,7 @@ def evaluate(
     bootstrap_seed: int = 0,
     progress: bool = False,
     store: EvalProgress | None = None,
+    base_store: EvalProgress | None = None,
 ) -> EvalResult:
     """Generate with both systems, judge every response, and compute every statistic.
 
@@ -177,7 +178,9 @@ def evaluate(
     object with ``objectives`` and ``score(conversations, texts, num_tokens) -> (n, k)``; the first
     is the headline. Judges see the user's request only, never the direction line. Work goes by
     units of one system x one seed (generate, then judge); ``store`` (:mod:`steer.eval_progress`)
-    keeps each finished unit and hands back the ones an earlier, interrupted run finished.
+    keeps each finished unit and hands back the ones an earlier, interrupted run finished;
+    ``base_store`` (:func:`steer.eval_progress.open_base_cache`), when given, does so for the base
+    system's units instead, across evaluations.
     """
     if not prompts:
         raise InvalidInput("prompts", "at least one prompt is required")
@@ -203,8 +206,9 @@ def evaluate(
         # The base model carries no mixture: it answers the direction-conditioned prompt, as for every strategy.
         own = "conditioned" if strategy == "mixture" and name == BASE else strategy
         units = []
+        unit_store = base_store if name == BASE and base_store is not None else store
         for seed in seeds:
-            unit = store.get(name, seed) if store is not None else None
+            unit = unit_store.get(name, seed) if unit_store is not None else None
             if unit is None:
                 started = time.monotonic()
                 got = generate_samples(
@@ -217,8 +221,8 @@ def evaluate(
                 scores = {j: judge.score([conversations[s.prompt_index] for s in got], texts, tokens)
                           for j, judge in judges.items()}
                 unit = Unit(tuple(got), scores, {"generate_s": generate_s, "judge_s": time.monotonic() - started})
-                if store is not None:
-                    store.put(name, seed, unit)
+                if unit_store is not None:
+                    unit_store.put(name, seed, unit)
             units.append(unit)
         samples = [s for u in units for s in u.samples]
         scores = {j: np.concatenate([np.asarray(u.scores[j], dtype=np.float64) for u in units]) for j in judges}
@@ -301,6 +305,11 @@ class EvalConfig:
     resume: bool = field(default=False, metadata=option(
         "continue an interrupted evaluation in --output: its finished (system, seed) units are kept in "
         "eval-progress.jsonl until the report is written"))
+    base_cache: str | None = field(default=None, metadata=option(
+        "keep the base system's finished units in this directory and reuse them in every evaluation with the "
+        "same base settings (all but --adapter and --mixture): comparing a second candidate then generates the "
+        "policy only. Clear it after changing how steer generates", metavar="DIR",
+        unset="the base system runs in every evaluation"))
     progress: bool = field(default=True, metadata=option("tqdm progress bars"))
     log_level: str = field(default="WARNING", metadata=option("what the command logs to stderr", choices=LEVELS))
 
@@ -311,7 +320,7 @@ class EvalConfig:
         if self.device not in DEVICES:
             raise InvalidInput("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         require_choice("dtype", self.dtype, (DTYPE_AUTO, *DTYPES))
-        for name in ("adapter", "mixture", "scorer_model", "prompts"):
+        for name in ("adapter", "mixture", "scorer_model", "prompts", "base_cache"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidInput(name, "must be a non-empty string when given")
@@ -409,7 +418,9 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
     # The dtype auto resolves to on this machine is what the report, and a resumed run, must agree on.
     settings = {**config_to_dict(config), "dtype": resolve_dtype(config.dtype, resolve_device(config.device))}
     # Before any model loads: an unfinished evaluation in --output is continued (--resume) or refused.
-    store = EvalProgress.open(config.output, fingerprint(settings, [p.prompt for p in prompts]), config.resume)
+    fp = fingerprint(settings, [p.prompt for p in prompts])
+    store = EvalProgress.open(config.output, fp, config.resume)
+    base_store = open_base_cache(config.base_cache, fp) if config.base_cache else None
     started = time.monotonic()
     policy, base = load_policy_and_judge(config.model, config.adapter, config.mixture, config.objectives, config.device,
                                          settings["dtype"])
@@ -428,7 +439,7 @@ def run_eval(config: EvalConfig, progress: bool | None = None,
         policy.model, base.model, base.tokenizer, [p.prompt for p in prompts], directions, config.sampling(), judges,
         seeds=config.seed_list, strategy=config.strategy, rerank_judge=judges.get(TRAINING),
         candidates=config.candidates, plain=config.plain, batch_size=config.batch_size, bootstrap=config.bootstrap,
-        bootstrap_seed=config.bootstrap_seed, progress=progress, store=store,
+        bootstrap_seed=config.bootstrap_seed, progress=progress, store=store, base_store=base_store,
     )
     result.timing.update(load_s=load_s, total_s=time.monotonic() - total_start)
     result = replace(result, categories=tuple(p.category for p in prompts))

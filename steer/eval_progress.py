@@ -9,6 +9,10 @@ batch sizes, judges). A unit is reused only under the same fingerprint; ``--seed
 are not part of it (units are per seed), so a stopped run may be finished with other seeds.
 Every unit is one appended line, flushed and fsync'ed; a last line cut off mid-write is dropped
 (that unit runs again). The file is removed once ``steerability.json`` is written.
+
+``--base-cache DIR`` keeps the base system's units in a store of their own that outlives the
+report (:func:`open_base_cache`): the base model's answers do not depend on the adapter or
+mixture under test, so every evaluation against the same base settings reuses them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ FORMAT = "steer.eval-progress/1"
 # Settings that do not change what a unit holds: where the report goes, how it is shown, its bootstrap,
 # which seeds are asked for (units are per seed), and --resume itself.
 NOT_FINGERPRINTED = ("output", "progress", "log_level", "bootstrap", "bootstrap_seed", "seeds", "seed", "resume",
-                     "config")
+                     "config", "base_cache")
+# Settings the base system's units do not depend on (it never carries the adapter or the mixture).
+NOT_BASE = ("adapter", "mixture")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class EvalProgress:
     def __init__(self, path: Path, fp: dict, units: dict[tuple[str, int], Unit]):
         self.path, self.fingerprint, self.units = path, fp, units
         self._written = False  # the file is (re)written whole at the first put: a run that fails first leaves none
+        self.lock = None  # open_base_cache: the locked file that keeps a shared entry to one evaluation
 
     @classmethod
     def open(cls, out_dir: str | Path, fp: dict, resume: bool) -> EvalProgress:
@@ -145,3 +152,41 @@ def _read(path: Path, fp: dict) -> dict[tuple[str, int], Unit]:
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInput(f"{path}:{lineno}", f"not a unit row ({e}); delete the file to start over") from None
     return units
+
+
+def base_fingerprint(fp: dict) -> dict:
+    """What the base system's units depend on, from an evaluation's :func:`fingerprint`: everything but
+    the adapter and the mixture; the base answers the direction-conditioned prompt under ``mixture``
+    as under ``conditioned``, and ``candidates`` counts only under ``rerank``."""
+    out = {k: v for k, v in fp.items() if k not in NOT_BASE}
+    if out.get("strategy") != "rerank":
+        out["strategy"] = "conditioned"
+        out.pop("candidates", None)
+    return out
+
+
+def open_base_cache(cache_dir: str | Path, fp: dict) -> EvalProgress:
+    """The base system's units for the base settings ``base_fingerprint(fp)``, shared by evaluations:
+    ``<cache_dir>/<hash of those settings>/eval-progress.jsonl``, never removed by a report. The entry is
+    locked for as long as this process holds the store (two evaluations appending to one file would lose
+    units): a second evaluation with the same base settings is refused until the first ends."""
+    import fcntl
+
+    base = base_fingerprint(fp)
+    digest = hashlib.sha256(json.dumps(base, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    root = Path(cache_dir)
+    if root.exists() and not root.is_dir():
+        raise InvalidInput("base_cache", f"{cache_dir} is not a directory")
+    entry = root / digest
+    entry.mkdir(parents=True, exist_ok=True)
+    lock = (entry / ".lock").open("a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise InvalidInput("base_cache", f"{entry} is in use by another evaluation with the same base settings; "
+                                         "wait for it, or pass another --base-cache") from None
+    store = EvalProgress.open(entry, base, resume=True)
+    store.lock = lock  # released when the store (and this file object) is garbage collected or the process ends
+    log.info("base system's units: %s (%d cached)", entry, len(store.units))
+    return store

@@ -371,6 +371,7 @@ def test_cli_rerank_on_the_tiny_model_without_an_adapter(tiny_model_dir, tmp_pat
     (dict(strategy="beam"), "strategy", "expected one of conditioned, rerank"),
     (dict(strategy="rerank", scorer="none"), "scorer", "needs a scorer"),
     (dict(dtype="fp16"), "dtype", "auto"),
+    (dict(base_cache=" "), "base_cache", "non-empty"),
 ])
 def test_bad_config_names_the_field(overrides, field, message):
     with pytest.raises(InvalidInput, match=re.escape(message)) as e:
@@ -528,6 +529,51 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tokenizer, tmp_path)
                 whole.systems[name].spearman[judge]["creativity"].mean)
     store.finish()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_base_cache_serves_the_base_system_to_the_next_evaluation(tokenizer, tmp_path):
+    """--base-cache: a second evaluation with another policy but the same base settings generates the
+    policy only, and its base figures equal the first run's; the evaluation's own store gets the
+    policy's units, the cache the base's."""
+    from steer.eval_progress import EvalProgress, fingerprint, open_base_cache
+
+    fp = fingerprint({"model": "fake", "adapter": "a", "strategy": "conditioned"}, PROMPTS)
+    cache = open_base_cache(tmp_path / "cache", fp)
+    first, _, _, base = run_fake(tokenizer, steerable, deaf, store=EvalProgress.open(tmp_path / "a", fp, False),
+                                 base_store=cache)
+    assert base.calls > 0 and sorted(cache.units) == [(BASE, 0), (BASE, 1)]
+    cache.lock.close()  # the first evaluation has ended
+    fp_b = fingerprint({"model": "fake", "adapter": "b", "strategy": "conditioned"}, PROMPTS)
+    store_b = EvalProgress.open(tmp_path / "b", fp_b, False)
+    second, _, policy, base = run_fake(tokenizer, lambda i, d: deaf(2 - i, d), deaf, store=store_b,
+                                       base_store=open_base_cache(tmp_path / "cache", fp_b))
+    assert base.calls == 0 and policy.calls > 0
+    assert second.samples[BASE] == first.samples[BASE] and second.samples[POLICY] != first.samples[POLICY]
+    np.testing.assert_array_equal(second.systems[BASE].scores[HELDOUT], first.systems[BASE].scores[HELDOUT])
+    assert sorted(store_b.units) == [(POLICY, 0), (POLICY, 1)]
+
+
+def test_base_settings_leave_out_what_only_the_policy_uses(tmp_path):
+    from steer.eval_progress import base_fingerprint, fingerprint, open_base_cache
+
+    def fp(**kw):
+        return base_fingerprint(fingerprint({"model": "m", "dtype": "float32", "candidates": 4, **kw}, PROMPTS))
+
+    assert fp(adapter="a", strategy="conditioned") == fp(adapter="b", strategy="conditioned")
+    assert fp(mixture="x", strategy="mixture", candidates=8) == fp(adapter=None, strategy="conditioned")
+    assert fp(strategy="rerank", candidates=4) != fp(strategy="rerank", candidates=8)  # rerank's base reranks
+    assert fp(strategy="conditioned", dtype="bfloat16") != fp(strategy="conditioned")
+    full = fingerprint({"model": "m", "strategy": "conditioned"}, PROMPTS)
+    held = open_base_cache(tmp_path, full)
+    with pytest.raises(InvalidInput, match="in use by another evaluation") as e:
+        open_base_cache(tmp_path, full)  # one evaluation at a time appends to an entry
+    assert e.value.field == "base_cache"
+    held.lock.close()
+    open_base_cache(tmp_path, full).lock.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidInput, match="not a directory") as e:
+        open_base_cache(tmp_path / "file", full)
+    assert e.value.field == "base_cache"
 
 
 def test_the_progress_file_refuses_another_evaluation_and_drops_a_cut_off_line(tmp_path):
