@@ -20,6 +20,7 @@ from torch import Tensor
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
 NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge", "kto")
 NEEDS_LENGTHS = ("ipo", "simpo", "orpo")
+RPO_TYPES = ("sigmoid", "ipo", "hinge", "simpo")  # the paired losses without an NLL term of their own
 # ORPO's odds P / (1 - P) is infinite at P = 1; mean log-probs are clamped to at most this.
 ORPO_MAX_MEAN_LOGP = -1e-6
 
@@ -35,6 +36,9 @@ class PreferenceLossConfig:
     gamma: float = 0.0  # simpo: target reward margin (paper's gamma, in reward units), >= 0
     desirable_weight: float = 1.0  # kto: lambda_D
     undesirable_weight: float = 1.0  # kto: lambda_U
+    # sigmoid/ipo/hinge/simpo: weight of the token-mean NLL of the chosen completions added to the loss
+    # (RPO, Pang et al. 2024; TRL's rpo_alpha): keeps the chosen answers likely while the pair's margin grows
+    rpo_alpha: float = 0.0
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -49,6 +53,11 @@ class PreferenceLossConfig:
             raise ValueError(f"gamma must be a finite number >= 0; got {self.gamma}")
         if self.gamma and self.loss_type != "simpo":
             raise ValueError(f"gamma (the SimPO margin) applies to loss_type 'simpo', not {self.loss_type!r}")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ValueError(f"rpo_alpha must be a finite number >= 0; got {self.rpo_alpha}")
+        if self.rpo_alpha and self.loss_type not in RPO_TYPES:
+            raise ValueError(f"rpo_alpha applies to loss_type {', '.join(RPO_TYPES)}, not {self.loss_type!r} "
+                             "(orpo has its own NLL term; kto is unpaired)")
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -134,14 +143,16 @@ def preference_loss(
     kl_ref_logps: Tensor | None = None,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    rpo_alpha: float = 0.0,
 ) -> PreferenceLossOutput:
     """One preference loss on per-sequence summed log-probs; see `PreferenceLossConfig` for the knobs.
 
     policy_/ref_ chosen/rejected_logps: (B,) summed completion log-probs under the policy / the
     frozen reference (sigmoid, ipo, hinge, kto need references; simpo, orpo ignore them).
     chosen_/rejected_lengths: (B,) completion token counts (ipo, simpo, orpo average by them).
-    chosen_nll: ORPO's SFT term; default -sum(policy_chosen_logps) / sum(chosen_lengths), the
-    token-mean NLL of the chosen completions (what a cross-entropy over their tokens gives).
+    chosen_nll: ORPO's SFT term, and RPO's (``rpo_alpha`` > 0: loss + rpo_alpha * chosen_nll); default
+    -sum(policy_chosen_logps) / sum(chosen_lengths), the token-mean NLL of the chosen completions (what
+    a cross-entropy over their tokens gives).
     KTO: "chosen" are desirable and "rejected" undesirable examples, unpaired (batch sizes may
     differ, either may be empty). Its reference point z_ref is the mean of
     kl_policy_logps - kl_ref_logps, the log-ratios of mismatched completions y' for the same
@@ -149,10 +160,16 @@ def preference_loss(
     policy-reference log-ratios (chosen and rejected), a cheaper but biased estimate. Either way
     z_ref is detached and clamped at 0, and is the mean over this process's batch only.
     """
-    cfg = PreferenceLossConfig(loss_type, beta, label_smoothing, gamma, desirable_weight, undesirable_weight)
+    cfg = PreferenceLossConfig(loss_type, beta, label_smoothing, gamma, desirable_weight, undesirable_weight,
+                               rpo_alpha)
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     if loss_type in NEEDS_REFERENCE:
         _require(loss_type, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    if rpo_alpha and chosen_nll is None:
+        if chosen_lengths is None:
+            raise ValueError("rpo_alpha needs chosen_lengths (completion lengths in tokens) or chosen_nll; got None")
+        if bool((chosen_lengths <= 0).any()):
+            raise ValueError(f"chosen_lengths must be positive token counts; got min {chosen_lengths.min().item()}")
     if loss_type in NEEDS_LENGTHS:
         _require(loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
         for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
@@ -209,8 +226,14 @@ def preference_loss(
             rejected_rewards=rejected_rewards, margin=(chosen_rewards - rejected_rewards).mean(),
             accuracy=(chosen_rewards > rejected_rewards).float().mean(), extras=extras,
         )
+    loss = losses.mean()
+    if rpo_alpha:
+        # RPO: the chosen completions' token-mean NLL under the policy (before IPO's per-token averaging).
+        nll = chosen_nll if chosen_nll is not None else -policy_chosen_logps.sum() / chosen_lengths.sum()
+        loss = loss + rpo_alpha * nll
+        extras["nll_loss"] = nll.detach()
     return PreferenceLossOutput(
-        loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+        loss=loss, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
         margin=(chosen_rewards - rejected_rewards).mean(),
         accuracy=(chosen_rewards > rejected_rewards).float().mean(), extras=extras,
     )

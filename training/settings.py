@@ -20,9 +20,10 @@ from steer.objectives import DEFAULT_OBJECTIVES, validate_objectives
 
 from .config import require_choice, require_float, require_int
 
-# Mirrors of steer.kernels.preference.LOSS_TYPES / NEEDS_REFERENCE (importing it loads torch).
+# Mirrors of steer.kernels.preference.LOSS_TYPES / NEEDS_REFERENCE / RPO_TYPES (importing it loads torch).
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
 NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge", "kto")
+RPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 LOSSES = PREFERENCE_LOSSES + ("sft", "distill")
 LOGPROB_IMPLS = ("fused", "naive")  # steer.training.logprobs.IMPLS
 DEVICES = ("auto", "cpu", "cuda")  # steer.training.distributed.DEVICES
@@ -68,6 +69,9 @@ class TrainerConfig:
                                 metadata=_f("SimPO target reward margin (simpo only)", unset="1.0 for simpo"))
     label_smoothing: float = field(default=0.0,
                                    metadata=_f("cDPO label-flip probability in [0, 0.5) (sigmoid and simpo only)"))
+    rpo_alpha: float = field(default=0.0, metadata=_f(
+        "add rpo_alpha x the token-mean NLL of the chosen responses to the loss (RPO; sigmoid, ipo, hinge, simpo): "
+        "keeps the chosen answers, end-of-turn token included, likely while the pairs' margin grows; 0: off"))
     full: bool = field(default=False, metadata=_f("train every weight instead of a LoRA adapter "
                                                   "(reference log-probs are then precomputed)"))
     lora_r: int = field(default=16, metadata=_f("LoRA rank"))
@@ -136,6 +140,10 @@ class TrainerConfig:
         require_float("label_smoothing", self.label_smoothing, minimum=0, maximum=0.5, exclusive_max=True)
         if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
             raise InvalidInput("label_smoothing", f"applies to loss sigmoid or simpo, not {self.loss!r}")
+        require_float("rpo_alpha", self.rpo_alpha, minimum=0)
+        if self.rpo_alpha and self.loss not in RPO_LOSSES:
+            raise InvalidInput("rpo_alpha", f"applies to loss {', '.join(RPO_LOSSES)}, not {self.loss!r} (orpo has "
+                                            "its own NLL term, sft is one, kto is unpaired)")
         require_int("lora_r", self.lora_r, 1)
         require_float("lora_alpha", self.lora_alpha, minimum=0, exclusive_min=True)
         require_float("lora_dropout", self.lora_dropout, minimum=0, maximum=1, exclusive_max=True)

@@ -200,7 +200,7 @@ class PreferenceTrainer:
             out = preference_loss(
                 logps[:b], logps[b:], rc, rr, loss_type=cfg.loss, beta=cfg.effective_beta,
                 chosen_lengths=counts[:b], rejected_lengths=counts[b:], label_smoothing=cfg.label_smoothing,
-                gamma=cfg.effective_gamma,
+                gamma=cfg.effective_gamma, rpo_alpha=cfg.rpo_alpha,
             )
             metrics = out.metrics()
             metrics.update({"logps/chosen": logps[:b].mean().item(), "logps/rejected": logps[b:].mean().item()})

@@ -55,6 +55,30 @@ def test_dpo_label_smoothing_is_cdpo():
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
 
 
+def test_rpo_adds_alpha_times_the_chosen_token_mean_nll():
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): DPO's loss + alpha * (-sum log pi(y_w)) / sum |y_w|."""
+    pc, pr, rc, rr = pairs()
+    beta, alpha, lc = 0.1, 0.5, torch.tensor([4, 6])
+    out = preference_loss(pc, pr, rc, rr, loss_type="sigmoid", beta=beta, rpo_alpha=alpha, chosen_lengths=lc)
+    dpo = (-log_sigmoid(beta * 1.5) - log_sigmoid(beta * -3.0)) / 2
+    nll = (10.0 + 20.0) / (4 + 6)
+    assert out.loss.item() == pytest.approx(dpo + alpha * nll, rel=1e-12)
+    assert out.extras["nll_loss"].item() == pytest.approx(nll)
+    assert out.losses.tolist() == pytest.approx([-log_sigmoid(beta * 1.5), -log_sigmoid(beta * -3.0)])  # DPO only
+    out.loss.backward()
+    # the NLL pulls every chosen log-prob up by alpha / sum |y_w| on top of DPO's gradient
+    dpo_grad = [-beta * sigmoid(-0.15) / 2, -beta * sigmoid(0.3) / 2]
+    assert pc.grad.tolist() == pytest.approx([g - alpha / 10 for g in dpo_grad], rel=1e-12)
+    assert pr.grad.tolist() == pytest.approx([beta * sigmoid(-0.15) / 2, beta * sigmoid(0.3) / 2], rel=1e-12)
+    # IPO divides its log-probs by length for the margin; the NLL still uses the summed log-probs
+    pc, pr, rc, rr = pairs()
+    ipo = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta, chosen_lengths=lc,
+                          rejected_lengths=torch.tensor([2, 3]))
+    with_rpo = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta, chosen_lengths=lc,
+                               rejected_lengths=torch.tensor([2, 3]), rpo_alpha=alpha)
+    assert with_rpo.loss.item() == pytest.approx(ipo.loss.item() + alpha * nll, rel=1e-12)
+
+
 def test_ipo_eq17_on_length_averaged_log_ratios():
     pc, pr, rc, rr = pairs()
     lc, lr = torch.tensor([4, 5]), torch.tensor([2, 10])
@@ -166,6 +190,8 @@ def test_gradients_match_finite_differences(loss_type):
     kwargs = {"loss_type": loss_type, "beta": 0.1, "chosen_lengths": lengths, "rejected_lengths": lengths.flip(0)}
     if loss_type == "simpo":
         kwargs["gamma"] = 0.3
+    if loss_type in ("sigmoid", "simpo"):  # and RPO's NLL term on top
+        kwargs["rpo_alpha"] = 0.7
 
     def loss(a, b):
         return preference_loss(a, b, rc, rr, **kwargs).loss
@@ -189,6 +215,9 @@ def test_gradients_match_finite_differences(loss_type):
         ({"loss_type": "sigmoid", "policy_rejected_logps": torch.zeros(3)}, "disagree on batch size"),
         ({"loss_type": "sigmoid", "policy_chosen_logps": torch.zeros(2, 1)}, "must be 1-D"),
         ({"loss_type": "kto", "kl_policy_logps": torch.zeros(2)}, "kl_ref_logps is None"),
+        ({"loss_type": "orpo", "rpo_alpha": 1.0}, "rpo_alpha applies to loss_type sigmoid, ipo, hinge, simpo"),
+        ({"loss_type": "sigmoid", "rpo_alpha": -1.0}, "rpo_alpha must be a finite number >= 0"),
+        ({"loss_type": "sigmoid", "rpo_alpha": 1.0, "chosen_lengths": None}, "rpo_alpha needs chosen_lengths"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -47,6 +47,8 @@ def test_unknown_or_mistyped_yaml_keys_name_key_and_file(tmp_path):
     (["--data", "a", "--output", "o", "--beta", "-1"], "beta"),
     (["--data", "a", "--output", "o", "--gamma", "0.5"], "gamma"),  # SimPO only
     (["--data", "a", "--output", "o", "--loss", "kto", "--label-smoothing", "0.1"], "label_smoothing"),
+    (["--data", "a", "--output", "o", "--loss", "orpo", "--rpo-alpha", "1"], "rpo_alpha"),
+    (["--data", "a", "--output", "o", "--rpo-alpha", "-1"], "rpo_alpha"),
     (["--data", "a", "--output", "o", "--max-prompt-length", "600"], "max_prompt_length"),
 ])
 def test_bad_values_name_the_field(argv, field, capsys):
@@ -71,10 +73,11 @@ def test_dpa_validation_and_choices(capsys):
 
 
 def test_settings_mirror_the_modules_they_stand_in_for():
-    from steer.kernels.preference import LOSS_TYPES, NEEDS_REFERENCE
+    from steer.kernels.preference import LOSS_TYPES, NEEDS_REFERENCE, RPO_TYPES
     from steer.training import distributed, logprobs, settings, trainer
 
     assert settings.PREFERENCE_LOSSES == LOSS_TYPES and settings.NEEDS_REFERENCE == NEEDS_REFERENCE
+    assert settings.RPO_LOSSES == RPO_TYPES
     assert settings.LOGPROB_IMPLS == logprobs.IMPLS and settings.DEVICES == distributed.DEVICES
     assert settings.PRECISIONS == trainer.PRECISIONS
 

@@ -114,20 +114,23 @@ def _naive_loss(config, policy, base, data):
         b = len(data)
         batch = collate([e.sequences[0] for e in data] + [e.sequences[1] for e in data], pad)
         (pol, n), (ref, _) = naive_logps(policy.model, batch), naive_logps(base, batch)
-        return preference_loss(pol[:b], pol[b:], ref[:b], ref[b:], loss_type=config.loss, beta=beta,
+        loss = preference_loss(pol[:b], pol[b:], ref[:b], ref[b:], loss_type=config.loss, beta=beta,
                                chosen_lengths=n[:b], rejected_lengths=n[b:], gamma=config.effective_gamma).loss.item()
+        # RPO: plus alpha x the chosen responses' token-mean NLL under the policy
+        return loss + config.rpo_alpha * float(-pol[:b].sum() / n[:b].sum())
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "sft"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto", "sft", "sigmoid+rpo"])
 def test_each_loss_matches_naive_at_step_0_and_trains(loss, tmp_path, tiny_model_dir, pairs_file, kto_file):
     from transformers import AutoModelForCausalLM
 
     data_file = kto_file if loss == "kto" else pairs_file
+    loss, _, rpo = loss.partition("+")
     # fp32 against the naive fp32 reference on every machine (auto would be bf16 where the CPU has
     # native bf16; that step is checked against this one in test_bf16_step_matches_the_fp32_step).
     config = DPOConfig(output=str(tmp_path), data=(str(data_file),), model=str(tiny_model_dir), loss=loss,
                        batch_size=len(PAIRS) * (2 if loss == "kto" else 1), lr=2e-2, progress=False,
-                       lr_schedule="constant", precision="fp32")
+                       lr_schedule="constant", precision="fp32", rpo_alpha=0.5 if rpo else 0.0)
     policy = build_policy(config.policy_spec())
     _perturb_adapter(policy)
     data = encode_examples(prepare_examples(config, read_examples(config.data)), Encoder(policy.tokenizer, 128, 96),
