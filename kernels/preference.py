@@ -112,6 +112,11 @@ def _require(loss_type: str, **tensors: Tensor | None) -> None:
             raise ValueError(f"loss_type={loss_type!r} needs {name} ({what}); got None")
 
 
+def _require_positive(name: str, lengths: Tensor) -> None:
+    if bool((lengths <= 0).any()):
+        raise ValueError(f"{name} must be positive token counts; got min {lengths.min().item()}")
+
+
 def _check_shapes(pairs: dict[str, Tensor | None], paired: bool) -> None:
     shapes = {name: tuple(t.shape) for name, t in pairs.items() if t is not None}
     for name, shape in shapes.items():
@@ -168,13 +173,11 @@ def preference_loss(
     if rpo_alpha and chosen_nll is None:
         if chosen_lengths is None:
             raise ValueError("rpo_alpha needs chosen_lengths (completion lengths in tokens) or chosen_nll; got None")
-        if bool((chosen_lengths <= 0).any()):
-            raise ValueError(f"chosen_lengths must be positive token counts; got min {chosen_lengths.min().item()}")
+        _require_positive("chosen_lengths", chosen_lengths)
     if loss_type in NEEDS_LENGTHS:
         _require(loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-        for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-            if bool((lengths <= 0).any()):
-                raise ValueError(f"{name} must be positive token counts; got min {lengths.min().item()}")
+        _require_positive("chosen_lengths", chosen_lengths)
+        _require_positive("rejected_lengths", rejected_lengths)
     _check_shapes(
         {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc,
          "ref_rejected_logps": rr, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths},
