@@ -25,7 +25,8 @@ alone. Each iteration k:
    ``sft`` keeps every best response (rejection-sampling fine-tuning) and ignores the margin.
    ``--pair-by instruction`` skips step 3 and labels by the instructions instead (RLCD's own
    labels): each guided sample is chosen over a contrast sample of the same pool, for an
-   objective the scorer cannot tell apart.
+   objective the scorer cannot tell apart; ``--reject-cut-policy`` adds each on-policy sample
+   that did not end as rejected against an ended guided sample (the policy's own loops).
 5. **Train** ``epochs_per_iteration`` passes of the preference loss on the direction-conditioned
    prompts, continuing the same optimiser across iterations.
 

@@ -193,10 +193,15 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
     t0 = time.monotonic()
     pool: list[list[Candidate]] = [[] for _ in mine]
     if config.samples:
+        # dpa: the policy reads the direction line; a mixture answers the plain prompt through the mix of
+        # its adapters for the direction (each row its own weights).
+        line = config.prompt_carries_direction
         gens = generate_batch(
-            policy.model, policy.tokenizer, [prompts[slots[s]] for s in mine], [directions[s] for s in mine], params,
+            policy.model, policy.tokenizer, [prompts[slots[s]] for s in mine],
+            [directions[s] if line else None for s in mine], params,
             num_samples=config.samples, batch_size=config.generation_batch_size,
             seed=config.seed * 7919 + iteration * 104_729 + ctx.rank, progress=show,
+            mix_weights=None if line else [directions[s].weights for s in mine],
         )
         for a, row in enumerate(gens):
             pool[a] += [Candidate(g.text, g.finished, len(g.token_ids), POLICY, None) for g in row]
@@ -318,9 +323,11 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
     sample i is chosen over contrast sample i (the base model answered instructions for and against
     the direction), so nothing is scored; a pair of two equal texts is skipped. With
     ``chosen_must_end`` only guided samples that ended are paired (the i-th ended one with contrast
-    sample i); a contrast sample left without one is skipped."""
+    sample i); a contrast sample left without one is skipped. With ``reject_cut_policy`` the i-th
+    on-policy sample that did not end is rejected against ended guided sample i (cycling through them;
+    skipped when the slot has none); on-policy samples that ended are left unpaired."""
     objectives = config.objectives
-    pairs, samples, skipped, cut = [], [], 0, 0
+    pairs, samples, skipped, cut, policy_cut, no_chosen = [], [], 0, 0, 0, 0
     for item in merged:
         d = Direction.from_weights(dict(zip(objectives, item["weights"])), objectives)
         conv = list(prompts[item["prompt_index"]])
@@ -328,11 +335,19 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
         samples += [_sample_row(iteration, item, d, j, c) for j, c in enumerate(cands)]
         guided = [c for c in cands if c.source == GUIDED]
         contrast = [c for c in cands if c.source == CONTRAST]
+        ended = [c for c in guided if c.finished]
         if config.chosen_must_end:
-            ended = [c for c in guided if c.finished]
             cut += min(len(guided), len(contrast)) - min(len(ended), len(contrast))
             guided = ended
-        for g, r in zip(guided, contrast):
+        matched = list(zip(guided, contrast))
+        if config.reject_cut_policy:
+            cut_policy = [c for c in cands if c.source == POLICY and not c.finished]
+            policy_cut += len(cut_policy)
+            if cut_policy and not ended:
+                no_chosen += len(cut_policy)
+            elif cut_policy:
+                matched += [(ended[i % len(ended)], c) for i, c in enumerate(cut_policy)]
+        for g, r in matched:
             if g.text == r.text:
                 skipped += 1
                 continue
@@ -341,12 +356,16 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
                 "chosen": g.text, "rejected": r.text, "direction": _weights(d),
                 "chosen_instruction": g.instruction, "rejected_instruction": r.instruction,
                 "chosen_finished": g.finished, "rejected_finished": r.finished,
-                "chosen_source": GUIDED, "rejected_source": CONTRAST, "relabeled": False,
+                "chosen_source": GUIDED, "rejected_source": r.source, "relabeled": False,
                 "iteration": iteration, "slot": item["slot"], "prompt_index": item["prompt_index"],
             })
+    policy_stats = {}
+    if config.reject_cut_policy:
+        policy_stats = {"pairs/policy_rejected": sum(p["rejected_source"] == POLICY for p in pairs),
+                        "policy_cut": policy_cut, "skipped/policy_no_ended_guided": no_chosen}
     stats = {
         "slots": len(merged), "samples": len(samples), "pairs": len(pairs), "skipped/equal": skipped,
-        "skipped/chosen_cut": cut,
+        "skipped/chosen_cut": cut, **policy_stats,
         "finished": float(np.mean([r["finished"] for r in samples])) if samples else None,
         "chosen_finished": float(np.mean([p["chosen_finished"] for p in pairs])) if pairs else None,
         "response_tokens": float(np.mean([r["tokens"] for r in samples])) if samples else None,

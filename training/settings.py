@@ -285,6 +285,11 @@ class DPAConfig(TrainerConfig):
         "--pair-by instruction: only a guided sample that ended with the end-of-turn token within "
         "max_new_tokens may be chosen (a cut one is a ramble or a loop, not an answer to learn); the i-th "
         "ended guided sample pairs with contrast sample i, and a slot without one is skipped"))
+    reject_cut_policy: bool = field(default=False, metadata=_f(
+        "--pair-by instruction with --samples >= 1: every on-policy sample (the current policy for the "
+        "direction) that did not end within max_new_tokens -- a loop or a ramble of the policy itself -- is "
+        "rejected against an ended guided sample of the same (prompt, direction); on-policy samples that "
+        "ended are not paired (nothing labels them)"))
     missing_eos_penalty: float = field(default=1.0, metadata=_f(
         "subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's "
         "online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
@@ -349,9 +354,10 @@ class DPAConfig(TrainerConfig):
             raise InvalidInput("pair_by", "instruction pairs a guided sample with a contrast sample: needs "
                                f"guided_samples >= 1 and contrast_samples >= 1 (got {self.guided_samples} and "
                                f"{self.contrast_samples})")
-        if self.samples:
+        if self.samples and not self.reject_cut_policy:
             raise InvalidInput("samples", "must be 0 with --pair-by instruction: on-policy samples answer no "
-                                          "instruction, so nothing labels them")
+                                          "instruction, so nothing labels them (--reject-cut-policy pairs "
+                                          "the ones that did not end)")
         if self.corner_pairs:
             raise InvalidInput("corner_pairs", "needs --pair-by reward: instructions for one direction say "
                                                "nothing about what another corner prefers")
@@ -359,6 +365,11 @@ class DPAConfig(TrainerConfig):
     def _check_chosen_must_end(self) -> None:
         if not isinstance(self.chosen_must_end, bool):
             raise InvalidInput("chosen_must_end", f"must be true or false, got {self.chosen_must_end!r}")
+        if not isinstance(self.reject_cut_policy, bool):
+            raise InvalidInput("reject_cut_policy", f"must be true or false, got {self.reject_cut_policy!r}")
+        if self.reject_cut_policy and (self.pair_by != "instruction" or self.samples < 1):
+            raise InvalidInput("reject_cut_policy", "needs --pair-by instruction and --samples >= 1 (with "
+                                                    "--pair-by reward, --missing-eos-penalty makes ended answers win)")
         if self.chosen_must_end and self.pair_by != "instruction":
             raise InvalidInput("chosen_must_end", "needs --pair-by instruction (with --pair-by reward, "
                                                   "--missing-eos-penalty makes ended answers win)")
@@ -370,8 +381,9 @@ class DPAConfig(TrainerConfig):
 
     @property
     def instruction_pairs(self) -> int:
-        """Pairs per (prompt, direction) under --pair-by instruction: guided i with contrast i."""
-        return min(self.guided_samples, self.contrast_samples)
+        """Pairs per (prompt, direction) under --pair-by instruction at most: guided i with contrast i, and
+        with --reject-cut-policy an ended guided sample with each on-policy sample."""
+        return min(self.guided_samples, self.contrast_samples) + (self.samples if self.reject_cut_policy else 0)
 
     @property
     def prompt_carries_direction(self) -> bool:
@@ -407,14 +419,12 @@ class MixtureConfig(DPAConfig):
 
     data: tuple[str, ...] = field(default=(), metadata=_f("train on these pairs.jsonl files of a dpa/mixture run (rows "
                                                           "with a direction) instead of sampling", metavar="FILE"))
-    samples: int = field(default=0, metadata=_f("on-policy samples per (prompt, direction): 0 (a "
-                                                "mixture is trained on the principle-guided pool)"))
+    samples: int = field(default=0, metadata=_f("on-policy samples per (prompt, direction): the current mix "
+                                                "of adapters for the direction, on the plain prompt (0: the pool "
+                                                "is the principle-guided samples only)"))
 
     def __post_init__(self):
         super().__post_init__()
-        if self.samples:
-            raise InvalidInput("samples", "must be 0 for mixture: the pool is the base model's guided and contrast "
-                                          "samples (on-policy sampling of a mixture is not implemented)")
         if self.loss == "kto":
             raise InvalidInput("loss", "kto is not available for mixture (unpaired rows lose their "
                                        "direction); use sigmoid, ipo, hinge, simpo, orpo or sft")

@@ -380,6 +380,35 @@ def test_chosen_must_end_pairs_only_ended_guided_samples(tmp_path):
     assert unfiltered.stats["skipped/chosen_cut"] == 0
 
 
+def test_reject_cut_policy_pairs_the_policys_cut_samples_against_ended_guided_ones(tmp_path):
+    """--reject-cut-policy, by hand: slot 0's on-policy sample was cut at the token limit, so besides
+    the RLCD pair it is rejected against the slot's ended guided sample; slot 1's on-policy sample is
+    cut too but its only guided sample was cut, so nothing may be chosen over it (counted, not
+    paired); an on-policy sample that ended is not paired. Saved samples re-pair the same (--resume)."""
+    from steer.training.dpa import pair_pool, pool_from_samples
+
+    prompts, merged = hand_pool()
+    merged = [{k: v for k, v in item.items() if k not in ("scaled", "raw")} for item in merged]
+    config = hand_config(tmp_path, pair_by="instruction", reject_cut_policy=True)
+    got = pair_pool(config, 0, prompts, merged, {})
+    assert [(p["slot"], p["chosen"], p["rejected"], p["rejected_source"]) for p in got.pairs] == [
+        (0, "ended", "bad", "contrast"), (0, "ended", "long cut", "policy"), (1, "b", "c", "contrast")]
+    assert got.pairs[1]["rejected_instruction"] is None and not got.pairs[1]["rejected_finished"]
+    assert got.stats["pairs/policy_rejected"] == 1 and got.stats["policy_cut"] == 1
+    assert got.stats["skipped/policy_no_ended_guided"] == 0
+
+    merged[1]["cands"][0] = ("a cut", False, 64, "policy", None)
+    got = pair_pool(config, 0, prompts, merged, {})
+    assert [(p["slot"], p["rejected"]) for p in got.pairs] == [(0, "bad"), (0, "long cut"), (1, "c")]
+    assert got.stats["policy_cut"] == 2 and got.stats["skipped/policy_no_ended_guided"] == 1
+    again = pair_pool(config, 0, prompts, pool_from_samples(got.samples, HAND_OBJECTIVES, scored=False), {})
+    assert again.pairs == got.pairs
+
+    plain = pair_pool(hand_config(tmp_path, samples=0, pair_by="instruction"), 0, prompts,
+                      [{**m, "cands": m["cands"][1:]} for m in merged], {})
+    assert "pairs/policy_rejected" not in plain.stats and len(plain.pairs) == 2
+
+
 @pytest.mark.parametrize("overrides, field, words", [
     (dict(pair_by="judge"), "pair_by", "reward, instruction"),
     (dict(chosen_must_end=True), "chosen_must_end", "--pair-by instruction"),
@@ -387,6 +416,9 @@ def test_chosen_must_end_pairs_only_ended_guided_samples(tmp_path):
     (dict(pair_by="instruction", contrast_samples=0), "pair_by", "contrast_samples >= 1"),
     (dict(pair_by="instruction", guided_samples=0), "pair_by", "guided_samples >= 1"),
     (dict(pair_by="instruction", samples=2), "samples", "nothing labels them"),
+    (dict(reject_cut_policy=True), "reject_cut_policy", "--pair-by instruction"),
+    (dict(pair_by="instruction", samples=0, reject_cut_policy=True), "reject_cut_policy", "--samples >= 1"),
+    (dict(pair_by="instruction", reject_cut_policy="yes"), "reject_cut_policy", "true or false"),
     (dict(pair_by="instruction", samples=0, corner_pairs=True), "corner_pairs", "another corner"),
     (dict(pair_by="instruction", samples=0, loss="distill"), "pair_by", "distill"),
     (dict(dry_multiplier=-0.5), "dry_multiplier", ">= 0"),

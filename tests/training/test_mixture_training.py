@@ -117,9 +117,89 @@ def test_read_pair_files_names_file_line_and_field(tmp_path):
         assert e.value.field == "data" and "bad.jsonl:2" in str(e.value)
 
 
-@pytest.mark.parametrize("change, field", [({"samples": 2}, "samples"), ({"loss": "kto"}, "loss"),
-                                           ({"full": True}, "full")])
+@pytest.mark.parametrize("change, field", [({"loss": "kto"}, "loss"), ({"full": True}, "full"),
+                                           ({"pair_by": "instruction", "samples": 1}, "samples")])
 def test_mixture_config_refusals_name_the_field(change, field):
     with pytest.raises(InvalidInput) as e:
         MixtureConfig(output="o", **change)
     assert e.value.field == field
+
+
+def test_on_policy_samples_of_a_mixture_answer_the_plain_prompt_through_each_rows_mix(tmp_path, tiny_model_dir):
+    """--samples with a mixture: each (prompt, direction) is answered by the base plus the adapters weighted
+    by that direction, on the prompt without a direction line -- the same text generate_batch gives with
+    those mix weights, and not the text of the bare base model (the adapters here are random, so a mix
+    changes what is sampled)."""
+    from steer.training.distributed import DistContext
+    from steer.training.dpa_data import prompt_schedule, sample_pools
+    from steer.training.mixture import build_mixture_policy
+
+    from steer.generation import generate_batch
+    from steer.sampling import SamplingParams
+
+    config = MixtureConfig(output=str(tmp_path), model=str(tiny_model_dir), objectives=OBJECTIVES, samples=2,
+                           guided_samples=0, contrast_samples=0, prompts_per_iteration=3, directions_per_prompt=2,
+                           max_new_tokens=6, temperature=1.0, progress=False, lora_r=4, lora_alpha=8)
+    policy = build_mixture_policy(config.policy_spec(), OBJECTIVES)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if name.endswith(".lora_B"):
+                param.normal_(0.0, 0.5)
+    prompts = [({"role": "user", "content": p},) for p in PROMPTS]
+    got = sample_pools(config, 0, prompts, policy, DistContext())
+    assert [len(c) for c in got.pool] == [2] * 6 and {c.source for p in got.pool for c in p} == {"policy"}
+    convs = [prompts[got.slots[s]] for s in got.mine]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=config.top_p)
+    seed = config.seed * 7919
+    mixed = generate_batch(policy.model, policy.tokenizer, convs, [None] * len(convs), params, num_samples=2,
+                           batch_size=config.generation_batch_size, seed=seed,
+                           mix_weights=[got.directions[s].weights for s in got.mine])
+    assert [[c.text for c in p] for p in got.pool] == [[g.text for g in row] for row in mixed]
+    bare = generate_batch(policy.model, policy.tokenizer, convs, [None] * len(convs), params, num_samples=2,
+                          batch_size=config.generation_batch_size, seed=seed)
+    assert [[g.text for g in row] for row in bare] != [[g.text for g in row] for row in mixed]
+    assert sorted(set(got.slots)) == sorted(prompt_schedule(len(prompts), 3, 0, config.seed))
+
+
+def test_reject_cut_policy_loop_pairs_saved_samples_and_trains(tmp_path, tiny_model_dir):
+    """The mixture loop with --samples 1 --pair-by instruction --reject-cut-policy, on pools saved before
+    (--resume pairs a samples.jsonl instead of sampling; the tiny model never ends an answer, so the pools
+    are written by hand): each cut on-policy sample is rejected against its slot's ended guided answer, a
+    slot whose guided answer was cut too gives no such pair, an ended on-policy sample none; every slot keeps
+    its RLCD pair, and the mixture trains on all of them."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "loop"
+    it = out / "iterations" / "000"
+    it.mkdir(parents=True)
+    policy_ended, guided_ended = [False, False, False, False, True, True], [True, True, True, False, True, True]
+    rows = []
+    for slot in range(6):
+        direction = {"helpfulness": 1.0, "conciseness": 0.0} if slot % 2 else {"helpfulness": 0.5, "conciseness": 0.5}
+        for j, (source, text, ended, instruction) in enumerate([
+                ("policy", f"loop {slot} loop {slot} loop", policy_ended[slot], None),
+                ("guided", f"answer {slot}.", guided_ended[slot], "Be helpful."),
+                ("contrast", f"vague {slot}", True, "Be vague.")]):
+            rows.append({"iteration": 0, "slot": slot, "prompt_index": slot % 3, "direction": direction, "sample": j,
+                         "source": source, "instruction": instruction, "response": text, "finished": ended,
+                         "tokens": 8})
+    _pairs_file(it / "samples.jsonl", rows)
+    args = _args(tiny_model_dir, out, "--prompts", str(prompts), "--prompts-per-iteration", "3",
+                 "--directions-per-prompt", "2", "--samples", "1", "--guided-samples", "1", "--contrast-samples", "1",
+                 "--pair-by", "instruction", "--reject-cut-policy", "--iterations", "1", "--resume")
+    assert main(args) == 0
+    pairs = [json.loads(line) for line in (it / "pairs.jsonl").read_text().splitlines()]
+    expected = []
+    for slot in range(6):
+        expected.append((slot, f"answer {slot}.", f"vague {slot}", "contrast"))
+        if slot < 3:  # cut on-policy sample, ended guided answer
+            expected.append((slot, f"answer {slot}.", f"loop {slot} loop {slot} loop", "policy"))
+    assert [(p["slot"], p["chosen"], p["rejected"], p["rejected_source"]) for p in pairs] == expected
+    assert all(PREFIX not in m["content"] for p in pairs for m in p["prompt"])  # plain prompts
+    (record,) = [r for r in read_metrics(out) if r["type"] == "iteration"]
+    assert (record["pairs"], record["pairs/policy_rejected"], record["policy_cut"],
+            record["skipped/policy_no_ended_guided"]) == (9, 3, 4, 1)
+    steps = [r for r in read_metrics(out) if r["type"] == "step"]
+    assert len(steps) == 5 and all(r["loss"] > 0 for r in steps)  # 9 pairs in batches of 2
+    assert max(_b_norms(out / "mixture").values()) > 0
