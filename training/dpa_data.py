@@ -343,10 +343,10 @@ def pair_by_instruction(config: DPAConfig, iteration: int, prompts, merged: list
         if config.reject_cut_policy:
             cut_policy = [c for c in cands if c.source == POLICY and not c.finished]
             policy_cut += len(cut_policy)
-            if cut_policy and not ended:
-                no_chosen += len(cut_policy)
-            elif cut_policy:
+            if ended:
                 matched += [(ended[i % len(ended)], c) for i, c in enumerate(cut_policy)]
+            else:
+                no_chosen += len(cut_policy)
         for g, r in matched:
             if g.text == r.text:
                 skipped += 1
