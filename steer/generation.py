@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from steer.conditioning import render_prompt
+from steer.config import require_float, require_int
 from steer.models import pad_token_id
 from steer.objectives import Direction
 from steer.sampling import SamplingParams
@@ -24,6 +25,52 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     finished: bool  # ended with the end-of-turn token (else ran out of max_new_tokens)
+
+
+@dataclass(frozen=True)
+class EndRamp:
+    """A rising bonus on the end-of-turn logit, so that sampled answers end instead of running into the cap.
+
+    After ``start`` generated tokens the end-of-turn token's logit (before temperature) gains
+    ``slope`` per further token: ``slope * (t - start)`` at generated position ``t`` (0-based count
+    of tokens already generated). A rambling or looping answer then ends at the next point where
+    ending was already plausible (a sentence end, as a rule), not mid-word; answers that end on their
+    own before ``start`` are untouched. Offline sampling only (training data), never the server.
+    """
+
+    start: int
+    slope: float
+
+    def __post_init__(self):
+        require_int("end_ramp.start", self.start, 0)
+        require_float("end_ramp.slope", self.slope, minimum=0, exclusive_min=True)
+
+    @classmethod
+    def over_cap(cls, max_new_tokens: int, start_share: float, bias_at_cap: float) -> EndRamp | None:
+        """The ramp that starts at ``start_share`` of ``max_new_tokens`` and reaches ``bias_at_cap`` at the
+        cap; None (no ramp) when ``bias_at_cap`` is 0 or the ramp would start at the cap."""
+        start = int(start_share * max_new_tokens)
+        if bias_at_cap <= 0 or start >= max_new_tokens:
+            return None
+        return cls(start=start, slope=bias_at_cap / (max_new_tokens - start))
+
+    def bias(self, generated: int) -> float:
+        """What the end-of-turn logit gains when ``generated`` tokens have been generated."""
+        return self.slope * max(0, generated - self.start)
+
+
+class _EndRampProcessor:
+    """:class:`EndRamp` as a transformers logits processor (rows of a left-padded batch share the count)."""
+
+    def __init__(self, ramp: EndRamp, prompt_length: int, eos: int):
+        self.ramp, self.prompt_length, self.eos = ramp, prompt_length, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bonus = self.ramp.bias(input_ids.shape[1] - self.prompt_length)
+        if bonus:
+            scores = scores.clone()
+            scores[:, self.eos] += bonus
+        return scores
 
 
 def generate_batch(
@@ -38,13 +85,15 @@ def generate_batch(
     seed: int = 0,
     progress: bool = False,
     mix_weights: Sequence[Sequence[float]] | None = None,
+    end_ramp: EndRamp | None = None,
 ) -> list[list[Generation]]:
     """``num_samples`` responses for each (conversation, direction); result[i][j] is sample j of prompt i.
 
     Deterministic for a given ``seed`` (and batch size) on CPU. ``directions[i] is None`` renders
     the conversation without a direction line. Stop strings in ``params.stop`` cut the text.
     ``mix_weights[i]``: the weights of conversation i's rows for a model carrying mixture adapters
-    (:mod:`steer.mixture`), each row of a batch mixed by its own.
+    (:mod:`steer.mixture`), each row of a batch mixed by its own. ``end_ramp``: raise the end-of-turn
+    logit as answers grow (:class:`EndRamp`).
     """
     if len(conversations) != len(directions):
         raise ValueError(f"{len(conversations)} conversations but {len(directions)} directions")
@@ -83,13 +132,18 @@ def generate_batch(
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k or None)
+            processors = []
+            prompt_length = enc["input_ids"].shape[1]
             if breakers is not None:
-                from transformers import LogitsProcessorList
-
                 from steer.dry import DryLogitsProcessor
 
-                dry = DryLogitsProcessor(params, prompt_length=enc["input_ids"].shape[1], breakers=breakers)
-                kwargs.update(logits_processor=LogitsProcessorList([dry]))
+                processors.append(DryLogitsProcessor(params, prompt_length=prompt_length, breakers=breakers))
+            if end_ramp is not None:
+                processors.append(_EndRampProcessor(end_ramp, prompt_length, eos))
+            if processors:
+                from transformers import LogitsProcessorList
+
+                kwargs.update(logits_processor=LogitsProcessorList(processors))
             mix = contextlib.nullcontext()
             if mix_weights is not None:
                 from steer.mixture import mixing

@@ -139,14 +139,14 @@ def choose_pair(scores: list[float], texts: list[str], min_margin: float, sft: b
     return hi, lo, None
 
 
-def _generate_sorted(model, tokenizer, conversations, params, *, batch_size, seed, progress, keys):
+def _generate_sorted(model, tokenizer, conversations, params, *, batch_size, seed, progress, keys, end_ramp=None):
     """One sample per conversation, generated in order of ``keys`` (rows expected to be about as long
     share a batch, so short answers do not wait for long ones), returned in the input order."""
     from steer.generation import generate_batch
 
     order = sorted(range(len(conversations)), key=lambda i: keys[i])
     gens = generate_batch(model, tokenizer, [conversations[i] for i in order], [None] * len(order), params,
-                          num_samples=1, batch_size=batch_size, seed=seed, progress=progress)
+                          num_samples=1, batch_size=batch_size, seed=seed, progress=progress, end_ramp=end_ramp)
     out = [None] * len(order)
     for pos, i in enumerate(order):
         out[i] = gens[pos][0]
@@ -176,7 +176,7 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
     ``principles`` (a :class:`steer.principles.Principles`) and ``base_model`` (the model the guided and
     contrast candidates come from: ``None`` means the policy with its adapter switched off) are needed
     when ``config.guided_samples + config.contrast_samples > 0``."""
-    from steer.generation import generate_batch
+    from steer.generation import EndRamp, generate_batch
     from steer.principles import instructed_messages
     from steer.sampling import SamplingParams
 
@@ -189,6 +189,7 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
 
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                             dry_multiplier=config.dry_multiplier)
+    ramp = EndRamp.over_cap(config.max_new_tokens, config.end_ramp_start, config.end_ramp_bias)
     policy.model.eval()  # no LoRA dropout while sampling
     t0 = time.monotonic()
     pool: list[list[Candidate]] = [[] for _ in mine]
@@ -201,7 +202,7 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
             [directions[s] if line else None for s in mine], params,
             num_samples=config.samples, batch_size=config.generation_batch_size,
             seed=config.seed * 7919 + iteration * 104_729 + ctx.rank, progress=show,
-            mix_weights=None if line else [directions[s].weights for s in mine],
+            mix_weights=None if line else [directions[s].weights for s in mine], end_ramp=ramp,
         )
         for a, row in enumerate(gens):
             pool[a] += [Candidate(g.text, g.finished, len(g.token_ids), POLICY, None) for g in row]
@@ -216,7 +217,7 @@ def sample_pools(config: DPAConfig, iteration: int, prompts, policy: Policy, ctx
             gens = _generate_sorted(base_model if base_model is not None else policy.model, policy.tokenizer,
                                     conversations, params, batch_size=config.generation_batch_size,
                                     seed=config.seed * 7919 + iteration * 104_729 + 7 * ctx.world_size + ctx.rank,
-                                    progress=show, keys=keys)
+                                    progress=show, keys=keys, end_ramp=ramp)
         for (a, src, text), g in zip(requests, gens):
             pool[a].append(Candidate(g.text, g.finished, len(g.token_ids), src, text))
     policy.model.train()

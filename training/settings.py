@@ -293,12 +293,20 @@ class DPAConfig(TrainerConfig):
     missing_eos_penalty: float = field(default=1.0, metadata=_f(
         "subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's "
         "online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
-    max_new_tokens: int = field(default=128, metadata=_f("tokens per sampled response at most"))
+    max_new_tokens: int = field(default=320, metadata=_f("tokens per sampled response at most"))
     temperature: float = field(default=0.8, metadata=_f("sampling temperature (> 0: pairs need diverse samples)"))
     top_p: float = field(default=0.95, metadata=_f("nucleus sampling mass"))
     dry_multiplier: float = field(default=0.0, metadata=_f(
         "DRY loop penalty while sampling (steer.dry: a token that would continue a repeat of the answer's own "
         "tokens loses logit; base 1.75, allowed length 2); 0: off"))
+    end_ramp_bias: float = field(default=10.0, metadata=_f(
+        "end-of-turn ramp while sampling (steer.generation.EndRamp): the logit the end-of-turn token has "
+        "gained by max_new_tokens, rising linearly from --end-ramp-start; a ramble or loop ends at the next "
+        "point where ending was plausible (a sentence end) instead of running into the cap, so the answers "
+        "learned from end; 0: off"))
+    end_ramp_start: float = field(default=0.5, metadata=_f(
+        "share of max_new_tokens after which the end-of-turn ramp starts (answers that end before it are "
+        "untouched)"))
     generation_batch_size: int = field(default=16, metadata=_f("sequences per generate() batch"))
     epochs_per_iteration: int = field(default=1, metadata=_f("passes over each iteration's pairs"))
     lr_schedule: str = field(default="constant", metadata=_f("after warmup: constant, linear "
@@ -342,6 +350,8 @@ class DPAConfig(TrainerConfig):
         require_float("temperature", self.temperature, minimum=0, exclusive_min=True)
         require_float("top_p", self.top_p, minimum=0, maximum=1, exclusive_min=True)
         require_float("dry_multiplier", self.dry_multiplier, minimum=0)
+        require_float("end_ramp_bias", self.end_ramp_bias, minimum=0)
+        require_float("end_ramp_start", self.end_ramp_start, minimum=0, maximum=1)
         require_int("generation_batch_size", self.generation_batch_size, 1)
         require_int("epochs_per_iteration", self.epochs_per_iteration, 1)
 

@@ -422,6 +422,9 @@ def test_reject_cut_policy_pairs_the_policys_cut_samples_against_ended_guided_on
     (dict(pair_by="instruction", samples=0, corner_pairs=True), "corner_pairs", "another corner"),
     (dict(pair_by="instruction", samples=0, loss="distill"), "pair_by", "distill"),
     (dict(dry_multiplier=-0.5), "dry_multiplier", ">= 0"),
+    (dict(end_ramp_bias=-1.0), "end_ramp_bias", ">= 0"),
+    (dict(end_ramp_start=1.5), "end_ramp_start", "<= 1"),
+    (dict(end_ramp_start="half"), "end_ramp_start", "finite number"),
 ])
 def test_pair_by_instruction_refuses_what_it_cannot_label(tmp_path, overrides, field, words):
     from steer.errors import InvalidInput
