@@ -289,7 +289,8 @@ class DPAConfig(TrainerConfig):
         "--pair-by instruction with --samples >= 1: every on-policy sample (the current policy for the "
         "direction) that did not end within max_new_tokens -- a loop or a ramble of the policy itself -- is "
         "rejected against an ended guided sample of the same (prompt, direction); on-policy samples that "
-        "ended are not paired (nothing labels them)"))
+        "ended are not paired (nothing labels them); the end-of-turn ramp ends most rambles before the cap, "
+        "so pair it with --end-ramp-bias 0"))
     missing_eos_penalty: float = field(default=1.0, metadata=_f(
         "subtracted from v . r of a candidate cut at max_new_tokens (no end-of-turn token), as TRL's "
         "online trainers do: ended answers win pairs, so the policy learns where to stop (0: off)"))
