@@ -16,6 +16,7 @@ Examples:
   python -m steer.train dpa --guided-samples 0 --contrast-samples 0 --samples 4 --output runs/plain   \
 # plain on-policy DPA
   python -m steer.train dpa --principles my_principles.json --guided-samples 3 --output runs/dpa   # your own principles
+  python -m steer.train dpa --end-ramp-bias 0 --max-new-tokens 512 --output runs/dpa-long   # no end-of-turn ramp
   python -m steer.train dpa --scorer flr --iterations 4 --samples 4 --output runs/dpa-flr
   python -m steer.train dpa --scorer runs/rm --loss ipo --output runs/dpa-rm    # a trained reward model
   python -m steer.train dpa --loss sft --samples 8 --output runs/rft            # rejection-sampling fine-tuning
